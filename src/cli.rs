@@ -1,0 +1,255 @@
+//! The command line: one `Common` set of options shared by every command, one enum of
+//! commands, each dispatched to its stage's `run`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::aggregate::{self, AggregateConfig, AggregateStats};
+use crate::broker::{BrokerStorage, EmbeddedBroker};
+use crate::demo::{self, DemoArgs};
+use crate::generate::LineGenerator;
+use crate::import::{self, ImportConfig};
+use crate::kafka::{self, KafkaSettings};
+use crate::preprocess::enrich::Enricher;
+use crate::preprocess::geo::GeoDb;
+use crate::preprocess::{self, PreprocessConfig, PreprocessStats};
+use crate::serve;
+use crate::store::Store;
+
+/// Live visitor statistics from web-server access logs, through Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "pageviews", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Kafka bootstrap servers, HOST:PORT[,…]. `demo` starts an embedded broker without it;
+    /// other commands default to 127.0.0.1:9092 (where `pageviews broker` listens).
+    #[arg(long, env = "PAGEVIEWS_BROKERS", global = true)]
+    pub brokers: Option<String>,
+    /// Statistics database: sqlite://PATH (default sqlite://<data-dir>/pageviews.db).
+    #[arg(long, env = "PAGEVIEWS_DATABASE", global = true)]
+    pub database: Option<String>,
+    /// Where the embedded broker and the default database keep their files.
+    #[arg(long, env = "PAGEVIEWS_DATA_DIR", default_value = "pageviews-data", global = true)]
+    pub data_dir: PathBuf,
+    /// librdkafka property for every Kafka client, passed unchanged (repeatable), e.g.
+    /// -X security.protocol=SASL_SSL.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = kafka::parse_override, global = true)]
+    pub kafka_config: Vec<(String, String)>,
+}
+
+impl Common {
+    /// Kafka settings for `brokers` (the embedded broker's address in `demo`).
+    pub fn kafka(&self, brokers: &str) -> KafkaSettings {
+        KafkaSettings {
+            brokers: brokers.to_owned(),
+            overrides: self.kafka_config.clone(),
+        }
+    }
+
+    /// The `--brokers` value, or the standalone broker's default address.
+    pub fn brokers_or_default(&self) -> String {
+        self.brokers.clone().unwrap_or_else(|| "127.0.0.1:9092".to_owned())
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("pageviews.db").display()))
+    }
+
+    pub async fn open_store(&self) -> anyhow::Result<Store> {
+        let url = self.database_url();
+        Store::open(&url).await.with_context(|| format!("opening the database (--database {url})"))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Everything in one process: embedded broker, topics, generator (or --input files),
+    /// preprocessor, aggregator and the dashboard.
+    Demo(DemoArgs),
+    /// The embedded Kafka-compatible broker alone, for multi-process setups.
+    Broker {
+        /// Address to listen on (and advertise to clients).
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        listen: SocketAddr,
+        /// sqlite: durable file <data-dir>/broker.db; memory: lost at exit.
+        #[arg(long, value_enum, default_value_t = BrokerStorage::Sqlite)]
+        broker_storage: BrokerStorage,
+    },
+    /// Create the topics if missing (idempotent).
+    Topics {
+        #[arg(long, default_value_t = kafka::DEFAULT_PARTITIONS)]
+        partitions: i32,
+    },
+    /// Send access-log lines to the raw topic, one message per line.
+    Import {
+        /// Files, glob patterns (quote them) or - for stdin; gzip is detected.
+        #[arg(required = true, value_name = "FILE")]
+        inputs: Vec<String>,
+        /// Keep reading files as they grow, across rotation, until Ctrl-C.
+        #[arg(long)]
+        follow: bool,
+        /// At most this many lines per second.
+        #[arg(long)]
+        rate: Option<u64>,
+    },
+    /// Run a preprocessor (consumer group `preprocessors`).
+    Preprocess {
+        /// Country database (.mmdb, DB-IP or MaxMind GeoLite2/GeoIP2 Country or City layout).
+        #[arg(long, env = "PAGEVIEWS_GEOIP")]
+        geoip: Option<PathBuf>,
+    },
+    /// Run an aggregator (consumer group `aggregators`).
+    Aggregate {
+        /// Time between flushes; each flush is one transaction (e.g. 5s, 500ms).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        flush_interval: Duration,
+    },
+    /// Serve the dashboard and the JSON API.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Write N combined-format lines to stdout, deterministic for a seed.
+    Generate {
+        #[arg(long)]
+        lines: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the default (pageviews at info, the rest at warn).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pageviews=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminated => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+/// Opens `--geoip`, or the bundled DB-IP database.
+pub fn open_geo(geoip: Option<&std::path::Path>) -> anyhow::Result<GeoDb> {
+    Ok(match geoip {
+        Some(p) => GeoDb::open(p)?,
+        None => GeoDb::bundled()?,
+    })
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let common = cli.common;
+    match cli.command {
+        Command::Demo(args) => demo::run(&common, args, shutdown_on_signal()).await,
+        Command::Broker { listen, broker_storage } => {
+            let broker = EmbeddedBroker::start(listen, broker_storage, &common.data_dir).await?;
+            println!("broker listening on {} (storage: {broker_storage:?})", broker.bootstrap());
+            shutdown_on_signal().cancelled().await;
+            broker.stop();
+            Ok(())
+        }
+        Command::Topics { partitions } => {
+            let kafka = common.kafka(&common.brokers_or_default());
+            kafka.wait_until_reachable(Duration::from_secs(10)).await?;
+            kafka.create_topics(partitions).await?;
+            println!("topics ready: {}, {}, {}", kafka::RAW_TOPIC, kafka::EVENTS_TOPIC, kafka::DEAD_LETTER_TOPIC);
+            Ok(())
+        }
+        Command::Import { inputs, follow, rate } => {
+            let inputs = import::expand_inputs(&inputs)?;
+            let kafka = common.kafka(&common.brokers_or_default());
+            kafka.wait_until_reachable(Duration::from_secs(10)).await?;
+            let started = std::time::Instant::now();
+            let summary = import::run(ImportConfig { kafka, inputs, follow, rate }, shutdown_on_signal()).await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "imported {} lines ({} over {} bytes, sent truncated) in {secs:.1} s, {:.0} lines/s",
+                summary.lines,
+                summary.truncated,
+                import::MAX_LINE_BYTES,
+                summary.lines as f64 / secs.max(1e-9)
+            );
+            Ok(())
+        }
+        Command::Preprocess { geoip } => {
+            let enricher = Arc::new(Enricher::new(open_geo(geoip.as_deref())?));
+            let kafka = common.kafka(&common.brokers_or_default());
+            kafka.wait_until_reachable(Duration::from_secs(10)).await?;
+            let stats = Arc::new(PreprocessStats::default());
+            preprocess::run(PreprocessConfig { kafka, enricher }, stats, shutdown_on_signal()).await?;
+            Ok(())
+        }
+        Command::Aggregate { flush_interval } => {
+            let store = common.open_store().await?;
+            let kafka = common.kafka(&common.brokers_or_default());
+            kafka.wait_until_reachable(Duration::from_secs(10)).await?;
+            let stats = Arc::new(AggregateStats::default());
+            aggregate::run(AggregateConfig { kafka, store, flush_interval }, stats, shutdown_on_signal()).await?;
+            Ok(())
+        }
+        Command::Serve { listen } => {
+            let store = common.open_store().await?;
+            let listener = serve::bind(listen).await?;
+            println!("dashboard: http://{}", listener.local_addr()?);
+            serve::run(listener, store, shutdown_on_signal()).await?;
+            Ok(())
+        }
+        Command::Generate { lines, seed } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+            for line in LineGenerator::new(seed).take(usize::try_from(lines).unwrap_or(usize::MAX)) {
+                if let Err(e) = writeln!(out, "{line}") {
+                    // `generate | head` closes the pipe early: that is not an error.
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        return Ok(());
+                    }
+                    return Err(e.into());
+                }
+            }
+            match out.flush() {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! Import stage: access-log lines (files, globs, gzip, stdin, followed files, or the
+//! generator) → `raw-page-views`, one line per message.
+//!
+//! Lines are bytes: invalid UTF-8 is passed on for the preprocessor to dead-letter with a
+//! reason. A line longer than [`MAX_LINE_BYTES`] is cut to that size plus one byte and marked
+//! with a header giving its real length, so no message can exceed the broker's size limit and
+//! the line is still dead-lettered and counted downstream.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::util::Timeout;
+use rdkafka::ClientContext;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::headers;
+use crate::kafka::{KafkaSettings, RAW_TOPIC};
+pub use crate::preprocess::parse::MAX_LINE_BYTES;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("no file matches {0:?}")]
+    NoMatch(String),
+    #[error("invalid glob pattern {pattern:?}: {reason}")]
+    BadPattern { pattern: String, reason: String },
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("Kafka producer: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("{0} lines could not be delivered to Kafka")]
+    Undelivered(u64),
+    #[error("import task failed: {0}")]
+    Join(String),
+}
+
+/// One input named on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Stdin,
+    File(PathBuf),
+}
+
+impl Input {
+    fn name(&self) -> String {
+        match self {
+            Input::Stdin => "-".to_owned(),
+            Input::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// Expands `-`, plain paths and glob patterns (sorted, so rotated logs import in order).
+pub fn expand_inputs(patterns: &[String]) -> Result<Vec<Input>, ImportError> {
+    let mut inputs = Vec::new();
+    for pattern in patterns {
+        if pattern == "-" {
+            inputs.push(Input::Stdin);
+            continue;
+        }
+        if Path::new(pattern).exists() {
+            inputs.push(Input::File(PathBuf::from(pattern)));
+            continue;
+        }
+        let mut matched: Vec<PathBuf> = glob::glob(pattern)
+            .map_err(|e| ImportError::BadPattern {
+                pattern: pattern.clone(),
+                reason: e.to_string(),
+            })?
+            .filter_map(Result::ok)
+            .filter(|p| p.is_file())
+            .collect();
+        if matched.is_empty() {
+            return Err(ImportError::NoMatch(pattern.clone()));
+        }
+        matched.sort();
+        inputs.extend(matched.into_iter().map(Input::File));
+    }
+    Ok(inputs)
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImportSummary {
+    /// Lines acknowledged by the broker.
+    pub lines: u64,
+    /// Of those, lines cut because they were longer than [`MAX_LINE_BYTES`].
+    pub truncated: u64,
+}
+
+/// Counts acknowledgements from librdkafka's delivery callbacks.
+#[derive(Default)]
+struct DeliveryCounter {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
+            Err((e, _)) => {
+                tracing::error!(%e, "a line could not be delivered to Kafka");
+                self.failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+/// Where lines are produced, with an optional rate limit; runs on a blocking thread.
+pub struct LineSink {
+    producer: ThreadedProducer<DeliveryCounter>,
+    rate: Option<u64>,
+    started: Instant,
+    sent: u64,
+    truncated: u64,
+    shutdown: CancellationToken,
+    /// Shared counter of acknowledged lines, for progress reports.
+    pub acked: Arc<AtomicU64>,
+}
+
+impl LineSink {
+    pub fn new(kafka: &KafkaSettings, rate: Option<u64>, shutdown: CancellationToken) -> Result<LineSink, ImportError> {
+        let producer = kafka
+            .client_config(&[
+                ("enable.idempotence", "true"),
+                ("linger.ms", "5"),
+                ("batch.num.messages", "10000"),
+                ("queue.buffering.max.messages", "200000"),
+            ])
+            .create_with_context(DeliveryCounter::default())?;
+        Ok(LineSink {
+            producer,
+            rate: rate.filter(|r| *r > 0),
+            started: Instant::now(),
+            sent: 0,
+            truncated: 0,
+            shutdown,
+            acked: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Produces one line (already cut to size; `original_len` is its real length). Returns
+    /// false once shutdown was requested.
+    pub fn send(&mut self, line: &[u8], original_len: usize) -> bool {
+        if self.shutdown.is_cancelled() {
+            return false;
+        }
+        if let Some(rate) = self.rate {
+            let due = self.started + Duration::from_secs_f64(self.sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let len_text = original_len.to_string();
+        let mut record = BaseRecord::<(), [u8]>::to(RAW_TOPIC).payload(line);
+        if original_len > line.len() {
+            self.truncated += 1;
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: headers::TRUNCATED,
+                value: Some(&len_text),
+            }));
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, r)) => {
+                    tracing::warn!(%e, "produce failed; retrying");
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        self.sent += 1;
+        if self.sent % 1024 == 0 {
+            self.acked.store(self.producer.context().delivered.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Waits for every acknowledgement.
+    pub fn finish(self) -> Result<ImportSummary, ImportError> {
+        let _ = self.producer.flush(Timeout::Never);
+        let ctx = self.producer.context();
+        let lines = ctx.delivered.load(Ordering::Relaxed);
+        self.acked.store(lines, Ordering::Relaxed);
+        match ctx.failed.load(Ordering::Relaxed) {
+            0 => Ok(ImportSummary { lines, truncated: self.truncated }),
+            n => Err(ImportError::Undelivered(n)),
+        }
+    }
+}
+
+/// Settings of an import.
+#[derive(Clone)]
+pub struct ImportConfig {
+    pub kafka: KafkaSettings,
+    pub inputs: Vec<Input>,
+    /// Keep reading files as they grow (and across rotation) until shutdown.
+    pub follow: bool,
+    /// Lines per second at most.
+    pub rate: Option<u64>,
+}
+
+/// Imports every input, then returns once all lines are acknowledged.
+pub async fn run(config: ImportConfig, shutdown: CancellationToken) -> Result<ImportSummary, ImportError> {
+    tokio::task::spawn_blocking(move || import_blocking(&config, shutdown))
+        .await
+        .map_err(|e| ImportError::Join(e.to_string()))?
+}
+
+fn import_blocking(config: &ImportConfig, shutdown: CancellationToken) -> Result<ImportSummary, ImportError> {
+    let mut sink = LineSink::new(&config.kafka, config.rate, shutdown.clone())?;
+    let total_bytes: u64 = config
+        .inputs
+        .iter()
+        .map(|i| match i {
+            Input::File(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+            Input::Stdin => 0,
+        })
+        .sum();
+    let show = !config.follow && io::stderr().is_terminal() && !config.inputs.contains(&Input::Stdin);
+    let bar = if show {
+        let bar = ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut buf = Vec::with_capacity(1024);
+    for input in &config.inputs {
+        let read_err = |source| ImportError::Read { path: input.name(), source };
+        if config.follow {
+            if let Input::File(path) = input {
+                follow_file(path, &mut sink, &shutdown).map_err(read_err)?;
+                continue;
+            }
+        }
+        let reader: Box<dyn Read> = match input {
+            Input::Stdin => Box::new(io::stdin().lock()),
+            Input::File(path) => open_maybe_gzip(path, &bar).map_err(read_err)?,
+        };
+        let mut reader = BufReader::with_capacity(256 * 1024, reader);
+        while let Some(len) = read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES + 1).map_err(read_err)? {
+            if !sink.send(&buf, len) {
+                break;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    sink.finish()
+}
+
+/// Opens a file, decompressing it if it starts with the gzip magic bytes.
+fn open_maybe_gzip(path: &Path, bar: &ProgressBar) -> io::Result<Box<dyn Read>> {
+    let mut file = File::open(path)?;
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic)?;
+    let file = io::Cursor::new(magic[..n].to_vec()).chain(file);
+    let file = bar.wrap_read(file);
+    if n == 2 && magic == [0x1f, 0x8b] {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(file)))
+    } else {
+        Ok(Box::new(file))
+    }
+}
+
+/// Reads one line into `buf` (without `\n` or `\r\n`), keeping at most `limit` bytes and
+/// skipping the rest. Returns the line's full length, or `None` at end of input. A final line
+/// without a newline still counts.
+pub fn read_line_bounded<R: BufRead>(reader: &mut R, buf: &mut Vec<u8>, limit: usize) -> io::Result<Option<usize>> {
+    buf.clear();
+    let mut total = 0usize;
+    let mut saw_any = false;
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        saw_any = true;
+        let (piece, done) = match memchr(chunk) {
+            Some(i) => (&chunk[..i], Some(i + 1)),
+            None => (chunk, None),
+        };
+        let room = limit.saturating_sub(buf.len());
+        buf.extend_from_slice(&piece[..piece.len().min(room)]);
+        total += piece.len();
+        let consumed = done.unwrap_or(chunk.len());
+        reader.consume(consumed);
+        if done.is_some() {
+            break;
+        }
+    }
+    if !saw_any {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\r') && total == buf.len() {
+        buf.pop();
+        total -= 1;
+    }
+    Ok(Some(total))
+}
+
+fn memchr(chunk: &[u8]) -> Option<usize> {
+    chunk.iter().position(|&b| b == b'\n')
+}
+
+/// `tail -F`: reads a growing file until shutdown; when the file is replaced (rotation: a
+/// new inode) or truncated, finishes the old one and starts the new one from its beginning.
+fn follow_file(path: &Path, sink: &mut LineSink, shutdown: &CancellationToken) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut file = File::open(path)?;
+    let mut inode = file.metadata()?.ino();
+    let mut pos: u64 = 0;
+    let mut partial: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n > 0 {
+            pos += n as u64;
+            partial.extend_from_slice(&chunk[..n]);
+            let mut start = 0;
+            while let Some(i) = memchr(&partial[start..]) {
+                let mut line = &partial[start..start + i];
+                if line.last() == Some(&b'\r') {
+                    line = &line[..line.len() - 1];
+                }
+                let cut = &line[..line.len().min(MAX_LINE_BYTES + 1)];
+                if !sink.send(cut, line.len()) {
+                    return Ok(());
+                }
+                start += i + 1;
+            }
+            partial.drain(..start);
+            continue;
+        }
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.ino() != inode || meta.len() < pos => {
+                // Drain whatever the old file still had, then switch.
+                let mut rest = Vec::new();
+                file.read_to_end(&mut rest)?;
+                partial.extend_from_slice(&rest);
+                if !partial.is_empty() {
+                    let cut = &partial[..partial.len().min(MAX_LINE_BYTES + 1)];
+                    sink.send(cut, partial.len());
+                    partial.clear();
+                }
+                tracing::info!(path = %path.display(), "file rotated or truncated; reopening");
+                file = File::open(path)?;
+                inode = file.metadata()?.ino();
+                pos = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_lines() {
+        let data = b"a\r\nbb\n\nlong-line-here\nlast";
+        let mut r = BufReader::with_capacity(4, &data[..]);
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        while let Some(len) = read_line_bounded(&mut r, &mut buf, 5).unwrap() {
+            out.push((String::from_utf8(buf.clone()).unwrap(), len));
+        }
+        assert_eq!(
+            out,
+            vec![("a".into(), 1), ("bb".into(), 2), ("".into(), 0), ("long-".into(), 14), ("last".into(), 4)]
+        );
+    }
+
+    #[test]
+    fn globs_expand_sorted_and_missing_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.log", "a.log", "c.txt"] {
+            std::fs::write(dir.path().join(name), "x\n").unwrap();
+        }
+        let pattern = format!("{}/*.log", dir.path().display());
+        let inputs = expand_inputs(&[pattern, "-".into()]).unwrap();
+        assert_eq!(
+            inputs,
+            vec![Input::File(dir.path().join("a.log")), Input::File(dir.path().join("b.log")), Input::Stdin]
+        );
+        let missing = format!("{}/*.gz", dir.path().display());
+        assert!(matches!(expand_inputs(&[missing]), Err(ImportError::NoMatch(_))));
+    }
+}

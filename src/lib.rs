@@ -1,0 +1,42 @@
+//! pageviews: live visitor statistics from web-server access logs, through Kafka.
+//!
+//! # Layout
+//!
+//! Data flows through four stages, each a module with a `run(config, …, shutdown)` entry:
+//!
+//! ```text
+//!  access logs ──▶ import ──▶ [raw-page-views] ──▶ preprocess ──▶ [page-views] ──▶ aggregate ──▶ database ──▶ serve
+//!  (files, stdin,               one line per        parse, GeoIP,   keyed by          count in       counts +      dashboard,
+//!   generator)                  message             User-Agent      country code      memory, one    offsets in    /api/countries
+//!                                                        │                            transaction    one tx
+//!                                                        └──▶ [raw-page-views-dead-letter]  every 5 s
+//! ```
+//!
+//! - [`import`]: lines → `raw-page-views` (files, globs, gzip, stdin, `--follow`).
+//! - [`preprocess`]: the consumer group `preprocessors`. Pure core in [`preprocess::parse`]
+//!   (log format), [`preprocess::geo`] (IP → country), [`preprocess::useragent`] and
+//!   [`preprocess::enrich`] (line → [`event::PageView`] JSON); the module itself is the Kafka
+//!   loop.
+//! - [`aggregate`]: the consumer group `aggregators`. Pure core in [`aggregate::tally`]
+//!   (per-partition counts and offsets); the module is the Kafka loop with the rebalance
+//!   callback that reads offsets from the database.
+//! - [`store`]: the database (SQLite now): `country_stats` and `consumer_offsets`, written
+//!   together in one transaction per flush.
+//! - [`serve`]: HTTP dashboard and JSON API.
+//! - [`kafka`]: the one place that knows topic/group names and client settings;
+//!   [`broker`]: the embedded Kafka-compatible broker (tansu) for one machine.
+//! - [`generate`]: deterministic realistic log lines; [`demo`]: everything in one process.
+//! - [`cli`]: the command line, shared by all commands.
+
+pub mod aggregate;
+pub mod broker;
+pub mod cli;
+pub mod countries;
+pub mod demo;
+pub mod event;
+pub mod generate;
+pub mod import;
+pub mod kafka;
+pub mod preprocess;
+pub mod serve;
+pub mod store;

@@ -1,0 +1,170 @@
+//! SQLite implementation of the store.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use libsql::{Connection, TransactionBehavior, params};
+
+use super::{CountryCount, FlushBatch, FlushOutcome, StoreError};
+
+/// Schema, applied at open. `IF NOT EXISTS` keeps it idempotent; new versions append here.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS country_stats (
+        country_code TEXT PRIMARY KEY,
+        visit_count BIGINT NOT NULL,
+        updated_at TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS consumer_offsets (
+        consumer_group TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        \"partition\" INTEGER NOT NULL,
+        next_offset BIGINT NOT NULL,
+        PRIMARY KEY (consumer_group, topic, \"partition\"))",
+];
+
+/// A SQLite database file shared by the aggregators (writers) and `serve` (reader) of one
+/// machine. WAL mode lets readers run while a flush writes.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &str) -> Result<SqliteStore, StoreError> {
+        let open_err = |reason: String| StoreError::Open {
+            url: format!("sqlite://{path}"),
+            reason,
+        };
+        if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
+        }
+        let db = libsql::Builder::new_local(path)
+            .build()
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        let conn = db.connect().map_err(|e| open_err(e.to_string()))?;
+        // Several processes may share the file: wait for the lock instead of failing at once.
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mut rows = conn.query("PRAGMA journal_mode = WAL", ()).await?;
+        while rows.next().await?.is_some() {}
+        conn.execute("PRAGMA synchronous = NORMAL", ()).await?;
+        for m in MIGRATIONS {
+            conn.execute(m, ()).await?;
+        }
+        Ok(SqliteStore { conn })
+    }
+
+    pub async fn load_offsets(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+        let mut rows = self
+            .conn
+            .query(
+                "SELECT \"partition\", next_offset FROM consumer_offsets WHERE consumer_group = ?1 AND topic = ?2",
+                params![group, topic],
+            )
+            .await?;
+        let mut out = HashMap::new();
+        while let Some(row) = rows.next().await? {
+            out.insert(i32::try_from(row.get::<i64>(0)?).unwrap_or(-1), row.get::<i64>(1)?);
+        }
+        Ok(out)
+    }
+
+    pub async fn flush(&self, batch: &FlushBatch) -> Result<FlushOutcome, StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).await?;
+        let mut conflicts = Vec::new();
+        for o in &batch.offsets {
+            let changed = match o.expected {
+                Some(expected) => {
+                    tx.execute(
+                        "UPDATE consumer_offsets SET next_offset = ?1
+                         WHERE consumer_group = ?2 AND topic = ?3 AND \"partition\" = ?4 AND next_offset = ?5",
+                        params![o.next, batch.consumer_group.as_str(), batch.topic.as_str(), i64::from(o.partition), expected],
+                    )
+                    .await?
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO consumer_offsets (consumer_group, topic, \"partition\", next_offset)
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                        params![batch.consumer_group.as_str(), batch.topic.as_str(), i64::from(o.partition), o.next],
+                    )
+                    .await?
+                }
+            };
+            if changed != 1 {
+                conflicts.push(o.partition);
+            }
+        }
+        if !conflicts.is_empty() {
+            tx.rollback().await?;
+            return Ok(FlushOutcome::Conflict(conflicts));
+        }
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        for (code, n) in &batch.increments {
+            tx.execute(
+                "INSERT INTO country_stats (country_code, visit_count, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (country_code) DO UPDATE
+                 SET visit_count = country_stats.visit_count + excluded.visit_count, updated_at = excluded.updated_at",
+                params![code.as_str(), i64::try_from(*n).unwrap_or(i64::MAX), now.as_str()],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(FlushOutcome::Committed)
+    }
+
+    pub async fn country_counts(&self) -> Result<Vec<CountryCount>, StoreError> {
+        let mut rows = self
+            .conn
+            .query(
+                "SELECT country_code, visit_count FROM country_stats WHERE visit_count > 0
+                 ORDER BY visit_count DESC, country_code",
+                (),
+            )
+            .await?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await? {
+            out.push(CountryCount {
+                country_code: row.get::<String>(0)?,
+                visits: u64::try_from(row.get::<i64>(1)?).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{OffsetUpdate, Store};
+    use super::*;
+
+    fn batch(increments: &[(&str, u64)], offsets: &[(i32, Option<i64>, i64)]) -> FlushBatch {
+        FlushBatch {
+            consumer_group: "g".into(),
+            topic: "t".into(),
+            increments: increments.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect(),
+            offsets: offsets
+                .iter()
+                .map(|&(partition, expected, next)| OffsetUpdate { partition, expected, next })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn flush_adds_counts_and_moves_offsets_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/s.db", dir.path().display())).await.unwrap();
+        assert_eq!(store.flush(&batch(&[("NL", 2), ("US", 5)], &[(0, None, 7)])).await.unwrap(), FlushOutcome::Committed);
+        assert_eq!(store.flush(&batch(&[("NL", 4)], &[(0, Some(7), 11)])).await.unwrap(), FlushOutcome::Committed);
+        // A writer that still thinks offset 7 is stored is fenced off, and writes nothing.
+        assert_eq!(store.flush(&batch(&[("NL", 100)], &[(0, Some(7), 9)])).await.unwrap(), FlushOutcome::Conflict(vec![0]));
+        assert_eq!(store.flush(&batch(&[("DE", 1)], &[(0, None, 1)])).await.unwrap(), FlushOutcome::Conflict(vec![0]));
+        let counts: Vec<(String, u64)> = store.country_counts().await.unwrap().into_iter().map(|c| (c.country_code, c.visits)).collect();
+        assert_eq!(counts, vec![("NL".to_owned(), 6), ("US".to_owned(), 5)]);
+        assert_eq!(store.load_offsets("g", "t").await.unwrap(), HashMap::from([(0, 11)]));
+        // Reopening keeps everything (migrations are idempotent).
+        drop(store);
+        let store = Store::open(&format!("sqlite://{}/s.db", dir.path().display())).await.unwrap();
+        assert_eq!(store.load_offsets("g", "t").await.unwrap(), HashMap::from([(0, 11)]));
+    }
+}

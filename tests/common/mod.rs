@@ -1,0 +1,136 @@
+//! Shared helpers for the integration tests: a real embedded broker, real SQLite, real HTTP.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pageviews::aggregate::{self, AggregateConfig, AggregateStats};
+use pageviews::broker::{BrokerStorage, EmbeddedBroker};
+use pageviews::kafka::KafkaSettings;
+use pageviews::preprocess::enrich::Enricher;
+use pageviews::preprocess::geo::{BUNDLED_DB, GeoDb};
+use pageviews::preprocess::{self, PreprocessConfig, PreprocessStats};
+use pageviews::store::Store;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct Cluster {
+    pub broker: EmbeddedBroker,
+    pub kafka: KafkaSettings,
+    pub store: Store,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn cluster(partitions: i32) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), BrokerStorage::Memory, dir.path())
+        .await
+        .unwrap();
+    let kafka = KafkaSettings::new(broker.bootstrap());
+    kafka.wait_until_reachable(Duration::from_secs(20)).await.unwrap();
+    kafka.create_topics(partitions).await.unwrap();
+    let store = Store::open(&format!("sqlite://{}/stats.db", dir.path().display())).await.unwrap();
+    Cluster { broker, kafka, store, dir }
+}
+
+/// A stage running as a task, stoppable gracefully (cancel) or abruptly (abort).
+pub struct Stage {
+    pub stop: CancellationToken,
+    pub handle: JoinHandle<()>,
+}
+
+impl Stage {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.handle.await.unwrap();
+    }
+    /// Kills the stage mid-flight: no final flush, in-memory counts lost.
+    pub async fn kill(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+}
+
+pub fn start_preprocessor(c: &Cluster, stats: Arc<PreprocessStats>) -> Stage {
+    let enricher = Arc::new(Enricher::new(GeoDb::bundled().unwrap()));
+    let config = PreprocessConfig { kafka: c.kafka.clone(), enricher };
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let handle = tokio::spawn(async move { preprocess::run(config, stats, s).await.unwrap() });
+    Stage { stop, handle }
+}
+
+pub fn start_aggregator(c: &Cluster, flush: Duration) -> (Stage, Arc<AggregateStats>) {
+    let config = AggregateConfig { kafka: c.kafka.clone(), store: c.store.clone(), flush_interval: flush };
+    let stats = Arc::new(AggregateStats::default());
+    let (st, stop) = (Arc::clone(&stats), CancellationToken::new());
+    let s = stop.clone();
+    let handle = tokio::spawn(async move { aggregate::run(config, st, s).await.unwrap() });
+    (Stage { stop, handle }, stats)
+}
+
+/// Country per line computed independently of the pipeline: first field → mmdb → code.
+pub fn expected_counts<'a>(lines: impl Iterator<Item = &'a [u8]>) -> BTreeMap<String, u64> {
+    #[derive(serde::Deserialize)]
+    struct Rec {
+        country_code: Option<String>,
+    }
+    let reader = maxminddb::Reader::open_readfile(BUNDLED_DB).unwrap();
+    let mut out = BTreeMap::new();
+    for line in lines {
+        let ip = std::str::from_utf8(line).unwrap().split(' ').next().unwrap();
+        let code = ip
+            .parse::<IpAddr>()
+            .ok()
+            .and_then(|ip| reader.lookup::<Rec>(ip).ok().flatten())
+            .and_then(|r| r.country_code)
+            .unwrap_or_else(|| "ZZ".to_owned());
+        *out.entry(code).or_insert(0) += 1;
+    }
+    out
+}
+
+pub async fn db_counts(store: &Store) -> BTreeMap<String, u64> {
+    store.country_counts().await.unwrap().into_iter().map(|c| (c.country_code, c.visits)).collect()
+}
+
+/// Waits until the database holds `total` visits and `dead` dead letters are in Kafka.
+pub async fn wait_for(c: &Cluster, total: u64, dead: u64, patience: Duration) {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let (counted, dl) = pageviews::demo::accounted(&c.store, &c.kafka).await.unwrap();
+        if counted >= total && dl >= dead {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not drained after {patience:?}: counted {counted}/{total}, dead letters {dl}/{dead}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub fn write_lines(path: &Path, lines: &[Vec<u8>]) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for l in lines {
+        f.write_all(l).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+    f.flush().unwrap();
+}
+
+/// A plain HTTP/1.1 GET; returns (status line, headers, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("no header end");
+    let head = String::from_utf8(buf[..split].to_vec()).unwrap();
+    let (status, headers) = head.split_once("\r\n").unwrap_or((&head, ""));
+    (status.to_owned(), headers.to_ascii_lowercase(), buf[split + 4..].to_vec())
+}
