@@ -138,7 +138,9 @@ pub enum Command {
 /// Logs go to stderr; `RUST_LOG` overrides the default (pageviews at info, the rest at warn).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pageviews=info"));
+        // tansu logs expected conditions (a topic that already exists, a client that hung
+        // up) at ERROR; its real failures surface through the Kafka clients.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pageviews=info,tansu_storage=off,tansu_service=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -33,18 +33,44 @@ impl fmt::Display for CountryCode {
     }
 }
 
-/// English short name of a country, for display. Codes ISO does not assign (and `ZZ`)
-/// get a descriptive placeholder rather than an error: the code is still shown beside it.
+/// Common English names where ISO's formal name is long or awkward in a table
+/// ("United Kingdom of Great Britain and Northern Ireland"), plus codes ISO does not assign
+/// but GeoIP databases use.
+const SHORT_NAMES: &[(&str, &str)] = &[
+    ("ZZ", "Unknown"),
+    ("XK", "Kosovo"),
+    ("EU", "European Union"),
+    ("AP", "Asia/Pacific Region"),
+    ("BO", "Bolivia"),
+    ("CD", "DR Congo"),
+    ("FK", "Falkland Islands"),
+    ("FM", "Micronesia"),
+    ("GB", "United Kingdom"),
+    ("IR", "Iran"),
+    ("KP", "North Korea"),
+    ("KR", "South Korea"),
+    ("LA", "Laos"),
+    ("MD", "Moldova"),
+    ("MK", "North Macedonia"),
+    ("PS", "Palestine"),
+    ("RU", "Russia"),
+    ("SY", "Syria"),
+    ("TW", "Taiwan"),
+    ("TZ", "Tanzania"),
+    ("US", "United States"),
+    ("VE", "Venezuela"),
+    ("VN", "Vietnam"),
+];
+
+/// English short name of a country, for display. Codes nobody assigns get a descriptive
+/// placeholder rather than an error: the code is still shown beside it.
 pub fn country_name(code: &str) -> String {
-    match code {
-        "ZZ" => "Unknown".to_owned(),
-        "XK" => "Kosovo".to_owned(),
-        "EU" => "European Union".to_owned(),
-        "AP" => "Asia/Pacific Region".to_owned(),
-        _ => isocountry::CountryCode::for_alpha2(code)
-            .map(|c| c.name().to_owned())
-            .unwrap_or_else(|_| format!("Unknown ({code})")),
+    if let Some((_, name)) = SHORT_NAMES.iter().find(|(c, _)| *c == code) {
+        return (*name).to_owned();
     }
+    isocountry::CountryCode::for_alpha2(code)
+        .map(|c| c.name().to_owned())
+        .unwrap_or_else(|_| format!("Unknown ({code})"))
 }
 
 #[cfg(test)]
@@ -58,6 +84,8 @@ mod tests {
         assert_eq!(CountryCode::parse("NLD"), None);
         assert_eq!(country_name("NL"), "Netherlands");
         assert_eq!(country_name("ZZ"), "Unknown");
+        assert_eq!(country_name("GB"), "United Kingdom");
+        assert_eq!(country_name("CH"), "Switzerland");
         assert_eq!(country_name("QQ"), "Unknown (QQ)");
     }
 }

@@ -72,10 +72,15 @@ pub async fn wait_drained(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<(u64, u64)>> {
     loop {
-        let (counted, dead) = accounted(store, kafka).await?;
-        let (counted, dead) = (counted - baseline.0.min(counted), dead - baseline.1.min(dead));
-        if counted + dead >= lines {
-            return Ok(Some((counted, dead)));
+        match accounted(store, kafka).await {
+            Ok((counted, dead)) => {
+                let (counted, dead) = (counted - baseline.0.min(counted), dead - baseline.1.min(dead));
+                if counted + dead >= lines {
+                    return Ok(Some((counted, dead)));
+                }
+            }
+            // A busy broker or a locked database is not the end of the run: ask again.
+            Err(err) => tracing::warn!(%err, "cannot check progress yet"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
@@ -121,7 +126,16 @@ pub async fn run(common: &Common, args: DemoArgs, shutdown: CancellationToken) -
         tasks.spawn(async move { serve::run(listener, store, stop).await.map_err(anyhow::Error::from) });
     }
 
-    let baseline = accounted(&store, &kafka).await?;
+    let baseline = loop {
+        match accounted(&store, &kafka).await {
+            Ok(b) => break b,
+            Err(err) if !shutdown.is_cancelled() => {
+                tracing::warn!(%err, "cannot read the starting counts yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(err) => return Err(err),
+        }
+    };
     let started = Instant::now();
     let imported = if args.input.is_empty() {
         let (kafka, rate, seed, limit, stop) =

@@ -31,6 +31,11 @@ pub enum KafkaSetupError {
     },
     #[error("cannot create topic {topic}: {reason}")]
     CreateTopic { topic: String, reason: String },
+    #[error("cannot read the offsets of topic {topic}: {source}")]
+    Offsets {
+        topic: String,
+        source: rdkafka::error::KafkaError,
+    },
     #[error("invalid Kafka client setting: {0}")]
     Client(#[from] rdkafka::error::KafkaError),
 }
@@ -125,13 +130,13 @@ impl KafkaSettings {
     /// Sum over partitions of the high watermark of `topic`: how many messages it ever received.
     pub fn message_count(&self, topic: &str) -> Result<u64, KafkaSetupError> {
         let consumer: BaseConsumer = self.client_config(&[]).create()?;
-        let timeout = Duration::from_secs(5);
-        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        let timeout = Duration::from_secs(30);
+        let err = |source| KafkaSetupError::Offsets { topic: topic.to_owned(), source };
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(err)?;
         let mut total = 0u64;
         for t in metadata.topics() {
             for p in t.partitions() {
-                let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
-                let _ = low;
+                let (_low, high) = consumer.fetch_watermarks(topic, p.id(), timeout).map_err(err)?;
                 total += u64::try_from(high).unwrap_or(0);
             }
         }

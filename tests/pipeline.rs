@@ -61,7 +61,7 @@ async fn counts_100k_lines_exactly_and_serves_them() {
     sorted.sort();
     assert_eq!(order, sorted, "sorted by visits descending, then code");
     let us = api.countries.iter().find(|c| c.country_code == "US").unwrap();
-    assert_eq!(us.country_name, "United States of America");
+    assert_eq!(us.country_name, "United States");
     let (status, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/")).await.unwrap();
     assert_eq!(status, "HTTP/1.1 200 OK");
     let page = String::from_utf8(body).unwrap();

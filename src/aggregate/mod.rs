@@ -96,6 +96,17 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     }
 }
 
+/// Runs a blocking librdkafka call from async code without stalling the other tasks on this
+/// worker (an in-process broker may be among them).
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 struct AggregatorContext {
     shared: Arc<Shared>,
 }
@@ -209,7 +220,8 @@ pub async fn run(
     // Best effort: what is not flushed now is re-read by the next owner.
     flusher.flush().await;
     drop(flusher);
-    drop(consumer);
+    // Leaving the group blocks on a broker round trip: keep it off the async workers.
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     Ok(())
 }
 
@@ -305,7 +317,8 @@ impl Flusher<'_> {
             self.shared.tally().reset(p, offset);
             if self.shared.tally().owns(p) {
                 let to = offset.map_or(Offset::Beginning, Offset::Offset);
-                if let Err(e) = self.consumer.seek(EVENTS_TOPIC, p, to, Duration::from_secs(5)) {
+                let seek = blocking(|| self.consumer.seek(EVENTS_TOPIC, p, to, Duration::from_secs(5)));
+                if let Err(e) = seek {
                     // Without the seek, later messages would be counted over a gap: stop
                     // counting the partition until the next rebalance instead.
                     tracing::warn!(partition = p, %e, "seek failed; partition paused until the next rebalance");

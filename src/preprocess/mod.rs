@@ -120,10 +120,17 @@ pub async fn run(
             tracing::debug!(%e, "storing offsets failed (partition revoked?)");
         }
     }
-    // Let librdkafka commit what is stored before leaving the group.
-    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        tracing::debug!(%e, "final commit failed");
-    }
+    drop(batch);
+    // Commit what is stored and leave the group. These calls block on broker round trips, so
+    // they run off the async workers (which may be serving an in-process broker).
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            tracing::debug!(%e, "final commit failed");
+        }
+        drop(consumer);
+        drop(producer);
+    })
+    .await;
     Ok(())
 }
 
