@@ -248,7 +248,7 @@ fn import_blocking(config: &ImportConfig, shutdown: CancellationToken) -> Result
         let read_err = |source| ImportError::Read { path: input.name(), source };
         if config.follow {
             if let Input::File(path) = input {
-                follow_file(path, &mut sink, &shutdown).map_err(read_err)?;
+                follow_file(path, &shutdown, |line, len| sink.send(line, len)).map_err(read_err)?;
                 continue;
             }
         }
@@ -327,7 +327,12 @@ fn memchr(chunk: &[u8]) -> Option<usize> {
 
 /// `tail -F`: reads a growing file until shutdown; when the file is replaced (rotation: a
 /// new inode) or truncated, finishes the old one and starts the new one from its beginning.
-fn follow_file(path: &Path, sink: &mut LineSink, shutdown: &CancellationToken) -> io::Result<()> {
+/// Each line goes to `emit(line cut to size, real length)`; `emit` returning false stops.
+pub fn follow_file(
+    path: &Path,
+    shutdown: &CancellationToken,
+    mut emit: impl FnMut(&[u8], usize) -> bool,
+) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let mut file = File::open(path)?;
     let mut inode = file.metadata()?.ino();
@@ -339,19 +344,9 @@ fn follow_file(path: &Path, sink: &mut LineSink, shutdown: &CancellationToken) -
         if n > 0 {
             pos += n as u64;
             partial.extend_from_slice(&chunk[..n]);
-            let mut start = 0;
-            while let Some(i) = memchr(&partial[start..]) {
-                let mut line = &partial[start..start + i];
-                if line.last() == Some(&b'\r') {
-                    line = &line[..line.len() - 1];
-                }
-                let cut = &line[..line.len().min(MAX_LINE_BYTES + 1)];
-                if !sink.send(cut, line.len()) {
-                    return Ok(());
-                }
-                start += i + 1;
+            if !emit_complete_lines(&mut partial, &mut emit) {
+                return Ok(());
             }
-            partial.drain(..start);
             continue;
         }
         if shutdown.is_cancelled() {
@@ -360,13 +355,17 @@ fn follow_file(path: &Path, sink: &mut LineSink, shutdown: &CancellationToken) -
         std::thread::sleep(Duration::from_millis(200));
         match std::fs::metadata(path) {
             Ok(meta) if meta.ino() != inode || meta.len() < pos => {
-                // Drain whatever the old file still had, then switch.
-                let mut rest = Vec::new();
-                file.read_to_end(&mut rest)?;
-                partial.extend_from_slice(&rest);
+                // Drain whatever the old file still had (a last line without newline too),
+                // then switch.
+                file.read_to_end(&mut partial)?;
+                if !emit_complete_lines(&mut partial, &mut emit) {
+                    return Ok(());
+                }
                 if !partial.is_empty() {
                     let cut = &partial[..partial.len().min(MAX_LINE_BYTES + 1)];
-                    sink.send(cut, partial.len());
+                    if !emit(cut, partial.len()) {
+                        return Ok(());
+                    }
                     partial.clear();
                 }
                 tracing::info!(path = %path.display(), "file rotated or truncated; reopening");
@@ -377,6 +376,24 @@ fn follow_file(path: &Path, sink: &mut LineSink, shutdown: &CancellationToken) -
             _ => {}
         }
     }
+}
+
+/// Emits every newline-terminated line in `partial` and keeps the unterminated rest.
+fn emit_complete_lines(partial: &mut Vec<u8>, emit: &mut impl FnMut(&[u8], usize) -> bool) -> bool {
+    let mut start = 0;
+    while let Some(i) = memchr(&partial[start..]) {
+        let mut line = &partial[start..start + i];
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        let cut = &line[..line.len().min(MAX_LINE_BYTES + 1)];
+        if !emit(cut, line.len()) {
+            return false;
+        }
+        start += i + 1;
+    }
+    partial.drain(..start);
+    true
 }
 
 #[cfg(test)]
@@ -396,6 +413,53 @@ mod tests {
             out,
             vec![("a".into(), 1), ("bb".into(), 2), ("".into(), 0), ("long-".into(), 14), ("last".into(), 4)]
         );
+    }
+
+    #[test]
+    fn follow_reads_growth_and_survives_rotation() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        std::fs::write(&path, "one\ntw").unwrap();
+        let stop = CancellationToken::new();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let follower = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                follow_file(&path, &stop, |l, _| tx.send(String::from_utf8_lossy(l).into_owned()).is_ok())
+            })
+        };
+        let next = || rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(next(), "one");
+        // The partial line completes when the writer finishes it.
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"o\nthree\n").unwrap();
+        assert_eq!(next(), "two");
+        assert_eq!(next(), "three");
+        // logrotate: the file is renamed, a new one appears at the same path.
+        std::fs::rename(&path, dir.path().join("access.log.1")).unwrap();
+        std::fs::OpenOptions::new().append(true).open(dir.path().join("access.log.1")).unwrap().write_all(b"late\n").unwrap();
+        std::fs::write(&path, "fresh\n").unwrap();
+        assert_eq!(next(), "late");
+        assert_eq!(next(), "fresh");
+        stop.cancel();
+        follower.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn gzip_is_detected() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"a\nb\n").unwrap();
+        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        let mut r = BufReader::new(open_maybe_gzip(&path, &ProgressBar::hidden()).unwrap());
+        let mut buf = Vec::new();
+        let mut lines = Vec::new();
+        while read_line_bounded(&mut r, &mut buf, 100).unwrap().is_some() {
+            lines.push(buf.clone());
+        }
+        assert_eq!(lines, vec![b"a".to_vec(), b"b".to_vec()]);
     }
 
     #[test]

@@ -84,7 +84,7 @@ async fn exact_counts_across_aggregator_crash_and_rebalance() {
     let importer = {
         let path = c.dir.path().join("input.log");
         write_lines(&path, &lines);
-        let config = ImportConfig { kafka: c.kafka.clone(), inputs: vec![Input::File(path)], follow: false, rate: Some(25_000) };
+        let config = ImportConfig { kafka: c.kafka.clone(), inputs: vec![Input::File(path)], follow: false, rate: Some(10_000) };
         tokio::spawn(import::run(config, CancellationToken::new()))
     };
     // Crash the first aggregator once it has flushed part of the stream.

@@ -185,8 +185,8 @@ pub async fn run(
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", "earliest"),
-            ("session.timeout.ms", "10000"),
-            ("heartbeat.interval.ms", "1000"),
+            ("session.timeout.ms", "45000"),
+            ("heartbeat.interval.ms", "3000"),
         ])
         .create_with_context(AggregatorContext {
             shared: Arc::clone(&shared),

@@ -72,8 +72,8 @@ pub async fn run(
             ("auto.commit.interval.ms", "1000"),
             ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", "earliest"),
-            ("session.timeout.ms", "10000"),
-            ("heartbeat.interval.ms", "1000"),
+            ("session.timeout.ms", "45000"),
+            ("heartbeat.interval.ms", "3000"),
         ])
         .create()?;
     let producer: FutureProducer = config

@@ -132,39 +132,3 @@ impl SqliteStore {
         Ok(out)
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::super::{OffsetUpdate, Store};
-    use super::*;
-
-    fn batch(increments: &[(&str, u64)], offsets: &[(i32, Option<i64>, i64)]) -> FlushBatch {
-        FlushBatch {
-            consumer_group: "g".into(),
-            topic: "t".into(),
-            increments: increments.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect(),
-            offsets: offsets
-                .iter()
-                .map(|&(partition, expected, next)| OffsetUpdate { partition, expected, next })
-                .collect(),
-        }
-    }
-
-    #[tokio::test]
-    async fn flush_adds_counts_and_moves_offsets_atomically() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}/s.db", dir.path().display())).await.unwrap();
-        assert_eq!(store.flush(&batch(&[("NL", 2), ("US", 5)], &[(0, None, 7)])).await.unwrap(), FlushOutcome::Committed);
-        assert_eq!(store.flush(&batch(&[("NL", 4)], &[(0, Some(7), 11)])).await.unwrap(), FlushOutcome::Committed);
-        // A writer that still thinks offset 7 is stored is fenced off, and writes nothing.
-        assert_eq!(store.flush(&batch(&[("NL", 100)], &[(0, Some(7), 9)])).await.unwrap(), FlushOutcome::Conflict(vec![0]));
-        assert_eq!(store.flush(&batch(&[("DE", 1)], &[(0, None, 1)])).await.unwrap(), FlushOutcome::Conflict(vec![0]));
-        let counts: Vec<(String, u64)> = store.country_counts().await.unwrap().into_iter().map(|c| (c.country_code, c.visits)).collect();
-        assert_eq!(counts, vec![("NL".to_owned(), 6), ("US".to_owned(), 5)]);
-        assert_eq!(store.load_offsets("g", "t").await.unwrap(), HashMap::from([(0, 11)]));
-        // Reopening keeps everything (migrations are idempotent).
-        drop(store);
-        let store = Store::open(&format!("sqlite://{}/s.db", dir.path().display())).await.unwrap();
-        assert_eq!(store.load_offsets("g", "t").await.unwrap(), HashMap::from([(0, 11)]));
-    }
-}
