@@ -18,6 +18,21 @@ use std::collections::HashMap;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+/// Schema, applied at open by both databases (same SQL). `IF NOT EXISTS` keeps it idempotent;
+/// new versions append statements here.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS country_stats (
+        country_code TEXT PRIMARY KEY,
+        visit_count BIGINT NOT NULL,
+        updated_at TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS consumer_offsets (
+        consumer_group TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        \"partition\" INTEGER NOT NULL,
+        next_offset BIGINT NOT NULL,
+        PRIMARY KEY (consumer_group, topic, \"partition\"))",
+];
+
 /// Errors from the statistics database.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

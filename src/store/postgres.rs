@@ -10,20 +10,8 @@ use std::collections::HashMap;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use super::{CountryCount, FlushBatch, FlushOutcome, StoreError};
+use super::{MIGRATIONS, CountryCount, FlushBatch, FlushOutcome, StoreError};
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS country_stats (
-        country_code TEXT PRIMARY KEY,
-        visit_count BIGINT NOT NULL,
-        updated_at TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS consumer_offsets (
-        consumer_group TEXT NOT NULL,
-        topic TEXT NOT NULL,
-        \"partition\" INTEGER NOT NULL,
-        next_offset BIGINT NOT NULL,
-        PRIMARY KEY (consumer_group, topic, \"partition\"))",
-];
 
 /// A connection pool to one PostgreSQL database (and schema, via `options=-csearch_path=…`).
 #[derive(Clone)]

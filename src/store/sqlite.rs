@@ -6,21 +6,9 @@ use std::time::Duration;
 
 use libsql::{Connection, TransactionBehavior, params};
 
-use super::{CountryCount, FlushBatch, FlushOutcome, StoreError};
+use super::{MIGRATIONS, CountryCount, FlushBatch, FlushOutcome, StoreError};
 
 /// Schema, applied at open. `IF NOT EXISTS` keeps it idempotent; new versions append here.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS country_stats (
-        country_code TEXT PRIMARY KEY,
-        visit_count BIGINT NOT NULL,
-        updated_at TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS consumer_offsets (
-        consumer_group TEXT NOT NULL,
-        topic TEXT NOT NULL,
-        \"partition\" INTEGER NOT NULL,
-        next_offset BIGINT NOT NULL,
-        PRIMARY KEY (consumer_group, topic, \"partition\"))",
-];
 
 /// A SQLite database file shared by the aggregators (writers) and `serve` (reader) of one
 /// machine. WAL mode lets readers run while a flush writes.
