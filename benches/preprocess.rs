@@ -9,7 +9,10 @@ use pageviews::preprocess::geo::GeoDb;
 use pageviews::preprocess::parse::parse_line;
 
 fn main() {
-    let n: usize = std::env::var("BENCH_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let n: usize = std::env::var("BENCH_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let lines: Vec<String> = LineGenerator::new(1).take(n).collect();
     let enricher = Enricher::new(GeoDb::bundled().expect("bundled GeoIP database"));
 
@@ -40,5 +43,8 @@ fn main() {
 fn report(what: &str, n: usize, ok: usize, t: Instant) {
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(ok, n, "every generated line parses");
-    println!("{what:<34} {n} lines in {secs:.3} s = {:.0} lines/s (1 thread)", n as f64 / secs);
+    println!(
+        "{what:<34} {n} lines in {secs:.3} s = {:.0} lines/s (1 thread)",
+        n as f64 / secs
+    );
 }

@@ -47,7 +47,11 @@ impl EmbeddedBroker {
         storage: BrokerStorage,
         data_dir: &Path,
     ) -> Result<EmbeddedBroker, BrokerError> {
-        let addr = if listen.port() == 0 { free_port(listen)? } else { listen };
+        let addr = if listen.port() == 0 {
+            free_port(listen)?
+        } else {
+            listen
+        };
         let start_err = |reason: String| BrokerError::Start { addr, reason };
         let storage_url = match storage {
             BrokerStorage::Memory => "memory://tansu/".to_owned(),
@@ -56,10 +60,11 @@ impl EmbeddedBroker {
                     path: data_dir.to_owned(),
                     source,
                 })?;
-                let dir = std::fs::canonicalize(data_dir).map_err(|source| BrokerError::DataDir {
-                    path: data_dir.to_owned(),
-                    source,
-                })?;
+                let dir =
+                    std::fs::canonicalize(data_dir).map_err(|source| BrokerError::DataDir {
+                        path: data_dir.to_owned(),
+                        source,
+                    })?;
                 // tansu joins the URL path onto the working directory after stripping one
                 // leading '/'; a second '/' keeps the path absolute.
                 format!("sqlite:///{}", dir.join("broker.db").display())

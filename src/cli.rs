@@ -44,7 +44,12 @@ pub struct Common {
     #[arg(long, env = "PAGEVIEWS_DATABASE", global = true)]
     pub database: Option<String>,
     /// Where the embedded broker and the default database keep their files.
-    #[arg(long, env = "PAGEVIEWS_DATA_DIR", default_value = "pageviews-data", global = true)]
+    #[arg(
+        long,
+        env = "PAGEVIEWS_DATA_DIR",
+        default_value = "pageviews-data",
+        global = true
+    )]
     pub data_dir: PathBuf,
     /// librdkafka property for every Kafka client, passed unchanged (repeatable), e.g.
     /// -X security.protocol=SASL_SSL.
@@ -63,7 +68,9 @@ impl Common {
 
     /// The `--brokers` value, or the standalone broker's default address.
     pub fn brokers_or_default(&self) -> String {
-        self.brokers.clone().unwrap_or_else(|| "127.0.0.1:9092".to_owned())
+        self.brokers
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1:9092".to_owned())
     }
 
     pub fn database_url(&self) -> String {
@@ -74,7 +81,9 @@ impl Common {
 
     pub async fn open_store(&self) -> anyhow::Result<Store> {
         let url = self.database_url();
-        Store::open(&url).await.with_context(|| format!("opening the database (--database {url})"))
+        Store::open(&url)
+            .await
+            .with_context(|| format!("opening the database (--database {url})"))
     }
 }
 
@@ -140,7 +149,11 @@ pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // tansu logs expected conditions (a topic that already exists, a client that hung
         // up) at ERROR; its real failures surface through the Kafka clients.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pageviews=info,tansu_storage=off,tansu_service=off"));
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "warn,pageviews=info,tansu_storage=off,tansu_service=off",
+            )
+        });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -152,7 +165,8 @@ pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let terminated = async {
             match term.as_mut() {
                 Some(s) => {
@@ -183,9 +197,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let common = cli.common;
     match cli.command {
         Command::Demo(args) => demo::run(&common, args, shutdown_on_signal()).await,
-        Command::Broker { listen, broker_storage } => {
+        Command::Broker {
+            listen,
+            broker_storage,
+        } => {
             let broker = EmbeddedBroker::start(listen, broker_storage, &common.data_dir).await?;
-            println!("broker listening on {} (storage: {broker_storage:?})", broker.bootstrap());
+            println!(
+                "broker listening on {} (storage: {broker_storage:?})",
+                broker.bootstrap()
+            );
             shutdown_on_signal().cancelled().await;
             broker.stop();
             Ok(())
@@ -194,15 +214,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             kafka.create_topics(partitions).await?;
-            println!("topics ready: {}, {}, {}", kafka::RAW_TOPIC, kafka::EVENTS_TOPIC, kafka::DEAD_LETTER_TOPIC);
+            println!(
+                "topics ready: {}, {}, {}",
+                kafka::RAW_TOPIC,
+                kafka::EVENTS_TOPIC,
+                kafka::DEAD_LETTER_TOPIC
+            );
             Ok(())
         }
-        Command::Import { inputs, follow, rate } => {
+        Command::Import {
+            inputs,
+            follow,
+            rate,
+        } => {
             let inputs = import::expand_inputs(&inputs)?;
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             let started = std::time::Instant::now();
-            let summary = import::run(ImportConfig { kafka, inputs, follow, rate }, shutdown_on_signal()).await?;
+            let summary = import::run(
+                ImportConfig {
+                    kafka,
+                    inputs,
+                    follow,
+                    rate,
+                },
+                shutdown_on_signal(),
+            )
+            .await?;
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "imported {} lines ({} over {} bytes, sent truncated) in {secs:.1} s, {:.0} lines/s",
@@ -218,7 +256,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             let stats = Arc::new(PreprocessStats::default());
-            preprocess::run(PreprocessConfig { kafka, enricher }, stats, shutdown_on_signal()).await?;
+            preprocess::run(
+                PreprocessConfig { kafka, enricher },
+                stats,
+                shutdown_on_signal(),
+            )
+            .await?;
             Ok(())
         }
         Command::Aggregate { flush_interval } => {
@@ -226,7 +269,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             let stats = Arc::new(AggregateStats::default());
-            aggregate::run(AggregateConfig { kafka, store, flush_interval }, stats, shutdown_on_signal()).await?;
+            aggregate::run(
+                AggregateConfig {
+                    kafka,
+                    store,
+                    flush_interval,
+                },
+                stats,
+                shutdown_on_signal(),
+            )
+            .await?;
             Ok(())
         }
         Command::Serve { listen } => {
@@ -239,7 +291,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate { lines, seed } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
-            for line in LineGenerator::new(seed).take(usize::try_from(lines).unwrap_or(usize::MAX)) {
+            for line in LineGenerator::new(seed).take(usize::try_from(lines).unwrap_or(usize::MAX))
+            {
                 if let Err(e) = writeln!(out, "{line}") {
                     // `generate | head` closes the pipe early: that is not an error.
                     if e.kind() == std::io::ErrorKind::BrokenPipe {

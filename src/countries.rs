@@ -14,9 +14,10 @@ impl CountryCode {
     /// Accepts any two ASCII letters (case-folded); anything else is `None`.
     pub fn parse(s: &str) -> Option<CountryCode> {
         match s.as_bytes() {
-            [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
-                Some(CountryCode([a.to_ascii_uppercase(), b.to_ascii_uppercase()]))
-            }
+            [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => Some(CountryCode([
+                a.to_ascii_uppercase(),
+                b.to_ascii_uppercase(),
+            ])),
             _ => None,
         }
     }
@@ -79,7 +80,10 @@ mod tests {
 
     #[test]
     fn parse_and_names() {
-        assert_eq!(CountryCode::parse("nl").map(|c| c.to_string()), Some("NL".into()));
+        assert_eq!(
+            CountryCode::parse("nl").map(|c| c.to_string()),
+            Some("NL".into())
+        );
         assert_eq!(CountryCode::parse("N1"), None);
         assert_eq!(CountryCode::parse("NLD"), None);
         assert_eq!(country_name("NL"), "Netherlands");

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,7 +16,7 @@ use crate::broker::{BrokerStorage, EmbeddedBroker};
 use crate::cli::{Common, open_geo};
 use crate::generate::LineGenerator;
 use crate::import::{self, ImportConfig, LineSink};
-use crate::kafka::{self, DEAD_LETTER_TOPIC, KafkaSettings};
+use crate::kafka;
 use crate::preprocess::enrich::Enricher;
 use crate::preprocess::{self, PreprocessConfig, PreprocessStats};
 use crate::serve;
@@ -55,50 +56,63 @@ pub struct DemoArgs {
     pub flush_interval: Duration,
 }
 
-/// Lines accounted for downstream: visits in the database plus dead letters in Kafka.
-pub async fn accounted(store: &Store, kafka: &KafkaSettings) -> anyhow::Result<(u64, u64)> {
-    let counted: u64 = store.country_counts().await?.iter().map(|c| c.visits).sum();
-    let kafka = kafka.clone();
-    let dead = tokio::task::spawn_blocking(move || kafka.message_count(DEAD_LETTER_TOPIC)).await??;
-    Ok((counted, dead))
+/// Visits in the database.
+pub async fn counted(store: &Store) -> anyhow::Result<u64> {
+    Ok(store.country_counts().await?.iter().map(|c| c.visits).sum())
 }
 
-/// Waits until `lines` more lines than `baseline` are accounted for; returns (counted, dead).
+/// Waits until `lines` lines past `baseline` visits are accounted for: counted in the database
+/// or dead-lettered by this process's preprocessor. Returns (counted, dead-lettered).
+///
+/// Dead letters are taken from the preprocessor's own counter, not from the dead-letter
+/// topic's high watermarks: tansu 0.6.0 answered ListOffsets with stale values under load.
 pub async fn wait_drained(
     store: &Store,
-    kafka: &KafkaSettings,
-    baseline: (u64, u64),
+    dead_letters: &AtomicU64,
+    baseline: u64,
     lines: u64,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Option<(u64, u64)>> {
+) -> Option<(u64, u64)> {
     loop {
-        match accounted(store, kafka).await {
-            Ok((counted, dead)) => {
-                let (counted, dead) = (counted - baseline.0.min(counted), dead - baseline.1.min(dead));
+        match counted(store).await {
+            Ok(total) => {
+                let counted = total - baseline.min(total);
+                let dead = dead_letters.load(Ordering::Relaxed);
                 if counted + dead >= lines {
-                    return Ok(Some((counted, dead)));
+                    return Some((counted, dead));
                 }
             }
-            // A busy broker or a locked database is not the end of the run: ask again.
+            // A locked database is not the end of the run: ask again.
             Err(err) => tracing::warn!(%err, "cannot check progress yet"),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
+            _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
 }
 
-pub async fn run(common: &Common, args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    common: &Common,
+    args: DemoArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&common.data_dir)
         .with_context(|| format!("creating the data dir {}", common.data_dir.display()))?;
     let broker = match &common.brokers {
         Some(_) => None,
         None => Some(
-            EmbeddedBroker::start("127.0.0.1:0".parse()?, args.broker_storage, &common.data_dir).await?,
+            EmbeddedBroker::start(
+                "127.0.0.1:0".parse()?,
+                args.broker_storage,
+                &common.data_dir,
+            )
+            .await?,
         ),
     };
-    let bootstrap = broker.as_ref().map_or_else(|| common.brokers_or_default(), |b| b.bootstrap());
+    let bootstrap = broker
+        .as_ref()
+        .map_or_else(|| common.brokers_or_default(), |b| b.bootstrap());
     let kafka = common.kafka(&bootstrap);
     kafka.wait_until_reachable(Duration::from_secs(30)).await?;
     kafka.create_topics(args.partitions).await?;
@@ -112,34 +126,49 @@ pub async fn run(common: &Common, args: DemoArgs, shutdown: CancellationToken) -
     let agg_stats = Arc::new(AggregateStats::default());
     let mut tasks = tokio::task::JoinSet::new();
     {
-        let config = PreprocessConfig { kafka: kafka.clone(), enricher };
+        let config = PreprocessConfig {
+            kafka: kafka.clone(),
+            enricher,
+        };
         let (stats, stop) = (Arc::clone(&pre_stats), stages.clone());
-        tasks.spawn(async move { preprocess::run(config, stats, stop).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move {
+            preprocess::run(config, stats, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
     {
-        let config = AggregateConfig { kafka: kafka.clone(), store: store.clone(), flush_interval: args.flush_interval };
+        let config = AggregateConfig {
+            kafka: kafka.clone(),
+            store: store.clone(),
+            flush_interval: args.flush_interval,
+        };
         let (stats, stop) = (Arc::clone(&agg_stats), stages.clone());
-        tasks.spawn(async move { aggregate::run(config, stats, stop).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move {
+            aggregate::run(config, stats, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
     {
         let (store, stop) = (store.clone(), stages.clone());
-        tasks.spawn(async move { serve::run(listener, store, stop).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move {
+            serve::run(listener, store, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
 
-    let baseline = loop {
-        match accounted(&store, &kafka).await {
-            Ok(b) => break b,
-            Err(err) if !shutdown.is_cancelled() => {
-                tracing::warn!(%err, "cannot read the starting counts yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(err) => return Err(err),
-        }
-    };
+    let baseline = counted(&store).await?;
     let started = Instant::now();
     let imported = if args.input.is_empty() {
-        let (kafka, rate, seed, limit, stop) =
-            (kafka.clone(), args.rate.unwrap_or(1000), args.seed, args.lines, shutdown.clone());
+        let (kafka, rate, seed, limit, stop) = (
+            kafka.clone(),
+            args.rate.unwrap_or(1000),
+            args.seed,
+            args.lines,
+            shutdown.clone(),
+        );
         tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
             let mut sink = LineSink::new(&kafka, Some(rate), stop)?;
             let mut generator = LineGenerator::live(seed);
@@ -156,13 +185,26 @@ pub async fn run(common: &Common, args: DemoArgs, shutdown: CancellationToken) -
         .await??
     } else {
         let inputs = import::expand_inputs(&args.input)?;
-        let config = ImportConfig { kafka: kafka.clone(), inputs, follow: false, rate: args.rate };
+        let config = ImportConfig {
+            kafka: kafka.clone(),
+            inputs,
+            follow: false,
+            rate: args.rate,
+        };
         import::run(config, shutdown.clone()).await?.lines
     };
 
     let mut result = Ok(());
     if args.exit_when_drained {
-        if let Some((counted, dead)) = wait_drained(&store, &kafka, baseline, imported, &shutdown).await? {
+        if let Some((counted, dead)) = wait_drained(
+            &store,
+            &pre_stats.dead_letters,
+            baseline,
+            imported,
+            &shutdown,
+        )
+        .await
+        {
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "drained: lines read {imported}, counted {counted}, dead-lettered {dead}, {secs:.2} s, {:.0} lines/s",

@@ -26,15 +26,35 @@ const USER_AGENTS: &[&str] = &[
 ];
 
 const PATHS: &[&str] = &[
-    "/", "/", "/", "/index.html", "/blog/", "/blog/processing-streaming-data-with-kafka",
-    "/blog/rust-async", "/pricing", "/docs/getting-started", "/docs/api", "/about",
-    "/static/app.js", "/static/style.css", "/favicon.ico", "/search?q=kafka+rebalance",
-    "/api/v1/items?page=2", "/robots.txt", "/wp-login.php",
+    "/",
+    "/",
+    "/",
+    "/index.html",
+    "/blog/",
+    "/blog/processing-streaming-data-with-kafka",
+    "/blog/rust-async",
+    "/pricing",
+    "/docs/getting-started",
+    "/docs/api",
+    "/about",
+    "/static/app.js",
+    "/static/style.css",
+    "/favicon.ico",
+    "/search?q=kafka+rebalance",
+    "/api/v1/items?page=2",
+    "/robots.txt",
+    "/wp-login.php",
 ];
 
 const REFERRERS: &[&str] = &[
-    "-", "-", "-", "https://www.google.com/", "https://duckduckgo.com/", "https://news.ycombinator.com/",
-    "https://twitter.com/", "https://example.com/blog/",
+    "-",
+    "-",
+    "-",
+    "https://www.google.com/",
+    "https://duckduckgo.com/",
+    "https://news.ycombinator.com/",
+    "https://twitter.com/",
+    "https://example.com/blog/",
 ];
 
 /// One simulated visitor: an address and a browser, reused across their requests.
@@ -75,7 +95,11 @@ impl LineGenerator {
                 user_agent: USER_AGENTS[rng.random_range(0..USER_AGENTS.len())],
             })
             .collect();
-        LineGenerator { rng, visitors, clock }
+        LineGenerator {
+            rng,
+            visitors,
+            clock,
+        }
     }
 
     /// The next line, without a newline.
@@ -83,7 +107,8 @@ impl LineGenerator {
         // Squaring a uniform draw favours low indices: a few visitors (and so countries)
         // account for much of the traffic.
         let u: f64 = self.rng.random();
-        let v = &self.visitors[((u * u) * self.visitors.len() as f64) as usize % self.visitors.len()];
+        let v =
+            &self.visitors[((u * u) * self.visitors.len() as f64) as usize % self.visitors.len()];
         let time = match &mut self.clock {
             Some(t) => {
                 *t += TimeDelta::milliseconds(self.rng.random_range(0..20));
@@ -99,9 +124,17 @@ impl LineGenerator {
             95..=97 => 301,
             _ => 500,
         };
-        let bytes = if status == 304 { 0 } else { self.rng.random_range(200..60_000) };
+        let bytes = if status == 304 {
+            0
+        } else {
+            self.rng.random_range(200..60_000)
+        };
         let referrer = REFERRERS[self.rng.random_range(0..REFERRERS.len())];
-        let method = if self.rng.random_range(0..20) == 0 { "POST" } else { "GET" };
+        let method = if self.rng.random_range(0..20) == 0 {
+            "POST"
+        } else {
+            "GET"
+        };
         format!(
             "{} - - [{}] \"{method} {path} HTTP/1.1\" {status} {bytes} \"{referrer}\" \"{}\"",
             v.ip,
@@ -124,7 +157,13 @@ fn random_ip(rng: &mut ChaCha8Rng) -> String {
     if rng.random_range(0..10) == 0 {
         let head: u16 = rng.random_range(0x2001..0x2c00);
         let rest: [u16; 3] = rng.random();
-        format!("{head:x}:{:x}:{:x}:{:x}::{:x}", rest[0], rest[1], rest[2], rng.random::<u16>())
+        format!(
+            "{head:x}:{:x}:{:x}:{:x}::{:x}",
+            rest[0],
+            rest[1],
+            rest[2],
+            rng.random::<u16>()
+        )
     } else {
         let first = rng.random_range(1..224u8);
         let rest: [u8; 3] = rng.random();

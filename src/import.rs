@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
-use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::headers;
@@ -130,7 +130,11 @@ pub struct LineSink {
 }
 
 impl LineSink {
-    pub fn new(kafka: &KafkaSettings, rate: Option<u64>, shutdown: CancellationToken) -> Result<LineSink, ImportError> {
+    pub fn new(
+        kafka: &KafkaSettings,
+        rate: Option<u64>,
+        shutdown: CancellationToken,
+    ) -> Result<LineSink, ImportError> {
         let producer = kafka
             .client_config(&[
                 ("enable.idempotence", "true"),
@@ -187,7 +191,10 @@ impl LineSink {
         }
         self.sent += 1;
         if self.sent % 1024 == 0 {
-            self.acked.store(self.producer.context().delivered.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.acked.store(
+                self.producer.context().delivered.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
         }
         true
     }
@@ -199,7 +206,10 @@ impl LineSink {
         let lines = ctx.delivered.load(Ordering::Relaxed);
         self.acked.store(lines, Ordering::Relaxed);
         match ctx.failed.load(Ordering::Relaxed) {
-            0 => Ok(ImportSummary { lines, truncated: self.truncated }),
+            0 => Ok(ImportSummary {
+                lines,
+                truncated: self.truncated,
+            }),
             n => Err(ImportError::Undelivered(n)),
         }
     }
@@ -217,13 +227,19 @@ pub struct ImportConfig {
 }
 
 /// Imports every input, then returns once all lines are acknowledged.
-pub async fn run(config: ImportConfig, shutdown: CancellationToken) -> Result<ImportSummary, ImportError> {
+pub async fn run(
+    config: ImportConfig,
+    shutdown: CancellationToken,
+) -> Result<ImportSummary, ImportError> {
     tokio::task::spawn_blocking(move || import_blocking(&config, shutdown))
         .await
         .map_err(|e| ImportError::Join(e.to_string()))?
 }
 
-fn import_blocking(config: &ImportConfig, shutdown: CancellationToken) -> Result<ImportSummary, ImportError> {
+fn import_blocking(
+    config: &ImportConfig,
+    shutdown: CancellationToken,
+) -> Result<ImportSummary, ImportError> {
     let mut sink = LineSink::new(&config.kafka, config.rate, shutdown.clone())?;
     let total_bytes: u64 = config
         .inputs
@@ -233,10 +249,13 @@ fn import_blocking(config: &ImportConfig, shutdown: CancellationToken) -> Result
             Input::Stdin => 0,
         })
         .sum();
-    let show = !config.follow && io::stderr().is_terminal() && !config.inputs.contains(&Input::Stdin);
+    let show =
+        !config.follow && io::stderr().is_terminal() && !config.inputs.contains(&Input::Stdin);
     let bar = if show {
         let bar = ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stderr());
-        if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+        if let Ok(style) =
+            ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+        {
             bar.set_style(style);
         }
         bar
@@ -245,7 +264,10 @@ fn import_blocking(config: &ImportConfig, shutdown: CancellationToken) -> Result
     };
     let mut buf = Vec::with_capacity(1024);
     for input in &config.inputs {
-        let read_err = |source| ImportError::Read { path: input.name(), source };
+        let read_err = |source| ImportError::Read {
+            path: input.name(),
+            source,
+        };
         if config.follow {
             if let Input::File(path) = input {
                 follow_file(path, &shutdown, |line, len| sink.send(line, len)).map_err(read_err)?;
@@ -257,7 +279,9 @@ fn import_blocking(config: &ImportConfig, shutdown: CancellationToken) -> Result
             Input::File(path) => open_maybe_gzip(path, &bar).map_err(read_err)?,
         };
         let mut reader = BufReader::with_capacity(256 * 1024, reader);
-        while let Some(len) = read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES + 1).map_err(read_err)? {
+        while let Some(len) =
+            read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES + 1).map_err(read_err)?
+        {
             if !sink.send(&buf, len) {
                 break;
             }
@@ -284,7 +308,11 @@ fn open_maybe_gzip(path: &Path, bar: &ProgressBar) -> io::Result<Box<dyn Read>> 
 /// Reads one line into `buf` (without `\n` or `\r\n`), keeping at most `limit` bytes and
 /// skipping the rest. Returns the line's full length, or `None` at end of input. A final line
 /// without a newline still counts.
-pub fn read_line_bounded<R: BufRead>(reader: &mut R, buf: &mut Vec<u8>, limit: usize) -> io::Result<Option<usize>> {
+pub fn read_line_bounded<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> io::Result<Option<usize>> {
     buf.clear();
     let mut total = 0usize;
     let mut saw_any = false;
@@ -411,7 +439,13 @@ mod tests {
         }
         assert_eq!(
             out,
-            vec![("a".into(), 1), ("bb".into(), 2), ("".into(), 0), ("long-".into(), 14), ("last".into(), 4)]
+            vec![
+                ("a".into(), 1),
+                ("bb".into(), 2),
+                ("".into(), 0),
+                ("long-".into(), 14),
+                ("last".into(), 4)
+            ]
         );
     }
 
@@ -426,18 +460,30 @@ mod tests {
         let follower = {
             let (path, stop) = (path.clone(), stop.clone());
             std::thread::spawn(move || {
-                follow_file(&path, &stop, |l, _| tx.send(String::from_utf8_lossy(l).into_owned()).is_ok())
+                follow_file(&path, &stop, |l, _| {
+                    tx.send(String::from_utf8_lossy(l).into_owned()).is_ok()
+                })
             })
         };
         let next = || rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(next(), "one");
         // The partial line completes when the writer finishes it.
-        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"o\nthree\n").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"o\nthree\n")
+            .unwrap();
         assert_eq!(next(), "two");
         assert_eq!(next(), "three");
         // logrotate: the file is renamed, a new one appears at the same path.
         std::fs::rename(&path, dir.path().join("access.log.1")).unwrap();
-        std::fs::OpenOptions::new().append(true).open(dir.path().join("access.log.1")).unwrap().write_all(b"late\n").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("access.log.1"))
+            .unwrap()
+            .write_all(b"late\n")
+            .unwrap();
         std::fs::write(&path, "fresh\n").unwrap();
         assert_eq!(next(), "late");
         assert_eq!(next(), "fresh");
@@ -472,9 +518,16 @@ mod tests {
         let inputs = expand_inputs(&[pattern, "-".into()]).unwrap();
         assert_eq!(
             inputs,
-            vec![Input::File(dir.path().join("a.log")), Input::File(dir.path().join("b.log")), Input::Stdin]
+            vec![
+                Input::File(dir.path().join("a.log")),
+                Input::File(dir.path().join("b.log")),
+                Input::Stdin
+            ]
         );
         let missing = format!("{}/*.gz", dir.path().display());
-        assert!(matches!(expand_inputs(&[missing]), Err(ImportError::NoMatch(_))));
+        assert!(matches!(
+            expand_inputs(&[missing]),
+            Err(ImportError::NoMatch(_))
+        ));
     }
 }

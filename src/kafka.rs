@@ -24,18 +24,15 @@ pub const DEFAULT_PARTITIONS: i32 = 16;
 /// Errors talking to Kafka, phrased for the person who has to fix them.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
-    #[error("cannot reach Kafka at {brokers}: {source} (is the broker running? check --brokers / PAGEVIEWS_BROKERS)")]
+    #[error(
+        "cannot reach Kafka at {brokers}: {source} (is the broker running? check --brokers / PAGEVIEWS_BROKERS)"
+    )]
     Unreachable {
         brokers: String,
         source: rdkafka::error::KafkaError,
     },
     #[error("cannot create topic {topic}: {reason}")]
     CreateTopic { topic: String, reason: String },
-    #[error("cannot read the offsets of topic {topic}: {source}")]
-    Offsets {
-        topic: String,
-        source: rdkafka::error::KafkaError,
-    },
     #[error("invalid Kafka client setting: {0}")]
     Client(#[from] rdkafka::error::KafkaError),
 }
@@ -126,28 +123,14 @@ impl KafkaSettings {
         }
         Ok(())
     }
-
-    /// Sum over partitions of the high watermark of `topic`: how many messages it ever received.
-    pub fn message_count(&self, topic: &str) -> Result<u64, KafkaSetupError> {
-        let consumer: BaseConsumer = self.client_config(&[]).create()?;
-        let timeout = Duration::from_secs(30);
-        let err = |source| KafkaSetupError::Offsets { topic: topic.to_owned(), source };
-        let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(err)?;
-        let mut total = 0u64;
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                let (_low, high) = consumer.fetch_watermarks(topic, p.id(), timeout).map_err(err)?;
-                total += u64::try_from(high).unwrap_or(0);
-            }
-        }
-        Ok(total)
-    }
 }
 
 /// Parses `key=value` for `-X`.
 pub fn parse_override(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-        _ => Err(format!("expected key=value (a librdkafka property), got {s:?}")),
+        _ => Err(format!(
+            "expected key=value (a librdkafka property), got {s:?}"
+        )),
     }
 }

@@ -17,14 +17,25 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
 
 fn generated(n: usize, seed: u64) -> Vec<Vec<u8>> {
-    LineGenerator::new(seed).take(n).map(String::into_bytes).collect()
+    LineGenerator::new(seed)
+        .take(n)
+        .map(String::into_bytes)
+        .collect()
 }
 
 async fn import_file(c: &Cluster, lines: &[Vec<u8>]) -> u64 {
     let path = c.dir.path().join(format!("input-{}.log", lines.len()));
     write_lines(&path, lines);
-    let config = ImportConfig { kafka: c.kafka.clone(), inputs: vec![Input::File(path)], follow: false, rate: None };
-    import::run(config, CancellationToken::new()).await.unwrap().lines
+    let config = ImportConfig {
+        kafka: c.kafka.clone(),
+        inputs: vec![Input::File(path)],
+        follow: false,
+        rate: None,
+    };
+    import::run(config, CancellationToken::new())
+        .await
+        .unwrap()
+        .lines
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -35,7 +46,7 @@ async fn counts_100k_lines_exactly_and_serves_them() {
     let pre = start_preprocessor(&c, Arc::new(PreprocessStats::default()));
     let (agg, agg_stats) = start_aggregator(&c, Duration::from_millis(500));
     assert_eq!(import_file(&c, &lines).await, 100_000);
-    wait_for(&c, 100_000, 0, Duration::from_secs(300)).await;
+    wait_for(&c, 100_000, Duration::from_secs(300)).await;
     // Let one more flush pass: nothing may be added beyond the input.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let counted = db_counts(&c.store).await;
@@ -44,29 +55,57 @@ async fn counts_100k_lines_exactly_and_serves_them() {
     assert!(agg_stats.flushes.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 
     // The API and dashboard over real HTTP.
-    let listener = pageviews::serve::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listener = pageviews::serve::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let server = tokio::spawn(pageviews::serve::run(listener, c.store.clone(), stop.clone()));
-    let (status, headers, body) = tokio::task::spawn_blocking(move || http_get(addr, "/api/countries")).await.unwrap();
+    let server = tokio::spawn(pageviews::serve::run(
+        listener,
+        c.store.clone(),
+        stop.clone(),
+    ));
+    let (status, headers, body) =
+        tokio::task::spawn_blocking(move || http_get(addr, "/api/countries"))
+            .await
+            .unwrap();
     assert_eq!(status, "HTTP/1.1 200 OK");
-    assert!(headers.contains("content-type: application/json"), "{headers}");
+    assert!(
+        headers.contains("content-type: application/json"),
+        "{headers}"
+    );
     let api: CountriesResponse = serde_json::from_slice(&body).unwrap();
     assert_eq!(api.total, 100_000);
-    let from_api: BTreeMap<String, u64> = api.countries.iter().map(|c| (c.country_code.clone(), c.visits)).collect();
+    let from_api: BTreeMap<String, u64> = api
+        .countries
+        .iter()
+        .map(|c| (c.country_code.clone(), c.visits))
+        .collect();
     assert_eq!(from_api, expected);
     assert_eq!(api.max, *expected.values().max().unwrap());
-    let order: Vec<(u64, &str)> = api.countries.iter().map(|c| (u64::MAX - c.visits, c.country_code.as_str())).collect();
+    let order: Vec<(u64, &str)> = api
+        .countries
+        .iter()
+        .map(|c| (u64::MAX - c.visits, c.country_code.as_str()))
+        .collect();
     let mut sorted = order.clone();
     sorted.sort();
     assert_eq!(order, sorted, "sorted by visits descending, then code");
-    let us = api.countries.iter().find(|c| c.country_code == "US").unwrap();
+    let us = api
+        .countries
+        .iter()
+        .find(|c| c.country_code == "US")
+        .unwrap();
     assert_eq!(us.country_name, "United States");
-    let (status, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/")).await.unwrap();
+    let (status, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/"))
+        .await
+        .unwrap();
     assert_eq!(status, "HTTP/1.1 200 OK");
     let page = String::from_utf8(body).unwrap();
     assert!(page.contains("<a href=\"https://db-ip.com\">IP Geolocation by DB-IP</a>"));
-    let (_, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/healthz")).await.unwrap();
+    let (_, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/healthz"))
+        .await
+        .unwrap();
     assert_eq!(body, b"ok\n");
     stop.cancel();
     server.await.unwrap().unwrap();
@@ -84,13 +123,25 @@ async fn exact_counts_across_aggregator_crash_and_rebalance() {
     let importer = {
         let path = c.dir.path().join("input.log");
         write_lines(&path, &lines);
-        let config = ImportConfig { kafka: c.kafka.clone(), inputs: vec![Input::File(path)], follow: false, rate: Some(10_000) };
+        let config = ImportConfig {
+            kafka: c.kafka.clone(),
+            inputs: vec![Input::File(path)],
+            follow: false,
+            rate: Some(10_000),
+        };
         tokio::spawn(import::run(config, CancellationToken::new()))
     };
     // Crash the first aggregator once it has flushed part of the stream.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while first_stats.flushed_visits.load(std::sync::atomic::Ordering::Relaxed) < 10_000 {
-        assert!(tokio::time::Instant::now() < deadline, "first aggregator never flushed");
+    while first_stats
+        .flushed_visits
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 10_000
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first aggregator never flushed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     first.kill().await;
@@ -99,10 +150,16 @@ async fn exact_counts_across_aggregator_crash_and_rebalance() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (third, third_stats) = start_aggregator(&c, Duration::from_millis(300));
     assert_eq!(importer.await.unwrap().unwrap().lines, 100_000);
-    wait_for(&c, 100_000, 0, Duration::from_secs(300)).await;
+    wait_for(&c, 100_000, Duration::from_secs(300)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(db_counts(&c.store).await, expected);
-    assert!(third_stats.flushes.load(std::sync::atomic::Ordering::Relaxed) > 0, "the joining aggregator got partitions");
+    assert!(
+        third_stats
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "the joining aggregator got partitions"
+    );
     second.stop().await;
     third.stop().await;
     pre.stop().await;
@@ -113,12 +170,12 @@ async fn malformed_lines_are_dead_lettered_with_reasons() {
     let c = cluster(4).await;
     let good = generated(2_000, 3);
     let mut bad: Vec<Vec<u8>> = vec![
-        vec![0x00, 0x9f, 0x92, 0x96, 0xff, 0x13, 0x37],             // binary garbage
-        b"203.0.113.9 - - [10/Oct/2000:13:5".to_vec(),              // truncated in the timestamp
+        vec![0x00, 0x9f, 0x92, 0x96, 0xff, 0x13, 0x37], // binary garbage
+        b"203.0.113.9 - - [10/Oct/2000:13:5".to_vec(),  // truncated in the timestamp
         b"203.0.113.9 - - [10/Oct/2000:13:55:36 -0700] \"GET /x HT".to_vec(), // truncated request
         b"203.0.113.9 - - [10/Oct/2000:13:55:36 -0700] \"GET /\xc3\x28 HTTP/1.1\" 200 1".to_vec(), // invalid UTF-8
-        vec![b'x'; 1 << 20],                                         // a 1 MiB line
-        b"".to_vec(),                                                 // empty line
+        vec![b'x'; 1 << 20], // a 1 MiB line
+        b"".to_vec(),        // empty line
     ];
     let reasons_expected = [
         "invalid UTF-8 at byte 1",
@@ -137,26 +194,52 @@ async fn malformed_lines_are_dead_lettered_with_reasons() {
     let pre = start_preprocessor(&c, Arc::clone(&pre_stats));
     let (agg, _) = start_aggregator(&c, Duration::from_millis(300));
     assert_eq!(import_file(&c, &lines).await, 2_006);
-    wait_for(&c, 2_000, 6, Duration::from_secs(120)).await;
+    wait_for(&c, 2_000, Duration::from_secs(120)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while pre_stats
+        .dead_letters
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 6
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the preprocessor never dead-lettered 6 lines"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(db_counts(&c.store).await, expected);
-    assert_eq!(pre_stats.dead_letters.load(std::sync::atomic::Ordering::Relaxed), 6);
+    assert_eq!(
+        pre_stats
+            .dead_letters
+            .load(std::sync::atomic::Ordering::Relaxed),
+        6
+    );
 
     // Every dead letter carries its reason and the (possibly cut) original bytes.
     let consumer: StreamConsumer = c
         .kafka
-        .client_config(&[("group.id", "test-dlq-reader"), ("auto.offset.reset", "earliest")])
+        .client_config(&[
+            ("group.id", "test-dlq-reader"),
+            ("auto.offset.reset", "earliest"),
+        ])
         .create()
         .unwrap();
     consumer.subscribe(&[DEAD_LETTER_TOPIC]).unwrap();
     let mut reasons = Vec::new();
     while reasons.len() < 6 {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.unwrap().unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .unwrap()
+            .unwrap();
         let h = m.headers().unwrap();
         let reason = pageviews::preprocess::header(h, pageviews::event::headers::REASON).unwrap();
         let reason = String::from_utf8(reason.to_vec()).unwrap();
         if reason.starts_with("line too long") {
-            assert_eq!(m.payload().unwrap().len(), pageviews::import::MAX_LINE_BYTES + 1);
+            assert_eq!(
+                m.payload().unwrap().len(),
+                pageviews::import::MAX_LINE_BYTES + 1
+            );
         }
         reasons.push(reason);
     }

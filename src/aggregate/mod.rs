@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
@@ -120,7 +122,10 @@ impl ConsumerContext for AggregatorContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let stored = self.shared.load_offsets_blocking();
@@ -142,7 +147,11 @@ impl ConsumerContext for AggregatorContext {
                     }
                 }
                 tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "assigned");
-                if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) }
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let mut tally = self.shared.tally();
@@ -151,7 +160,11 @@ impl ConsumerContext for AggregatorContext {
                 }
                 drop(tally);
                 tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "revoked; un-flushed counts dropped");
-                if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() }
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
             }
             other => {
                 tracing::warn!(?other, "rebalance error; giving up the assignment");
@@ -227,7 +240,10 @@ pub async fn run(
 
 /// The country of an event: its key, or its payload's `country_code` if the key is missing.
 fn country_of(key: Option<&[u8]>, payload: Option<&[u8]>) -> CountryCode {
-    if let Some(c) = key.and_then(|k| std::str::from_utf8(k).ok()).and_then(CountryCode::parse) {
+    if let Some(c) = key
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .and_then(CountryCode::parse)
+    {
         return c;
     }
     #[derive(serde::Deserialize)]
@@ -260,7 +276,10 @@ impl Flusher<'_> {
     async fn flush(&mut self) -> bool {
         // A conflict leaves the other partitions' counts in place: flush those right away.
         for _ in 0..3 {
-            let pending = self.shared.tally().take_pending(AGGREGATE_GROUP, EVENTS_TOPIC);
+            let pending = self
+                .shared
+                .tally()
+                .take_pending(AGGREGATE_GROUP, EVENTS_TOPIC);
             if pending.batch.offsets.is_empty() {
                 return true;
             }
@@ -285,7 +304,9 @@ impl Flusher<'_> {
     fn committed(&mut self, pending: &Pending) {
         self.shared.tally().committed(pending);
         let visits: u64 = pending.batch.increments.iter().map(|(_, n)| n).sum();
-        self.stats.flushed_visits.fetch_add(visits, Ordering::Relaxed);
+        self.stats
+            .flushed_visits
+            .fetch_add(visits, Ordering::Relaxed);
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         if self.failures > 0 {
             tracing::info!(after_failures = self.failures, "flush succeeded again");
@@ -304,8 +325,16 @@ impl Flusher<'_> {
     /// Another owner moved these partitions' offsets: forget our counts and continue from the
     /// stored offsets.
     async fn resync(&self, partitions: &[i32]) {
-        tracing::warn!(?partitions, "stored offsets moved by another aggregator; re-reading");
-        let stored = match self.shared.store.load_offsets(AGGREGATE_GROUP, EVENTS_TOPIC).await {
+        tracing::warn!(
+            ?partitions,
+            "stored offsets moved by another aggregator; re-reading"
+        );
+        let stored = match self
+            .shared
+            .store
+            .load_offsets(AGGREGATE_GROUP, EVENTS_TOPIC)
+            .await
+        {
             Ok(s) => s,
             Err(err) => {
                 tracing::warn!(%err, "cannot re-read offsets; dropping the partitions' counts");
@@ -317,7 +346,10 @@ impl Flusher<'_> {
             self.shared.tally().reset(p, offset);
             if self.shared.tally().owns(p) {
                 let to = offset.map_or(Offset::Beginning, Offset::Offset);
-                let seek = blocking(|| self.consumer.seek(EVENTS_TOPIC, p, to, Duration::from_secs(5)));
+                let seek = blocking(|| {
+                    self.consumer
+                        .seek(EVENTS_TOPIC, p, to, Duration::from_secs(5))
+                });
                 if let Err(e) = seek {
                     // Without the seek, later messages would be counted over a gap: stop
                     // counting the partition until the next rebalance instead.

@@ -89,8 +89,10 @@ impl Tally {
             per_partition.push((partition, counts));
         }
         offsets.sort_by_key(|o| o.partition);
-        let mut increments: Vec<(String, u64)> =
-            totals.into_iter().map(|(c, n)| (c.as_str().to_owned(), n)).collect();
+        let mut increments: Vec<(String, u64)> = totals
+            .into_iter()
+            .map(|(c, n)| (c.as_str().to_owned(), n))
+            .collect();
         increments.sort();
         Pending {
             batch: FlushBatch {
@@ -155,15 +157,26 @@ mod tests {
         assert!(t.record(0, 0, cc("NL")));
         assert!(t.record(0, 1, cc("NL")));
         assert!(t.record(1, 10, cc("US")));
-        assert!(!t.record(1, 9, cc("US")), "offset before the stored one is a replay");
+        assert!(
+            !t.record(1, 9, cc("US")),
+            "offset before the stored one is a replay"
+        );
         assert!(!t.record(2, 0, cc("US")), "not owned");
         let p = t.take_pending("g", "t");
         assert_eq!(p.batch.increments, vec![("NL".into(), 2), ("US".into(), 1)]);
         assert_eq!(
             p.batch.offsets,
             vec![
-                OffsetUpdate { partition: 0, expected: None, next: 2 },
-                OffsetUpdate { partition: 1, expected: Some(10), next: 11 }
+                OffsetUpdate {
+                    partition: 0,
+                    expected: None,
+                    next: 2
+                },
+                OffsetUpdate {
+                    partition: 1,
+                    expected: Some(10),
+                    next: 11
+                }
             ]
         );
         t.committed(&p);

@@ -81,7 +81,13 @@ mod tests {
     #[test]
     fn bad_lines_carry_a_reason() {
         let e = Enricher::new(GeoDb::bundled().unwrap());
-        assert_eq!(e.enrich(b"\x00\x01\x02").unwrap_err().to_string(), "missing ident");
-        assert_eq!(e.enrich(b"\xc3\x28").unwrap_err().to_string(), "invalid UTF-8 at byte 0");
+        assert_eq!(
+            e.enrich(b"\x00\x01\x02").unwrap_err().to_string(),
+            "missing ident"
+        );
+        assert_eq!(
+            e.enrich(b"\xc3\x28").unwrap_err().to_string(),
+            "invalid UTF-8 at byte 0"
+        );
     }
 }

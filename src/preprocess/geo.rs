@@ -13,7 +13,9 @@ pub const BUNDLED_DB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/dbip-cou
 /// Why a GeoIP database cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum GeoError {
-    #[error("cannot open GeoIP database {path}: {source} (pass --geoip with a country or city .mmdb file)")]
+    #[error(
+        "cannot open GeoIP database {path}: {source} (pass --geoip with a country or city .mmdb file)"
+    )]
     Open {
         path: PathBuf,
         source: maxminddb::MaxMindDbError,
@@ -103,7 +105,11 @@ mod tests {
         // only has `registered_country`.
         let db = mmdb::write(&[
             ([8, 8, 8, 0], 24, mmdb::country_map("country", "US")),
-            ([1, 1, 1, 0], 24, mmdb::country_map("registered_country", "AU")),
+            (
+                [1, 1, 1, 0],
+                24,
+                mmdb::country_map("registered_country", "AU"),
+            ),
         ]);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("geolite2-layout.mmdb");
@@ -116,7 +122,9 @@ mod tests {
 
     #[test]
     fn missing_file_is_a_clear_error() {
-        let err = GeoDb::open(Path::new("/nonexistent/geo.mmdb")).err().unwrap();
+        let err = GeoDb::open(Path::new("/nonexistent/geo.mmdb"))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("/nonexistent/geo.mmdb"), "{err}");
     }
 }

@@ -154,8 +154,14 @@ async fn process_batch(
         let partition = m.partition().to_string();
         let offset = m.offset().to_string();
         let source = OwnedHeaders::new_with_capacity(3)
-            .insert(Header { key: headers::SOURCE_PARTITION, value: Some(&partition) })
-            .insert(Header { key: headers::SOURCE_OFFSET, value: Some(&offset) });
+            .insert(Header {
+                key: headers::SOURCE_PARTITION,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: headers::SOURCE_OFFSET,
+                value: Some(&offset),
+            });
         let record = match &result {
             Ok(event) => FutureRecord::to(EVENTS_TOPIC)
                 .key(event.country.as_str().as_bytes())
@@ -164,14 +170,21 @@ async fn process_batch(
             Err(reason) => {
                 let reason = reason.to_string();
                 tracing::debug!(partition = m.partition(), offset = m.offset(), %reason, "dead letter");
-                FutureRecord::to(DEAD_LETTER_TOPIC).payload(raw).headers(
-                    source.insert(Header { key: headers::REASON, value: Some(&reason) }),
-                )
+                FutureRecord::to(DEAD_LETTER_TOPIC)
+                    .payload(raw)
+                    .headers(source.insert(Header {
+                        key: headers::REASON,
+                        value: Some(&reason),
+                    }))
             }
         };
         let delivery = send(producer, record, &mut in_flight).await;
         in_flight.push_back(delivery);
-        let counter = if result.is_ok() { &stats.events } else { &stats.dead_letters };
+        let counter = if result.is_ok() {
+            &stats.events
+        } else {
+            &stats.dead_letters
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         stats.lines.fetch_add(1, Ordering::Relaxed);
         next_offsets.insert(m.partition(), m.offset() + 1);
@@ -217,7 +230,9 @@ async fn await_delivery(producer: &FutureProducer, delivery: DeliveryFuture) {
             msg
         }
         Err(_) => {
-            tracing::error!("producer dropped a delivery report; the line will be re-read after a restart");
+            tracing::error!(
+                "producer dropped a delivery report; the line will be re-read after a restart"
+            );
             return;
         }
     };

@@ -176,7 +176,11 @@ impl<'a> Cursor<'a> {
         let i = i.min(bytes.len());
         let field = &inner[..i];
         self.rest = inner.get(i + 1..).unwrap_or("");
-        Some(if escaped { Cow::Owned(unescape(field)) } else { Cow::Borrowed(field) })
+        Some(if escaped {
+            Cow::Owned(unescape(field))
+        } else {
+            Cow::Borrowed(field)
+        })
     }
 }
 
@@ -236,8 +240,8 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
         _ => return None,
     };
     let (oh, om) = (num(22..24)?, num(24..26)?);
-    let local = NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?
-        .and_hms_opt(h, m, sec)?;
+    let local =
+        NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?.and_hms_opt(h, m, sec)?;
     let offset = sign * (i64::from(oh) * 3600 + i64::from(om) * 60);
     let utc = local.and_utc() - chrono::TimeDelta::seconds(offset);
     Some(utc)
@@ -259,13 +263,22 @@ mod tests {
         assert_eq!(l.path, "/apache_pb.gif");
         assert_eq!(l.status, 200);
         assert_eq!(l.bytes, 2326);
-        assert_eq!(l.referrer.as_deref(), Some("http://www.example.com/start.html"));
-        assert_eq!(l.user_agent.as_deref(), Some("Mozilla/4.08 [en] (Win98; I ;Nav)"));
+        assert_eq!(
+            l.referrer.as_deref(),
+            Some("http://www.example.com/start.html")
+        );
+        assert_eq!(
+            l.user_agent.as_deref(),
+            Some("Mozilla/4.08 [en] (Win98; I ;Nav)")
+        );
     }
 
     #[test]
     fn common_format_ipv6_and_dashes() {
-        let l = parse_line(b"2001:db8::1 - - [01/Jan/2024:00:00:00 +0000] \"POST /api HTTP/2.0\" 404 -").unwrap();
+        let l = parse_line(
+            b"2001:db8::1 - - [01/Jan/2024:00:00:00 +0000] \"POST /api HTTP/2.0\" 404 -",
+        )
+        .unwrap();
         assert_eq!(l.host, "2001:db8::1");
         assert_eq!(l.user, None);
         assert_eq!(l.bytes, 0);
@@ -286,7 +299,10 @@ mod tests {
 
     #[test]
     fn crlf_extra_fields_and_dash_request() {
-        let l = parse_line(b"1.2.3.4 - - [01/Jan/2024:00:00:00 +0000] \"-\" 408 0 \"-\" \"-\" \"9.9.9.9\"\r").unwrap();
+        let l = parse_line(
+            b"1.2.3.4 - - [01/Jan/2024:00:00:00 +0000] \"-\" 408 0 \"-\" \"-\" \"9.9.9.9\"\r",
+        )
+        .unwrap();
         assert_eq!(l.method, "");
         assert_eq!(l.path, "");
         assert_eq!(l.status, 408);
@@ -295,8 +311,14 @@ mod tests {
     #[test]
     fn rejects_with_reasons() {
         assert_eq!(parse_line(b""), Err(ParseError::Empty));
-        assert_eq!(parse_line(b"\xff\xfe garbage"), Err(ParseError::InvalidUtf8(0)));
-        assert_eq!(parse_line(b"1.2.3.4 - - [10/Oct/2000:13:5"), Err(ParseError::Missing("timestamp")));
+        assert_eq!(
+            parse_line(b"\xff\xfe garbage"),
+            Err(ParseError::InvalidUtf8(0))
+        );
+        assert_eq!(
+            parse_line(b"1.2.3.4 - - [10/Oct/2000:13:5"),
+            Err(ParseError::Missing("timestamp"))
+        );
         assert_eq!(
             parse_line(b"1.2.3.4 - - [10/Oct/2000:13:55:36 -0700] \"GET / HTT"),
             Err(ParseError::Missing("status"))
@@ -309,7 +331,10 @@ mod tests {
             parse_line(b"1.2.3.4 - - [10/Oct/2000:13:55:36 -0700] \"GET /\" OK 1"),
             Err(ParseError::BadStatus("OK".into()))
         );
-        assert_eq!(parse_line(&vec![b'a'; MAX_LINE_BYTES + 1]), Err(ParseError::TooLong(MAX_LINE_BYTES + 1)));
+        assert_eq!(
+            parse_line(&vec![b'a'; MAX_LINE_BYTES + 1]),
+            Err(ParseError::TooLong(MAX_LINE_BYTES + 1))
+        );
     }
 
     proptest::proptest! {

@@ -69,18 +69,25 @@ impl UaParser {
         };
         let lower_has = |needle: &str| ua.to_ascii_lowercase().contains(needle);
         let is_bot = r.category == "crawler"
-            || (r.category == "UNKNOWN" && (lower_has("bot") || lower_has("spider") || lower_has("crawl")));
+            || (r.category == "UNKNOWN"
+                && (lower_has("bot") || lower_has("spider") || lower_has("crawl")));
         let device = match r.category {
             _ if is_bot => "bot",
             "pc" => "desktop",
-            "smartphone" if r.os == "iPad" || (r.os == "Android" && !ua.contains("Mobile")) => "tablet",
+            "smartphone" if r.os == "iPad" || (r.os == "Android" && !ua.contains("Mobile")) => {
+                "tablet"
+            }
             "smartphone" | "mobilephone" => "mobile",
             "appliance" | "misc" => "other",
             _ => "unknown",
         };
         Client {
             browser: r.name.to_owned(),
-            browser_version: if r.version == "UNKNOWN" { String::new() } else { r.version.to_owned() },
+            browser_version: if r.version == "UNKNOWN" {
+                String::new()
+            } else {
+                r.version.to_owned()
+            },
             os: r.os.to_owned(),
             device,
             is_bot,
@@ -96,14 +103,30 @@ mod tests {
     fn classifies_common_clients() {
         let p = UaParser::default();
         let chrome = p.classify(Some("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"));
-        assert_eq!((chrome.browser.as_str(), chrome.browser_version.as_str(), chrome.device, chrome.is_bot), ("Chrome", "120.0.0.0", "desktop", false));
+        assert_eq!(
+            (
+                chrome.browser.as_str(),
+                chrome.browser_version.as_str(),
+                chrome.device,
+                chrome.is_bot
+            ),
+            ("Chrome", "120.0.0.0", "desktop", false)
+        );
         assert_eq!(chrome.os, "Windows 10");
         let iphone = p.classify(Some("Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"));
-        assert_eq!((iphone.browser.as_str(), iphone.device), ("Safari", "mobile"));
+        assert_eq!(
+            (iphone.browser.as_str(), iphone.device),
+            ("Safari", "mobile")
+        );
         let ipad = p.classify(Some("Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/16.6 Mobile/15E148 Safari/604.1"));
         assert_eq!(ipad.device, "tablet");
-        let bot = p.classify(Some("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"));
-        assert_eq!((bot.browser.as_str(), bot.device, bot.is_bot), ("Googlebot", "bot", true));
+        let bot = p.classify(Some(
+            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+        ));
+        assert_eq!(
+            (bot.browser.as_str(), bot.device, bot.is_bot),
+            ("Googlebot", "bot", true)
+        );
         let none = p.classify(None);
         assert_eq!((none.device, none.is_bot), ("unknown", false));
     }

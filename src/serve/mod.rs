@@ -21,7 +21,10 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source} (is another server using it? pass --listen)")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -56,10 +59,19 @@ pub fn router(store: Store) -> Router {
 /// Binds `listen` and serves until `shutdown`. Returns the bound address through `bound`
 /// (port 0 picks a free port, which tests use).
 pub async fn bind(listen: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })
+    TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })
 }
 
-pub async fn run(listener: TcpListener, store: Store, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn run(
+    listener: TcpListener,
+    store: Store,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     axum::serve(listener, router(store))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
@@ -87,13 +99,25 @@ async fn countries(State(store): State<Store>) -> Response {
                     visits: r.visits,
                 })
                 .collect();
-            let mut resp = Json(CountriesResponse { total, max, countries }).into_response();
-            resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+            let mut resp = Json(CountriesResponse {
+                total,
+                max,
+                countries,
+            })
+            .into_response();
+            resp.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
             resp
         }
         Err(err) => {
             tracing::warn!(%err, "cannot read counts");
-            (StatusCode::SERVICE_UNAVAILABLE, format!("database unavailable: {err}\n")).into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("database unavailable: {err}\n"),
+            )
+                .into_response()
         }
     }
 }

@@ -106,7 +106,11 @@ impl Store {
     }
 
     /// Stored next offsets of `topic` for `group`, by partition.
-    pub async fn load_offsets(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+    pub async fn load_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<HashMap<i32, i64>, StoreError> {
         match self {
             Store::Sqlite(s) => s.load_offsets(group, topic).await,
             Store::Postgres(s) => s.load_offsets(group, topic).await,
@@ -160,10 +164,17 @@ mod tests {
         FlushBatch {
             consumer_group: "g".into(),
             topic: "t".into(),
-            increments: increments.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect(),
+            increments: increments
+                .iter()
+                .map(|(c, n)| ((*c).to_owned(), *n))
+                .collect(),
             offsets: offsets
                 .iter()
-                .map(|&(partition, expected, next)| OffsetUpdate { partition, expected, next })
+                .map(|&(partition, expected, next)| OffsetUpdate {
+                    partition,
+                    expected,
+                    next,
+                })
                 .collect(),
         }
     }
@@ -171,27 +182,59 @@ mod tests {
     /// The contract both databases keep.
     async fn flush_is_atomic_and_fenced(url: &str) {
         let store = Store::open(url).await.unwrap();
-        assert_eq!(store.flush(&batch(&[("NL", 2), ("US", 5)], &[(0, None, 7)])).await.unwrap(), FlushOutcome::Committed);
         assert_eq!(
-            store.flush(&batch(&[("NL", 4)], &[(0, Some(7), 11), (1, None, 3)])).await.unwrap(),
+            store
+                .flush(&batch(&[("NL", 2), ("US", 5)], &[(0, None, 7)]))
+                .await
+                .unwrap(),
+            FlushOutcome::Committed
+        );
+        assert_eq!(
+            store
+                .flush(&batch(&[("NL", 4)], &[(0, Some(7), 11), (1, None, 3)]))
+                .await
+                .unwrap(),
             FlushOutcome::Committed
         );
         // A writer that still thinks offset 7 is stored is fenced off and writes nothing,
         // not even the offsets of its other partitions.
         assert_eq!(
-            store.flush(&batch(&[("NL", 100)], &[(0, Some(7), 9), (2, None, 1)])).await.unwrap(),
+            store
+                .flush(&batch(&[("NL", 100)], &[(0, Some(7), 9), (2, None, 1)]))
+                .await
+                .unwrap(),
             FlushOutcome::Conflict(vec![0])
         );
-        assert_eq!(store.flush(&batch(&[("DE", 1)], &[(1, None, 1)])).await.unwrap(), FlushOutcome::Conflict(vec![1]));
-        let counts: Vec<(String, u64)> =
-            store.country_counts().await.unwrap().into_iter().map(|c| (c.country_code, c.visits)).collect();
+        assert_eq!(
+            store
+                .flush(&batch(&[("DE", 1)], &[(1, None, 1)]))
+                .await
+                .unwrap(),
+            FlushOutcome::Conflict(vec![1])
+        );
+        let counts: Vec<(String, u64)> = store
+            .country_counts()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.country_code, c.visits))
+            .collect();
         assert_eq!(counts, vec![("NL".to_owned(), 6), ("US".to_owned(), 5)]);
-        assert_eq!(store.load_offsets("g", "t").await.unwrap(), HashMap::from([(0, 11), (1, 3)]));
-        assert_eq!(store.load_offsets("other-group", "t").await.unwrap(), HashMap::new());
+        assert_eq!(
+            store.load_offsets("g", "t").await.unwrap(),
+            HashMap::from([(0, 11), (1, 3)])
+        );
+        assert_eq!(
+            store.load_offsets("other-group", "t").await.unwrap(),
+            HashMap::new()
+        );
         // Reopening keeps everything (migrations are idempotent).
         drop(store);
         let store = Store::open(url).await.unwrap();
-        assert_eq!(store.load_offsets("g", "t").await.unwrap(), HashMap::from([(0, 11), (1, 3)]));
+        assert_eq!(
+            store.load_offsets("g", "t").await.unwrap(),
+            HashMap::from([(0, 11), (1, 3)])
+        );
     }
 
     #[tokio::test]

@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use super::{MIGRATIONS, CountryCount, FlushBatch, FlushOutcome, StoreError};
-
+use super::{CountryCount, FlushBatch, FlushOutcome, MIGRATIONS, StoreError};
 
 /// A connection pool to one PostgreSQL database (and schema, via `options=-csearch_path=…`).
 #[derive(Clone)]
@@ -25,7 +24,9 @@ impl PostgresStore {
             url: redact(url),
             reason,
         };
-        let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| open_err(e.to_string()))?;
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| open_err(e.to_string()))?;
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -41,7 +42,8 @@ impl PostgresStore {
         let mut client = store.client().await.map_err(|e| open_err(e.to_string()))?;
         // Several processes may start at once: serialise the migrations.
         let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock(7450118)", &[]).await?;
+        tx.execute("SELECT pg_advisory_xact_lock(7450118)", &[])
+            .await?;
         for m in MIGRATIONS {
             tx.execute(*m, &[]).await?;
         }
@@ -50,10 +52,17 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool.get().await.map_err(|e| StoreError::Pool(e.to_string()))
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Pool(e.to_string()))
     }
 
-    pub async fn load_offsets(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+    pub async fn load_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<HashMap<i32, i64>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
@@ -61,11 +70,15 @@ impl PostgresStore {
                 &[&group, &topic],
             )
             .await?;
-        Ok(rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+            .collect())
     }
 
     pub async fn flush(&self, batch: &FlushBatch) -> Result<FlushOutcome, StoreError> {
-        let (mut moved_p, mut moved_expected, mut moved_next) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut moved_p, mut moved_expected, mut moved_next) =
+            (Vec::new(), Vec::new(), Vec::new());
         let (mut new_p, mut new_next) = (Vec::new(), Vec::new());
         for o in &batch.offsets {
             match o.expected {
@@ -97,18 +110,36 @@ impl PostgresStore {
                     RETURNING \"partition\"
                  )
                  SELECT \"partition\" FROM moved UNION ALL SELECT \"partition\" FROM created",
-                &[&batch.consumer_group, &batch.topic, &moved_p, &moved_expected, &moved_next, &new_p, &new_next],
+                &[
+                    &batch.consumer_group,
+                    &batch.topic,
+                    &moved_p,
+                    &moved_expected,
+                    &moved_next,
+                    &new_p,
+                    &new_next,
+                ],
             )
             .await?;
-        let done: std::collections::HashSet<i32> = rows.iter().map(|r| r.get::<_, i32>(0)).collect();
-        let conflicts: Vec<i32> = batch.offsets.iter().map(|o| o.partition).filter(|p| !done.contains(p)).collect();
+        let done: std::collections::HashSet<i32> =
+            rows.iter().map(|r| r.get::<_, i32>(0)).collect();
+        let conflicts: Vec<i32> = batch
+            .offsets
+            .iter()
+            .map(|o| o.partition)
+            .filter(|p| !done.contains(p))
+            .collect();
         if !conflicts.is_empty() {
             tx.rollback().await?;
             return Ok(FlushOutcome::Conflict(conflicts));
         }
         if !batch.increments.is_empty() {
             let codes: Vec<&str> = batch.increments.iter().map(|(c, _)| c.as_str()).collect();
-            let counts: Vec<i64> = batch.increments.iter().map(|(_, n)| i64::try_from(*n).unwrap_or(i64::MAX)).collect();
+            let counts: Vec<i64> = batch
+                .increments
+                .iter()
+                .map(|(_, n)| i64::try_from(*n).unwrap_or(i64::MAX))
+                .collect();
             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             tx.execute(
                 "INSERT INTO country_stats (country_code, visit_count, updated_at)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use libsql::{Connection, TransactionBehavior, params};
 
-use super::{MIGRATIONS, CountryCount, FlushBatch, FlushOutcome, StoreError};
+use super::{CountryCount, FlushBatch, FlushOutcome, MIGRATIONS, StoreError};
 
 /// Schema, applied at open. `IF NOT EXISTS` keeps it idempotent; new versions append here.
 
@@ -23,7 +23,10 @@ impl SqliteStore {
             url: format!("sqlite://{path}"),
             reason,
         };
-        if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(parent) = Path::new(path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
             std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
         }
         let db = libsql::Builder::new_local(path)
@@ -42,7 +45,11 @@ impl SqliteStore {
         Ok(SqliteStore { conn })
     }
 
-    pub async fn load_offsets(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+    pub async fn load_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<HashMap<i32, i64>, StoreError> {
         let mut rows = self
             .conn
             .query(
@@ -52,13 +59,19 @@ impl SqliteStore {
             .await?;
         let mut out = HashMap::new();
         while let Some(row) = rows.next().await? {
-            out.insert(i32::try_from(row.get::<i64>(0)?).unwrap_or(-1), row.get::<i64>(1)?);
+            out.insert(
+                i32::try_from(row.get::<i64>(0)?).unwrap_or(-1),
+                row.get::<i64>(1)?,
+            );
         }
         Ok(out)
     }
 
     pub async fn flush(&self, batch: &FlushBatch) -> Result<FlushOutcome, StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).await?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .await?;
         let mut conflicts = Vec::new();
         for o in &batch.offsets {
             let changed = match o.expected {

@@ -29,25 +29,40 @@ pub async fn cluster(partitions: i32) -> Cluster {
     // Logs are captured per test and shown when it fails.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,pageviews=info,tansu_storage=off,tansu_service=off".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "warn,pageviews=info,tansu_storage=off,tansu_service=off".into()
+            }),
         )
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), BrokerStorage::Memory, dir.path())
-        .await
-        .unwrap();
+    let broker = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerStorage::Memory,
+        dir.path(),
+    )
+    .await
+    .unwrap();
     let mut kafka = KafkaSettings::new(broker.bootstrap());
     // As a user would with -X: notice departed group members sooner than the 45 s default.
     kafka.overrides = vec![
         ("session.timeout.ms".into(), "10000".into()),
         ("heartbeat.interval.ms".into(), "1000".into()),
     ];
-    kafka.wait_until_reachable(Duration::from_secs(20)).await.unwrap();
+    kafka
+        .wait_until_reachable(Duration::from_secs(20))
+        .await
+        .unwrap();
     kafka.create_topics(partitions).await.unwrap();
-    let store = Store::open(&format!("sqlite://{}/stats.db", dir.path().display())).await.unwrap();
-    Cluster { broker, kafka, store, dir }
+    let store = Store::open(&format!("sqlite://{}/stats.db", dir.path().display()))
+        .await
+        .unwrap();
+    Cluster {
+        broker,
+        kafka,
+        store,
+        dir,
+    }
 }
 
 /// A stage running as a task, stoppable gracefully (cancel) or abruptly (abort).
@@ -70,7 +85,10 @@ impl Stage {
 
 pub fn start_preprocessor(c: &Cluster, stats: Arc<PreprocessStats>) -> Stage {
     let enricher = Arc::new(Enricher::new(GeoDb::bundled().unwrap()));
-    let config = PreprocessConfig { kafka: c.kafka.clone(), enricher };
+    let config = PreprocessConfig {
+        kafka: c.kafka.clone(),
+        enricher,
+    };
     let stop = CancellationToken::new();
     let s = stop.clone();
     let handle = tokio::spawn(async move { preprocess::run(config, stats, s).await.unwrap() });
@@ -78,7 +96,11 @@ pub fn start_preprocessor(c: &Cluster, stats: Arc<PreprocessStats>) -> Stage {
 }
 
 pub fn start_aggregator(c: &Cluster, flush: Duration) -> (Stage, Arc<AggregateStats>) {
-    let config = AggregateConfig { kafka: c.kafka.clone(), store: c.store.clone(), flush_interval: flush };
+    let config = AggregateConfig {
+        kafka: c.kafka.clone(),
+        store: c.store.clone(),
+        flush_interval: flush,
+    };
     let stats = Arc::new(AggregateStats::default());
     let (st, stop) = (Arc::clone(&stats), CancellationToken::new());
     let s = stop.clone();
@@ -95,7 +117,11 @@ pub fn expected_counts<'a>(lines: impl Iterator<Item = &'a [u8]>) -> BTreeMap<St
     let reader = maxminddb::Reader::open_readfile(BUNDLED_DB).unwrap();
     let mut out = BTreeMap::new();
     for line in lines {
-        let ip = std::str::from_utf8(line).unwrap().split(' ').next().unwrap();
+        let ip = std::str::from_utf8(line)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
         let code = ip
             .parse::<IpAddr>()
             .ok()
@@ -108,20 +134,26 @@ pub fn expected_counts<'a>(lines: impl Iterator<Item = &'a [u8]>) -> BTreeMap<St
 }
 
 pub async fn db_counts(store: &Store) -> BTreeMap<String, u64> {
-    store.country_counts().await.unwrap().into_iter().map(|c| (c.country_code, c.visits)).collect()
+    store
+        .country_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.country_code, c.visits))
+        .collect()
 }
 
-/// Waits until the database holds `total` visits and `dead` dead letters are in Kafka.
-pub async fn wait_for(c: &Cluster, total: u64, dead: u64, patience: Duration) {
+/// Waits until the database holds `total` visits.
+pub async fn wait_for(c: &Cluster, total: u64, patience: Duration) {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        let (counted, dl) = pageviews::demo::accounted(&c.store, &c.kafka).await.unwrap();
-        if counted >= total && dl >= dead {
+        let counted = pageviews::demo::counted(&c.store).await.unwrap();
+        if counted >= total {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "not drained after {patience:?}: counted {counted}/{total}, dead letters {dl}/{dead}"
+            "not drained after {patience:?}: counted {counted}/{total}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -139,11 +171,22 @@ pub fn write_lines(path: &Path, lines: &[Vec<u8>]) {
 /// A plain HTTP/1.1 GET; returns (status line, headers, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (String, String, Vec<u8>) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).unwrap();
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("no header end");
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no header end");
     let head = String::from_utf8(buf[..split].to_vec()).unwrap();
     let (status, headers) = head.split_once("\r\n").unwrap_or((&head, ""));
-    (status.to_owned(), headers.to_ascii_lowercase(), buf[split + 4..].to_vec())
+    (
+        status.to_owned(),
+        headers.to_ascii_lowercase(),
+        buf[split + 4..].to_vec(),
+    )
 }
