@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +14,7 @@ use crate::aggregate::{self, AggregateConfig, AggregateStats};
 use crate::broker::{BrokerStorage, EmbeddedBroker};
 use crate::demo::{self, DemoArgs};
 use crate::generate::LineGenerator;
+use crate::import::checkpoint::CheckpointDir;
 use crate::import::{self, ImportConfig};
 use crate::kafka::{self, KafkaSettings};
 use crate::preprocess::enrich::Enricher;
@@ -80,10 +80,7 @@ impl Common {
     }
 
     pub async fn open_store(&self) -> anyhow::Result<Store> {
-        let url = self.database_url();
-        Store::open(&url)
-            .await
-            .with_context(|| format!("opening the database (--database {url})"))
+        Ok(Store::open(&self.database_url()).await?)
     }
 }
 
@@ -117,6 +114,10 @@ pub enum Command {
         /// At most this many lines per second.
         #[arg(long)]
         rate: Option<u64>,
+        /// Import files from their first line, ignoring the checkpoints of earlier imports
+        /// (kept in <data-dir>/import-checkpoints).
+        #[arg(long)]
+        from_start: bool,
     },
     /// Run a preprocessor (consumer group `preprocessors`).
     Preprocess {
@@ -156,6 +157,7 @@ pub fn init_logging() {
         });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -183,6 +185,15 @@ pub fn shutdown_on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+/// Import checkpoints of this data directory, for the cluster at `brokers`.
+pub fn import_checkpoints(common: &Common, brokers: &str) -> CheckpointDir {
+    CheckpointDir::new(
+        common.data_dir.join("import-checkpoints"),
+        brokers,
+        kafka::RAW_TOPIC,
+    )
 }
 
 /// Opens `--geoip`, or the bundled DB-IP database.
@@ -226,9 +237,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             inputs,
             follow,
             rate,
+            from_start,
         } => {
             let inputs = import::expand_inputs(&inputs)?;
-            let kafka = common.kafka(&common.brokers_or_default());
+            let brokers = common.brokers_or_default();
+            let kafka = common.kafka(&brokers);
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             let started = std::time::Instant::now();
             let summary = import::run(
@@ -237,17 +250,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     inputs,
                     follow,
                     rate,
+                    checkpoints: Some(import_checkpoints(&common, &brokers)),
+                    from_start,
                 },
                 shutdown_on_signal(),
             )
             .await?;
             let secs = started.elapsed().as_secs_f64();
             println!(
-                "imported {} lines ({} over {} bytes, sent truncated) in {secs:.1} s, {:.0} lines/s",
+                "imported {} lines ({} over {} bytes, sent truncated) in {secs:.1} s, {:.0} lines/s{}",
                 summary.lines,
                 summary.truncated,
                 import::MAX_LINE_BYTES,
-                summary.lines as f64 / secs.max(1e-9)
+                summary.lines as f64 / secs.max(1e-9),
+                if summary.already_imported > 0 {
+                    format!(
+                        "; skipped {} lines imported before (--from-start imports them again)",
+                        summary.already_imported
+                    )
+                } else {
+                    String::new()
+                }
             );
             Ok(())
         }

@@ -190,6 +190,9 @@ pub async fn run(
             inputs,
             follow: false,
             rate: args.rate,
+            // The demo counts its inputs once per run (see wait_drained's baseline).
+            checkpoints: None,
+            from_start: false,
         };
         import::run(config, shutdown.clone()).await?.lines
     };

@@ -31,6 +31,8 @@ async fn import_file(c: &Cluster, lines: &[Vec<u8>]) -> u64 {
         inputs: vec![Input::File(path)],
         follow: false,
         rate: None,
+        checkpoints: None,
+        from_start: false,
     };
     import::run(config, CancellationToken::new())
         .await
@@ -128,6 +130,8 @@ async fn exact_counts_across_aggregator_crash_and_rebalance() {
             inputs: vec![Input::File(path)],
             follow: false,
             rate: Some(10_000),
+            checkpoints: None,
+            from_start: false,
         };
         tokio::spawn(import::run(config, CancellationToken::new()))
     };

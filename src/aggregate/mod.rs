@@ -8,7 +8,6 @@
 
 pub mod tally;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -18,7 +17,7 @@ use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedHeaders, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
@@ -26,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::countries::CountryCode;
 use crate::kafka::{AGGREGATE_GROUP, EVENTS_TOPIC, KafkaSettings};
-use crate::store::{FlushOutcome, Store, StoreError};
-use tally::{Pending, Tally};
+use crate::event::headers as event_headers;
+use crate::store::{FlushOutcome, Store, StoreError, StoredPositions};
+use tally::{Pending, Recorded, Source, Tally};
 
 /// How often counts are written when not configured: the talk's 5 seconds.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -50,6 +50,8 @@ pub struct AggregateStats {
     pub flushes: AtomicU64,
     /// Flushes that failed (database unreachable or locked) and were retried.
     pub failed_flushes: AtomicU64,
+    /// Events dropped because their raw line was already counted (preprocessor replays).
+    pub duplicates_dropped: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,13 +73,13 @@ impl Shared {
         self.tally.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stored offsets, retried until the database answers: a partition cannot be consumed
-    /// without knowing where its counted prefix ends.
-    fn load_offsets_blocking(&self) -> HashMap<i32, i64> {
+    /// Stored offsets and watermarks, retried until the database answers: a partition cannot
+    /// be consumed without knowing where its counted prefix ends.
+    fn load_positions_blocking(&self) -> StoredPositions {
         let mut delay = Duration::from_millis(100);
         loop {
-            match block_on(self.store.load_offsets(AGGREGATE_GROUP, EVENTS_TOPIC)) {
-                Ok(offsets) => return offsets,
+            match block_on(self.store.load_positions(AGGREGATE_GROUP, EVENTS_TOPIC)) {
+                Ok(positions) => return positions,
                 Err(err) => {
                     tracing::warn!(%err, "cannot read stored offsets; retrying");
                     std::thread::sleep(delay);
@@ -128,17 +130,17 @@ impl ConsumerContext for AggregatorContext {
         );
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let stored = self.shared.load_offsets_blocking();
+                let stored = self.shared.load_positions_blocking();
                 let mut tally = self.shared.tally();
                 for elem in tpl.elements() {
                     let p = elem.partition();
-                    tally.assign(p, stored.get(&p).copied());
+                    tally.assign(p, stored.offset(p), stored.watermarks(p));
                 }
                 drop(tally);
                 for (p, offset) in tpl
                     .elements()
                     .iter()
-                    .map(|e| (e.partition(), stored.get(&e.partition()).copied()))
+                    .map(|e| (e.partition(), stored.offset(e.partition())))
                     .collect::<Vec<_>>()
                 {
                     let offset = offset.map_or(Offset::Beginning, Offset::Offset);
@@ -224,7 +226,12 @@ pub async fn run(
             msg = consumer.recv() => match msg {
                 Ok(m) => {
                     let country = country_of(m.key(), m.payload());
-                    shared.tally().record(m.partition(), m.offset(), country);
+                    let source = source_of(m.headers());
+                    if shared.tally().record(m.partition(), m.offset(), country, source)
+                        == Recorded::DuplicateSource
+                    {
+                        stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 Err(e) => tracing::warn!(%e, "consume error"),
             },
@@ -236,6 +243,24 @@ pub async fn run(
     // Leaving the group blocks on a broker round trip: keep it off the async workers.
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     Ok(())
+}
+
+/// The raw partition and offset an event was made from, if its headers say so.
+fn source_of(headers: Option<&BorrowedHeaders>) -> Option<Source> {
+    let headers = headers?;
+    let (mut partition, mut offset) = (None, None);
+    for h in headers.iter() {
+        let value = h.value.and_then(|v| std::str::from_utf8(v).ok());
+        match h.key {
+            event_headers::SOURCE_PARTITION => partition = value.and_then(|v| v.parse().ok()),
+            event_headers::SOURCE_OFFSET => offset = value.and_then(|v| v.parse().ok()),
+            _ => {}
+        }
+    }
+    Some(Source {
+        partition: partition?,
+        offset: offset?,
+    })
 }
 
 /// The country of an event: its key, or its payload's `country_code` if the key is missing.
@@ -312,7 +337,8 @@ impl Flusher<'_> {
             tracing::info!(after_failures = self.failures, "flush succeeded again");
         }
         self.failures = 0;
-        tracing::debug!(visits, partitions = pending.batch.offsets.len(), "flushed");
+        let duplicates = self.stats.duplicates_dropped.load(Ordering::Relaxed);
+        tracing::info!(visits, partitions = pending.batch.offsets.len(), duplicates_dropped_total = duplicates, "flushed");
     }
 
     fn failed(&mut self, pending: Pending, err: &StoreError) {
@@ -329,21 +355,26 @@ impl Flusher<'_> {
             ?partitions,
             "stored offsets moved by another aggregator; re-reading"
         );
-        let stored = match self
-            .shared
-            .store
-            .load_offsets(AGGREGATE_GROUP, EVENTS_TOPIC)
-            .await
-        {
-            Ok(s) => s,
-            Err(err) => {
-                tracing::warn!(%err, "cannot re-read offsets; dropping the partitions' counts");
-                HashMap::new()
+        // Without the stored positions the partitions cannot be resumed safely: wait for them.
+        let mut delay = Duration::from_millis(100);
+        let stored = loop {
+            match self
+                .shared
+                .store
+                .load_positions(AGGREGATE_GROUP, EVENTS_TOPIC)
+                .await
+            {
+                Ok(s) => break s,
+                Err(err) => {
+                    tracing::warn!(%err, retry_in = ?delay, "cannot re-read stored offsets");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
         };
         for &p in partitions {
-            let offset = stored.get(&p).copied();
-            self.shared.tally().reset(p, offset);
+            let offset = stored.offset(p);
+            self.shared.tally().reset(p, offset, stored.watermarks(p));
             if self.shared.tally().owns(p) {
                 let to = offset.map_or(Offset::Beginning, Offset::Offset);
                 let seek = blocking(|| {

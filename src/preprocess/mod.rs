@@ -5,6 +5,11 @@
 //! but an offset is *stored* for commit only after every message produced for the lines before
 //! it was acknowledged by the broker (idempotent producer). Each event carries its raw
 //! partition/offset in headers so a replay after a crash is recognisable downstream.
+//!
+//! Ordering matters for that (see [`crate::aggregate::tally`]): events of one raw partition
+//! reach each events partition in raw-offset order. The idempotent producer keeps retries in
+//! order and never times a message out; a delivery that fails anyway stops the preprocessor
+//! rather than sending the event again out of order.
 
 pub mod enrich;
 pub mod geo;
@@ -18,9 +23,8 @@ use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +60,35 @@ pub struct PreprocessStats {
 pub enum PreprocessError {
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// The producer gave up on a message (a fatal idempotence error: messages never time out).
+    /// Producing it again would put it after later events and break the ordering the
+    /// aggregator's replay detection relies on, so the preprocessor stops instead; its raw
+    /// offsets were not committed, and a restarted preprocessor reads the lines again.
+    #[error("an event could not be delivered ({0}); stopping so that the lines are re-read in order after a restart")]
+    Delivery(KafkaError),
+}
+
+/// Logs partition assignments, so an operator (and the chaos test) can see rebalances.
+struct LoggingContext;
+
+impl rdkafka::client::ClientContext for LoggingContext {}
+
+impl rdkafka::consumer::ConsumerContext for LoggingContext {
+    fn post_rebalance(
+        &self,
+        _: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        use rdkafka::consumer::Rebalance;
+        let partitions = |tpl: &TopicPartitionList| -> Vec<i32> {
+            tpl.elements().iter().map(|e| e.partition()).collect()
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!(partitions = ?partitions(tpl), "assigned"),
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = ?partitions(tpl), "revoked"),
+            Rebalance::Error(e) => tracing::warn!(%e, "rebalance error"),
+        }
+    }
 }
 
 /// Runs one preprocessor until `shutdown`.
@@ -64,7 +97,7 @@ pub async fn run(
     stats: Arc<PreprocessStats>,
     shutdown: CancellationToken,
 ) -> Result<(), PreprocessError> {
-    let consumer: StreamConsumer = config
+    let consumer: StreamConsumer<LoggingContext> = config
         .kafka
         .client_config(&[
             ("group.id", PREPROCESS_GROUP),
@@ -75,11 +108,14 @@ pub async fn run(
             ("session.timeout.ms", "45000"),
             ("heartbeat.interval.ms", "3000"),
         ])
-        .create()?;
+        .create_with_context(LoggingContext)?;
     let producer: FutureProducer = config
         .kafka
         .client_config(&[
             ("enable.idempotence", "true"),
+            // Never give up on an event (0 = no timeout): a broker that is down only delays
+            // the batch, and the idempotent producer keeps every retry in order.
+            ("message.timeout.ms", "0"),
             ("linger.ms", "5"),
             ("batch.num.messages", "10000"),
             ("queue.buffering.max.messages", "200000"),
@@ -87,6 +123,7 @@ pub async fn run(
         .create()?;
     consumer.subscribe(&[RAW_TOPIC])?;
     let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
+    let mut result = Ok(());
     loop {
         let first = tokio::select! {
             biased;
@@ -108,7 +145,14 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let next_offsets = process_batch(&config.enricher, &producer, &stats, &batch).await;
+        let next_offsets = match process_batch(&config.enricher, &producer, &stats, &batch).await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
         batch.clear();
         let mut tpl = TopicPartitionList::new();
         for (partition, next) in next_offsets {
@@ -121,6 +165,11 @@ pub async fn run(
         }
     }
     drop(batch);
+    if result.is_err() {
+        // Leave without committing more: the failed batch's lines must be read again.
+        let _ = tokio::task::spawn_blocking(move || drop((consumer, producer))).await;
+        return result;
+    }
     // Commit what is stored and leave the group. These calls block on broker round trips, so
     // they run off the async workers (which may be serving an in-process broker).
     let _ = tokio::task::spawn_blocking(move || {
@@ -141,7 +190,7 @@ async fn process_batch(
     producer: &FutureProducer,
     stats: &PreprocessStats,
     batch: &[BorrowedMessage<'_>],
-) -> HashMap<i32, i64> {
+) -> Result<HashMap<i32, i64>, PreprocessError> {
     let mut in_flight: VecDeque<DeliveryFuture> = VecDeque::with_capacity(batch.len());
     let mut next_offsets = HashMap::new();
     for m in batch {
@@ -178,7 +227,7 @@ async fn process_batch(
                     }))
             }
         };
-        let delivery = send(producer, record, &mut in_flight).await;
+        let delivery = send(producer, record, &mut in_flight).await?;
         in_flight.push_back(delivery);
         let counter = if result.is_ok() {
             &stats.events
@@ -190,9 +239,9 @@ async fn process_batch(
         next_offsets.insert(m.partition(), m.offset() + 1);
     }
     for delivery in in_flight {
-        await_delivery(producer, delivery).await;
+        await_delivery(delivery).await?;
     }
-    next_offsets
+    Ok(next_offsets)
 }
 
 /// Enqueues a record; when the producer queue is full, waits for the oldest delivery first.
@@ -200,61 +249,29 @@ async fn send(
     producer: &FutureProducer,
     mut record: FutureRecord<'_, [u8], [u8]>,
     in_flight: &mut VecDeque<DeliveryFuture>,
-) -> DeliveryFuture {
+) -> Result<DeliveryFuture, PreprocessError> {
     loop {
         match producer.send_result(record) {
-            Ok(delivery) => return delivery,
+            Ok(delivery) => return Ok(delivery),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 record = r;
                 match in_flight.pop_front() {
-                    Some(oldest) => await_delivery(producer, oldest).await,
+                    Some(oldest) => await_delivery(oldest).await?,
                     None => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
             }
-            Err((e, r)) => {
-                tracing::warn!(%e, "produce failed; retrying");
-                record = r;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            Err((e, _)) => return Err(PreprocessError::Delivery(e)),
         }
     }
 }
 
-/// Waits for an acknowledgement; a failed delivery is produced again until it succeeds, so
-/// the batch's offsets are never stored over a lost message.
-async fn await_delivery(producer: &FutureProducer, delivery: DeliveryFuture) {
-    let mut failed: OwnedMessage = match delivery.await {
-        Ok(Ok(_)) => return,
-        Ok(Err((e, msg))) => {
-            tracing::warn!(%e, "delivery failed; producing again");
-            msg
-        }
-        Err(_) => {
-            tracing::error!(
-                "producer dropped a delivery report; the line will be re-read after a restart"
-            );
-            return;
-        }
-    };
-    loop {
-        let mut record = FutureRecord::to(failed.topic());
-        if let Some(k) = failed.key() {
-            record = record.key(k);
-        }
-        if let Some(p) = failed.payload() {
-            record = record.payload(p);
-        }
-        if let Some(h) = failed.headers() {
-            record = record.headers(h.clone());
-        }
-        match producer.send(record, Timeout::Never).await {
-            Ok(_) => return,
-            Err((e, msg)) => {
-                tracing::warn!(%e, "delivery failed again; retrying in 1 s");
-                failed = msg;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
+/// Waits for an acknowledgement. A failure is fatal for this preprocessor (see
+/// [`PreprocessError::Delivery`]).
+async fn await_delivery(delivery: DeliveryFuture) -> Result<(), PreprocessError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(PreprocessError::Delivery(e)),
+        Err(_) => Err(PreprocessError::Delivery(KafkaError::Canceled)),
     }
 }
 

@@ -31,6 +31,15 @@ const MIGRATIONS: &[&str] = &[
         \"partition\" INTEGER NOT NULL,
         next_offset BIGINT NOT NULL,
         PRIMARY KEY (consumer_group, topic, \"partition\"))",
+    // Per events partition, the highest raw (source) offset counted from each raw partition:
+    // events replayed by a preprocessor that crashed before committing are dropped against it.
+    "CREATE TABLE IF NOT EXISTS source_watermarks (
+        consumer_group TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        \"partition\" INTEGER NOT NULL,
+        source_partition INTEGER NOT NULL,
+        source_offset BIGINT NOT NULL,
+        PRIMARY KEY (consumer_group, topic, \"partition\", source_partition))",
 ];
 
 /// Errors from the statistics database.
@@ -38,14 +47,30 @@ const MIGRATIONS: &[&str] = &[
 pub enum StoreError {
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB")]
     UnsupportedUrl(String),
-    #[error("cannot open database {url}: {reason}")]
+    #[error("cannot open database {url}: {reason} (check --database / PAGEVIEWS_DATABASE)")]
     Open { url: String, reason: String },
     #[error("database error: {0}")]
     Sqlite(#[from] libsql::Error),
-    #[error("database error: {0}")]
+    #[error("database error: {}", causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("cannot get a database connection: {0}")]
     Pool(String),
+}
+
+/// An error and its sources on one line: the PostgreSQL driver's own messages ("db error",
+/// "error connecting to server") only say what failed, their sources say why.
+pub(crate) fn causes(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// A partition's offset move in a flush: from the value the writer last saw to the next offset
@@ -59,6 +84,14 @@ pub struct OffsetUpdate {
     pub next: i64,
 }
 
+/// The highest raw offset of `source_partition` counted into events partition `partition`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WatermarkUpdate {
+    pub partition: i32,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
 /// Everything one flush writes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlushBatch {
@@ -67,6 +100,27 @@ pub struct FlushBatch {
     /// Visits to add, per country code.
     pub increments: Vec<(String, u64)>,
     pub offsets: Vec<OffsetUpdate>,
+    /// Source watermarks that moved; only for partitions in `offsets` (so they are fenced by
+    /// the same compare-and-set).
+    pub watermarks: Vec<WatermarkUpdate>,
+}
+
+/// What a consumer group stored for a topic: next offsets and source watermarks per partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredPositions {
+    pub offsets: HashMap<i32, i64>,
+    /// events partition → (raw partition → highest raw offset counted).
+    pub watermarks: HashMap<i32, HashMap<i32, i64>>,
+}
+
+impl StoredPositions {
+    pub fn offset(&self, partition: i32) -> Option<i64> {
+        self.offsets.get(&partition).copied()
+    }
+
+    pub fn watermarks(&self, partition: i32) -> HashMap<i32, i64> {
+        self.watermarks.get(&partition).cloned().unwrap_or_default()
+    }
 }
 
 /// How a flush ended when the database itself worked.
@@ -105,15 +159,15 @@ impl Store {
         Err(StoreError::UnsupportedUrl(url.to_owned()))
     }
 
-    /// Stored next offsets of `topic` for `group`, by partition.
-    pub async fn load_offsets(
+    /// Stored next offsets and source watermarks of `topic` for `group`.
+    pub async fn load_positions(
         &self,
         group: &str,
         topic: &str,
-    ) -> Result<HashMap<i32, i64>, StoreError> {
+    ) -> Result<StoredPositions, StoreError> {
         match self {
-            Store::Sqlite(s) => s.load_offsets(group, topic).await,
-            Store::Postgres(s) => s.load_offsets(group, topic).await,
+            Store::Sqlite(s) => s.load_positions(group, topic).await,
+            Store::Postgres(s) => s.load_positions(group, topic).await,
         }
     }
 
@@ -176,6 +230,15 @@ mod tests {
                     next,
                 })
                 .collect(),
+            watermarks: Vec::new(),
+        }
+    }
+
+    fn wm(partition: i32, source_partition: i32, source_offset: i64) -> WatermarkUpdate {
+        WatermarkUpdate {
+            partition,
+            source_partition,
+            source_offset,
         }
     }
 
@@ -189,20 +252,18 @@ mod tests {
                 .unwrap(),
             FlushOutcome::Committed
         );
-        assert_eq!(
-            store
-                .flush(&batch(&[("NL", 4)], &[(0, Some(7), 11), (1, None, 3)]))
-                .await
-                .unwrap(),
-            FlushOutcome::Committed
-        );
+        let mut second = batch(&[("NL", 4)], &[(0, Some(7), 11), (1, None, 3)]);
+        second.watermarks = vec![wm(0, 3, 500), wm(0, 4, 9), wm(1, 3, 501)];
+        assert_eq!(store.flush(&second).await.unwrap(), FlushOutcome::Committed);
+        let mut third = batch(&[], &[(0, Some(11), 12)]);
+        third.watermarks = vec![wm(0, 3, 502)];
+        assert_eq!(store.flush(&third).await.unwrap(), FlushOutcome::Committed);
         // A writer that still thinks offset 7 is stored is fenced off and writes nothing,
-        // not even the offsets of its other partitions.
+        // not even the offsets or watermarks of its other partitions.
+        let mut zombie = batch(&[("NL", 100)], &[(0, Some(7), 9), (2, None, 1)]);
+        zombie.watermarks = vec![wm(0, 3, 900), wm(2, 3, 900)];
         assert_eq!(
-            store
-                .flush(&batch(&[("NL", 100)], &[(0, Some(7), 9), (2, None, 1)]))
-                .await
-                .unwrap(),
+            store.flush(&zombie).await.unwrap(),
             FlushOutcome::Conflict(vec![0])
         );
         assert_eq!(
@@ -220,21 +281,22 @@ mod tests {
             .map(|c| (c.country_code, c.visits))
             .collect();
         assert_eq!(counts, vec![("NL".to_owned(), 6), ("US".to_owned(), 5)]);
+        let expected = StoredPositions {
+            offsets: HashMap::from([(0, 12), (1, 3)]),
+            watermarks: HashMap::from([
+                (0, HashMap::from([(3, 502), (4, 9)])),
+                (1, HashMap::from([(3, 501)])),
+            ]),
+        };
+        assert_eq!(store.load_positions("g", "t").await.unwrap(), expected);
         assert_eq!(
-            store.load_offsets("g", "t").await.unwrap(),
-            HashMap::from([(0, 11), (1, 3)])
-        );
-        assert_eq!(
-            store.load_offsets("other-group", "t").await.unwrap(),
-            HashMap::new()
+            store.load_positions("other-group", "t").await.unwrap(),
+            StoredPositions::default()
         );
         // Reopening keeps everything (migrations are idempotent).
         drop(store);
         let store = Store::open(url).await.unwrap();
-        assert_eq!(
-            store.load_offsets("g", "t").await.unwrap(),
-            HashMap::from([(0, 11), (1, 3)])
-        );
+        assert_eq!(store.load_positions("g", "t").await.unwrap(), expected);
     }
 
     #[tokio::test]

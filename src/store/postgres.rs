@@ -2,15 +2,39 @@
 //! for aggregators and `serve` spread over several machines.
 //!
 //! A flush is a constant number of round trips whatever the number of partitions and
-//! countries: one statement moves all offsets (compare-and-set over `unnest` arrays), one
-//! multi-row upsert adds all counts, inside one transaction.
-
-use std::collections::HashMap;
+//! countries: BEGIN, one statement that moves all offsets (compare-and-set over `unnest`
+//! arrays), the multi-row upserts of source watermarks and counts sent together (pipelined),
+//! COMMIT. Statements are prepared once per pooled connection.
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use super::{CountryCount, FlushBatch, FlushOutcome, MIGRATIONS, StoreError};
+use super::{causes, CountryCount, FlushBatch, FlushOutcome, MIGRATIONS, StoreError, StoredPositions};
+
+/// Offsets compare-and-set: returns the partitions whose offset moved (or was created).
+const CAS_OFFSETS: &str = "WITH moved AS (
+                    UPDATE consumer_offsets o SET next_offset = u.next
+                    FROM unnest($3::int4[], $4::int8[], $5::int8[]) AS u(p, expected, next)
+                    WHERE o.consumer_group = $1 AND o.topic = $2 AND o.\"partition\" = u.p
+                      AND o.next_offset = u.expected
+                    RETURNING o.\"partition\"
+                 ), created AS (
+                    INSERT INTO consumer_offsets (consumer_group, topic, \"partition\", next_offset)
+                    SELECT $1, $2, u.p, u.next FROM unnest($6::int4[], $7::int8[]) AS u(p, next)
+                    ON CONFLICT DO NOTHING
+                    RETURNING \"partition\"
+                 )
+                 SELECT \"partition\" FROM moved UNION ALL SELECT \"partition\" FROM created";
+
+const UPSERT_WATERMARKS: &str = "INSERT INTO source_watermarks (consumer_group, topic, \"partition\", source_partition, source_offset)
+     SELECT $1, $2, p, s, o FROM unnest($3::int4[], $4::int4[], $5::int8[]) AS u(p, s, o)
+     ON CONFLICT (consumer_group, topic, \"partition\", source_partition)
+     DO UPDATE SET source_offset = excluded.source_offset";
+
+const UPSERT_COUNTS: &str = "INSERT INTO country_stats (country_code, visit_count, updated_at)
+     SELECT c, n, $3 FROM unnest($1::text[], $2::int8[]) AS u(c, n)
+     ON CONFLICT (country_code) DO UPDATE
+     SET visit_count = country_stats.visit_count + excluded.visit_count, updated_at = excluded.updated_at";
 
 /// A connection pool to one PostgreSQL database (and schema, via `options=-csearch_path=…`).
 #[derive(Clone)]
@@ -26,7 +50,7 @@ impl PostgresStore {
         };
         let config: tokio_postgres::Config = url
             .parse()
-            .map_err(|e: tokio_postgres::Error| open_err(e.to_string()))?;
+            .map_err(|e: tokio_postgres::Error| open_err(causes(&e)))?;
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -39,7 +63,10 @@ impl PostgresStore {
             .build()
             .map_err(|e| open_err(e.to_string()))?;
         let store = PostgresStore { pool };
-        let mut client = store.client().await.map_err(|e| open_err(e.to_string()))?;
+        let mut client = store.client().await.map_err(|e| match e {
+            StoreError::Pool(reason) => open_err(reason),
+            other => open_err(other.to_string()),
+        })?;
         // Several processes may start at once: serialise the migrations.
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock(7450118)", &[])
@@ -55,25 +82,39 @@ impl PostgresStore {
         self.pool
             .get()
             .await
-            .map_err(|e| StoreError::Pool(e.to_string()))
+            .map_err(|e| StoreError::Pool(causes(&e)))
     }
 
-    pub async fn load_offsets(
+    pub async fn load_positions(
         &self,
         group: &str,
         topic: &str,
-    ) -> Result<HashMap<i32, i64>, StoreError> {
+    ) -> Result<StoredPositions, StoreError> {
         let client = self.client().await?;
-        let rows = client
+        let mut out = StoredPositions::default();
+        for r in client
             .query(
                 "SELECT \"partition\", next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2",
                 &[&group, &topic],
             )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
-            .collect())
+            .await?
+        {
+            out.offsets.insert(r.get::<_, i32>(0), r.get::<_, i64>(1));
+        }
+        for r in client
+            .query(
+                "SELECT \"partition\", source_partition, source_offset FROM source_watermarks
+                 WHERE consumer_group = $1 AND topic = $2",
+                &[&group, &topic],
+            )
+            .await?
+        {
+            out.watermarks
+                .entry(r.get::<_, i32>(0))
+                .or_default()
+                .insert(r.get::<_, i32>(1), r.get::<_, i64>(2));
+        }
+        Ok(out)
     }
 
     pub async fn flush(&self, batch: &FlushBatch) -> Result<FlushOutcome, StoreError> {
@@ -95,21 +136,10 @@ impl PostgresStore {
         }
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        let cas = tx.prepare_cached(CAS_OFFSETS).await?;
         let rows = tx
             .query(
-                "WITH moved AS (
-                    UPDATE consumer_offsets o SET next_offset = u.next
-                    FROM unnest($3::int4[], $4::int8[], $5::int8[]) AS u(p, expected, next)
-                    WHERE o.consumer_group = $1 AND o.topic = $2 AND o.\"partition\" = u.p
-                      AND o.next_offset = u.expected
-                    RETURNING o.\"partition\"
-                 ), created AS (
-                    INSERT INTO consumer_offsets (consumer_group, topic, \"partition\", next_offset)
-                    SELECT $1, $2, u.p, u.next FROM unnest($6::int4[], $7::int8[]) AS u(p, next)
-                    ON CONFLICT DO NOTHING
-                    RETURNING \"partition\"
-                 )
-                 SELECT \"partition\" FROM moved UNION ALL SELECT \"partition\" FROM created",
+                &cas,
                 &[
                     &batch.consumer_group,
                     &batch.topic,
@@ -133,23 +163,30 @@ impl PostgresStore {
             tx.rollback().await?;
             return Ok(FlushOutcome::Conflict(conflicts));
         }
-        if !batch.increments.is_empty() {
-            let codes: Vec<&str> = batch.increments.iter().map(|(c, _)| c.as_str()).collect();
-            let counts: Vec<i64> = batch
-                .increments
-                .iter()
-                .map(|(_, n)| i64::try_from(*n).unwrap_or(i64::MAX))
-                .collect();
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            tx.execute(
-                "INSERT INTO country_stats (country_code, visit_count, updated_at)
-                 SELECT c, n, $3 FROM unnest($1::text[], $2::int8[]) AS u(c, n)
-                 ON CONFLICT (country_code) DO UPDATE
-                 SET visit_count = country_stats.visit_count + excluded.visit_count, updated_at = excluded.updated_at",
-                &[&codes, &counts, &now],
-            )
-            .await?;
-        }
+        // Both upserts go out together (tokio-postgres pipelines concurrent queries on one
+        // connection); statements are prepared once per pooled connection.
+        let (wm_stmt, count_stmt) = futures::try_join!(
+            tx.prepare_cached(UPSERT_WATERMARKS),
+            tx.prepare_cached(UPSERT_COUNTS)
+        )?;
+        let parts: Vec<i32> = batch.watermarks.iter().map(|w| w.partition).collect();
+        let sources: Vec<i32> = batch.watermarks.iter().map(|w| w.source_partition).collect();
+        let offsets: Vec<i64> = batch.watermarks.iter().map(|w| w.source_offset).collect();
+        let codes: Vec<&str> = batch.increments.iter().map(|(c, _)| c.as_str()).collect();
+        let counts: Vec<i64> = batch
+            .increments
+            .iter()
+            .map(|(_, n)| i64::try_from(*n).unwrap_or(i64::MAX))
+            .collect();
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let wm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&batch.consumer_group, &batch.topic, &parts, &sources, &offsets];
+        let count_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&codes, &counts, &now];
+        futures::try_join!(
+            tx.execute(&wm_stmt, &wm_params),
+            tx.execute(&count_stmt, &count_params),
+        )?;
         tx.commit().await?;
         Ok(FlushOutcome::Committed)
     }

@@ -1,14 +1,11 @@
 //! SQLite implementation of the store.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use libsql::{Connection, TransactionBehavior, params};
 
-use super::{CountryCount, FlushBatch, FlushOutcome, MIGRATIONS, StoreError};
-
-/// Schema, applied at open. `IF NOT EXISTS` keeps it idempotent; new versions append here.
+use super::{CountryCount, FlushBatch, FlushOutcome, MIGRATIONS, StoreError, StoredPositions};
 
 /// A SQLite database file shared by the aggregators (writers) and `serve` (reader) of one
 /// machine. WAL mode lets readers run while a flush writes.
@@ -45,11 +42,12 @@ impl SqliteStore {
         Ok(SqliteStore { conn })
     }
 
-    pub async fn load_offsets(
+    pub async fn load_positions(
         &self,
         group: &str,
         topic: &str,
-    ) -> Result<HashMap<i32, i64>, StoreError> {
+    ) -> Result<StoredPositions, StoreError> {
+        let mut out = StoredPositions::default();
         let mut rows = self
             .conn
             .query(
@@ -57,12 +55,23 @@ impl SqliteStore {
                 params![group, topic],
             )
             .await?;
-        let mut out = HashMap::new();
         while let Some(row) = rows.next().await? {
-            out.insert(
-                i32::try_from(row.get::<i64>(0)?).unwrap_or(-1),
-                row.get::<i64>(1)?,
-            );
+            out.offsets
+                .insert(int32(row.get::<i64>(0)?), row.get::<i64>(1)?);
+        }
+        let mut rows = self
+            .conn
+            .query(
+                "SELECT \"partition\", source_partition, source_offset FROM source_watermarks
+                 WHERE consumer_group = ?1 AND topic = ?2",
+                params![group, topic],
+            )
+            .await?;
+        while let Some(row) = rows.next().await? {
+            out.watermarks
+                .entry(int32(row.get::<i64>(0)?))
+                .or_default()
+                .insert(int32(row.get::<i64>(1)?), row.get::<i64>(2)?);
         }
         Ok(out)
     }
@@ -100,6 +109,22 @@ impl SqliteStore {
             tx.rollback().await?;
             return Ok(FlushOutcome::Conflict(conflicts));
         }
+        for w in &batch.watermarks {
+            tx.execute(
+                "INSERT INTO source_watermarks (consumer_group, topic, \"partition\", source_partition, source_offset)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (consumer_group, topic, \"partition\", source_partition)
+                 DO UPDATE SET source_offset = excluded.source_offset",
+                params![
+                    batch.consumer_group.as_str(),
+                    batch.topic.as_str(),
+                    i64::from(w.partition),
+                    i64::from(w.source_partition),
+                    w.source_offset
+                ],
+            )
+            .await?;
+        }
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         for (code, n) in &batch.increments {
             tx.execute(
@@ -132,4 +157,9 @@ impl SqliteStore {
         }
         Ok(out)
     }
+}
+
+/// Partition numbers are written from `i32`; anything else is a corrupt row, kept out of range.
+fn int32(v: i64) -> i32 {
+    i32::try_from(v).unwrap_or(-1)
 }

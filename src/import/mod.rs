@@ -5,6 +5,11 @@
 //! reason. A line longer than [`MAX_LINE_BYTES`] is cut to that size plus one byte and marked
 //! with a header giving its real length, so no message can exceed the broker's size limit and
 //! the line is still dead-lettered and counted downstream.
+//!
+//! Files (not stdin, not `--follow`) are checkpointed ([`checkpoint`]): importing a file again
+//! resumes after the last acknowledged line.
+
+pub mod checkpoint;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, IsTerminal, Read};
@@ -22,6 +27,7 @@ use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::headers;
+use checkpoint::{CHECKPOINT_EVERY, Checkpoint, CheckpointDir, Consumed};
 use crate::kafka::{KafkaSettings, RAW_TOPIC};
 pub use crate::preprocess::parse::MAX_LINE_BYTES;
 
@@ -93,6 +99,8 @@ pub struct ImportSummary {
     pub lines: u64,
     /// Of those, lines cut because they were longer than [`MAX_LINE_BYTES`].
     pub truncated: u64,
+    /// Lines skipped because an earlier import had sent them (checkpoints).
+    pub already_imported: u64,
 }
 
 /// Counts acknowledgements from librdkafka's delivery callbacks.
@@ -199,6 +207,15 @@ impl LineSink {
         true
     }
 
+    /// Waits until every line sent so far is acknowledged; an error if any was not.
+    pub fn wait_delivered(&self) -> Result<(), ImportError> {
+        let _ = self.producer.flush(Timeout::Never);
+        match self.producer.context().failed.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            n => Err(ImportError::Undelivered(n)),
+        }
+    }
+
     /// Waits for every acknowledgement.
     pub fn finish(self) -> Result<ImportSummary, ImportError> {
         let _ = self.producer.flush(Timeout::Never);
@@ -209,6 +226,7 @@ impl LineSink {
             0 => Ok(ImportSummary {
                 lines,
                 truncated: self.truncated,
+                already_imported: 0,
             }),
             n => Err(ImportError::Undelivered(n)),
         }
@@ -224,6 +242,10 @@ pub struct ImportConfig {
     pub follow: bool,
     /// Lines per second at most.
     pub rate: Option<u64>,
+    /// Where file checkpoints live; `None`: always import whole files.
+    pub checkpoints: Option<CheckpointDir>,
+    /// Import files from their first line even if checkpoints say they were imported.
+    pub from_start: bool,
 }
 
 /// Imports every input, then returns once all lines are acknowledged.
@@ -263,6 +285,7 @@ fn import_blocking(
         ProgressBar::hidden()
     };
     let mut buf = Vec::with_capacity(1024);
+    let mut already_imported = 0;
     for input in &config.inputs {
         let read_err = |source| ImportError::Read {
             path: input.name(),
@@ -279,16 +302,87 @@ fn import_blocking(
             Input::File(path) => open_maybe_gzip(path, &bar).map_err(read_err)?,
         };
         let mut reader = BufReader::with_capacity(256 * 1024, reader);
+        let checkpoint = match (input, &config.checkpoints) {
+            (Input::File(path), Some(dir)) => {
+                let cp = dir.resume(path, config.from_start).map_err(read_err)?;
+                if cp.position > 0 {
+                    // Skip what an earlier import delivered (through the decoder for gzip).
+                    let skipped = io::copy(&mut (&mut reader).take(cp.position), &mut io::sink())
+                        .map_err(read_err)?;
+                    if skipped < cp.position {
+                        return Err(ImportError::Read {
+                            path: input.name(),
+                            source: io::Error::other(format!(
+                                "the file is shorter ({skipped} bytes) than its import checkpoint ({} bytes); delete {} to import it again",
+                                cp.position,
+                                dir.location().display()
+                            )),
+                        });
+                    }
+                    tracing::info!(file = %input.name(), lines = cp.lines, bytes = cp.position, "resuming after lines already imported");
+                    already_imported += cp.lines;
+                }
+                Some((dir, cp))
+            }
+            _ => None,
+        };
+        let start = checkpoint.as_ref().map_or(0, |(_, cp)| cp.position);
+        let mut reader = Consumed::new(reader, start);
+        let mut progress = FileProgress {
+            checkpoint,
+            sent_position: start,
+            sent_lines: 0,
+            last_saved: Instant::now(),
+        };
         while let Some(len) =
             read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES + 1).map_err(read_err)?
         {
             if !sink.send(&buf, len) {
                 break;
             }
+            progress.sent_position = reader.position;
+            progress.sent_lines += 1;
+            if progress.last_saved.elapsed() >= CHECKPOINT_EVERY {
+                progress.save(&sink).map_err(read_err)?;
+            }
         }
+        progress.save(&sink).map_err(read_err)?;
     }
     bar.finish_and_clear();
-    sink.finish()
+    let mut summary = sink.finish()?;
+    summary.already_imported = already_imported;
+    Ok(summary)
+}
+
+/// How far the lines of one file were sent, and its checkpoint (if checkpointing).
+struct FileProgress<'a> {
+    checkpoint: Option<(&'a CheckpointDir, Checkpoint)>,
+    /// Position after the last line handed to the producer.
+    sent_position: u64,
+    /// Lines handed to the producer since the checkpoint was loaded.
+    sent_lines: u64,
+    last_saved: Instant,
+}
+
+impl FileProgress<'_> {
+    /// Waits for the acknowledgement of every line sent, then records the position.
+    fn save(&mut self, sink: &LineSink) -> io::Result<()> {
+        self.last_saved = Instant::now();
+        let Some((dir, cp)) = &mut self.checkpoint else {
+            return Ok(());
+        };
+        if cp.position == self.sent_position {
+            return Ok(());
+        }
+        if let Err(e) = sink.wait_delivered() {
+            // Never move the checkpoint past a line the broker may not have.
+            return Err(io::Error::other(e.to_string()));
+        }
+        cp.lines += self.sent_lines;
+        self.sent_lines = 0;
+        cp.position = self.sent_position;
+        dir.save(cp)
+    }
 }
 
 /// Opens a file, decompressing it if it starts with the gzip magic bytes.

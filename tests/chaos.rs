@@ -1,0 +1,730 @@
+//! The chaos test: the multi-process deployment of the README (a standalone broker on SQLite
+//! storage, 2 preprocessors, 2 aggregators on PostgreSQL, one importer), on loopback, while
+//! preprocessors and aggregators are SIGKILLed and replaced, PostgreSQL is restarted and the
+//! broker is killed and restarted. When the pipeline has drained, the per-country counts must
+//! equal counts computed independently from the input, and the distinct dead letters must equal
+//! the malformed lines injected.
+//!
+//! Every stage is the real `pageviews` binary. PostgreSQL is a private server made from the
+//! machine's PostgreSQL installation (own data directory and port), so that restarting it does
+//! not disturb anything else using the shared one.
+//!
+//! Knobs (environment): `PAGEVIEWS_CHAOS_SEED` (default fixed), `PAGEVIEWS_CHAOS_LINES`
+//! (default 300,000), `PAGEVIEWS_CHAOS_RATE` (import lines/s, default 3,000).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pageviews::event::headers;
+use pageviews::generate::LineGenerator;
+use pageviews::kafka::{DEAD_LETTER_TOPIC, KafkaSettings};
+use pageviews::store::Store;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+const PARTITIONS: i32 = 8;
+const BIN: &str = env!("CARGO_BIN_EXE_pageviews");
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private PostgreSQL server in `dir`, run as the `postgres` user when the test runs as root
+/// (PostgreSQL refuses to run as root).
+struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl PrivatePostgres {
+    fn init(dir: &Path) -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries are needed (/usr/lib/postgresql/*/bin)")
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("no initdb under /usr/lib/postgresql/*/bin");
+        let uid = Command::new("id").arg("-u").output().expect("id -u");
+        let as_postgres = String::from_utf8_lossy(&uid.stdout).trim() == "0";
+        if as_postgres {
+            run_ok(Command::new("chown").arg("postgres:postgres").arg(dir));
+        }
+        let pg = PrivatePostgres {
+            bin,
+            data: dir.join("data"),
+            port: free_port(),
+            as_postgres,
+        };
+        run_ok(pg.tool("initdb").args(["-U", "postgres", "-A", "trust", "--no-sync", "-D"]).arg(&pg.data));
+        pg.start();
+        pg
+    }
+
+    fn tool(&self, name: &str) -> Command {
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bin.join(name));
+            c
+        } else {
+            Command::new(self.bin.join(name))
+        }
+    }
+
+    fn start(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60",
+            self.port,
+            self.data.display()
+        );
+        run_ok(
+            self.tool("pg_ctl")
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(self.data.join("server.log"))
+                .args(["-w", "-o", &opts, "start"]),
+        );
+    }
+
+    /// Like a crash: no shutdown checkpoint, open transactions are lost.
+    fn stop_immediately(&self) {
+        run_ok(
+            self.tool("pg_ctl")
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "immediate", "-w", "stop"]),
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .tool("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Role {
+    Broker,
+    Importer,
+    Preprocessor,
+    Aggregator,
+}
+
+/// Everything the children printed, and what their logs say about partition ownership.
+#[derive(Default)]
+struct Observed {
+    /// Current partitions per live process (from its "assigned"/"revoked" log lines).
+    owned: HashMap<String, (Role, BTreeSet<i32>)>,
+    /// Time of every "assigned" line, per role.
+    assigned_at: Vec<(Instant, Role)>,
+    /// Time of every "flush succeeded again" line (aggregators back after a DB outage).
+    flush_recovered_at: Vec<Instant>,
+}
+
+struct Cluster {
+    dir: PathBuf,
+    brokers: String,
+    broker_port: u16,
+    db_url: String,
+    observed: Arc<Mutex<Observed>>,
+    procs: Vec<(String, Role, Child)>,
+    next_id: usize,
+    input: PathBuf,
+    rate: u64,
+}
+
+fn partitions_in(line: &str) -> BTreeSet<i32> {
+    line.split_once("partitions=[")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(list, _)| list.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+impl Cluster {
+    fn spawn(&mut self, role: Role, args: &[String]) -> String {
+        self.next_id += 1;
+        let name = format!(
+            "{}-{}",
+            match role {
+                Role::Broker => "broker",
+                Role::Importer => "import",
+                Role::Preprocessor => "pre",
+                Role::Aggregator => "agg",
+            },
+            self.next_id
+        );
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("RUST_LOG", "warn,pageviews=info,tansu_storage=off,tansu_service=off")
+            .env("NO_COLOR", "1")
+            .env_remove("PAGEVIEWS_DATABASE")
+            .env_remove("PAGEVIEWS_BROKERS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let log_path = self.dir.join(format!("{name}.log"));
+        let file = Arc::new(Mutex::new(std::fs::File::create(&log_path).unwrap()));
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let (file, observed, name) = (Arc::clone(&file), Arc::clone(&self.observed), name.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    let now = Instant::now();
+                    let _ = writeln!(file.lock().unwrap(), "{:?} {line}", now);
+                    let mut o = observed.lock().unwrap();
+                    if line.contains(" assigned") {
+                        let parts = partitions_in(&line);
+                        o.owned.entry(name.clone()).or_insert((role, BTreeSet::new())).1.extend(parts);
+                        o.assigned_at.push((now, role));
+                    } else if line.contains(" revoked") {
+                        let parts = partitions_in(&line);
+                        if let Some((_, set)) = o.owned.get_mut(&name) {
+                            set.retain(|p| !parts.contains(p));
+                        }
+                    } else if line.contains("flush succeeded again") {
+                        o.flush_recovered_at.push(now);
+                    }
+                }
+            });
+        }
+        self.procs.push((name.clone(), role, child));
+        name
+    }
+
+    fn common_args(&self) -> Vec<String> {
+        [
+            "--brokers",
+            &self.brokers,
+            "-X",
+            "session.timeout.ms=8000",
+            "-X",
+            "heartbeat.interval.ms=1000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn start_broker(&mut self) -> String {
+        let args = vec![
+            "broker".to_owned(),
+            "--listen".to_owned(),
+            format!("127.0.0.1:{}", self.broker_port),
+            "--broker-storage".to_owned(),
+            "sqlite".to_owned(),
+            "--data-dir".to_owned(),
+            self.dir.join("broker").display().to_string(),
+        ];
+        self.spawn(Role::Broker, &args)
+    }
+
+    fn start_stage(&mut self, role: Role) -> String {
+        let mut args = self.common_args();
+        match role {
+            Role::Preprocessor => args.push("preprocess".into()),
+            Role::Aggregator => {
+                let app = format!("agg-{}", self.next_id + 1);
+                args.extend([
+                    "aggregate".into(),
+                    "--flush-interval".into(),
+                    "1s".into(),
+                    "--database".into(),
+                    format!("{}?application_name={app}", self.db_url),
+                ]);
+            }
+            Role::Importer => args.extend([
+                "import".into(),
+                self.input.display().to_string(),
+                "--rate".into(),
+                self.rate.to_string(),
+                "--data-dir".into(),
+                self.dir.join("importer").display().to_string(),
+            ]),
+            Role::Broker => unreachable!(),
+        }
+        self.spawn(role, &args)
+    }
+
+    fn live(&mut self, role: Role) -> Vec<String> {
+        self.procs
+            .iter_mut()
+            .filter_map(|(n, r, c)| (*r == role && matches!(c.try_wait(), Ok(None))).then(|| n.clone()))
+            .collect()
+    }
+
+    fn kill(&mut self, name: &str) {
+        let (_, _, child) = self.procs.iter_mut().find(|(n, _, _)| n == name).unwrap();
+        child.kill().unwrap(); // SIGKILL
+        let _ = child.wait();
+        self.observed.lock().unwrap().owned.remove(name);
+    }
+
+    /// SIGTERM: a graceful stop (the importer saves its checkpoint).
+    fn terminate(&mut self, name: &str) {
+        let (_, _, child) = self.procs.iter_mut().find(|(n, _, _)| n == name).unwrap();
+        run_ok(Command::new("kill").arg("-TERM").arg(child.id().to_string()));
+        let _ = child.wait();
+        self.observed.lock().unwrap().owned.remove(name);
+    }
+
+    /// Whether the live processes of `role` own every partition between them.
+    fn fully_owned(&self, role: Role) -> bool {
+        let o = self.observed.lock().unwrap();
+        let owned: BTreeSet<i32> = o
+            .owned
+            .values()
+            .filter(|(r, _)| *r == role)
+            .flat_map(|(_, s)| s.iter().copied())
+            .collect();
+        owned.len() == PARTITIONS as usize
+    }
+
+    fn assigned_since(&self, role: Role, t: Instant) -> bool {
+        let o = self.observed.lock().unwrap();
+        o.assigned_at.iter().any(|(at, r)| *r == role && *at >= t)
+    }
+
+    fn tail_of_logs(&self) -> String {
+        let mut out = String::new();
+        for (name, _, _) in &self.procs {
+            let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {name} (last 15 lines)\n"));
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, _, c) in &mut self.procs {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The input: valid generated lines with malformed ones mixed in (scattered and one burst).
+/// Returns (file contents as lines, valid lines, malformed count).
+fn input_lines(seed: u64, valid: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, usize) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let good: Vec<Vec<u8>> = LineGenerator::new(seed).take(valid).map(String::into_bytes).collect();
+    let mut all = Vec::with_capacity(valid + valid / 500);
+    let mut malformed = 0;
+    let burst_at = valid / 3;
+    for (i, line) in good.iter().enumerate() {
+        if i == burst_at {
+            for j in 0..200 {
+                all.push(format!("%%garbage burst {j} \u{1}\u{2}").into_bytes());
+                malformed += 1;
+            }
+        }
+        if rng.random_ratio(1, 1000) {
+            let bad: Vec<u8> = match rng.random_range(0..5) {
+                0 => b"not an access log line at all".to_vec(),
+                1 => line[..line.len() / 2].to_vec(),
+                // Not text: bytes that are never valid UTF-8.
+                2 => (0..rng.random_range(1..200)).map(|_| rng.random_range(0x80..=0xffu8)).collect(),
+                3 => Vec::new(),
+                // Over the importer's line limit: sent cut, dead-lettered as too long.
+                _ => vec![b'x'; 70_000],
+            };
+            all.push(bad);
+            malformed += 1;
+        }
+        all.push(line.clone());
+    }
+    (all, good, malformed)
+}
+
+/// Distinct raw lines on the dead-letter topic (a preprocessor replay can write one twice).
+fn distinct_dead_letters(brokers: &str) -> (usize, usize) {
+    let consumer: BaseConsumer = KafkaSettings::new(brokers)
+        .client_config(&[
+            ("group.id", "chaos-test-dlq-reader"),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "true"),
+        ])
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(DEAD_LETTER_TOPIC), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut partitions = 0;
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(DEAD_LETTER_TOPIC, p.id(), Offset::Beginning).unwrap();
+            partitions += 1;
+        }
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut eof = HashSet::new();
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while eof.len() < partitions && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                total += 1;
+                let h = m.headers().expect("dead letter without headers");
+                let get = |k: &str| {
+                    h.iter()
+                        .find(|x| x.key == k)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                seen.insert((
+                    get(headers::SOURCE_PARTITION).expect("source partition header"),
+                    get(headers::SOURCE_OFFSET).expect("source offset header"),
+                ));
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                eof.insert(p);
+            }
+            Some(Err(e)) => panic!("reading dead letters: {e}"),
+            None => {}
+        }
+    }
+    (seen.len(), total)
+}
+
+struct Sampler {
+    store: Store,
+    samples: Vec<(Instant, u64)>,
+}
+
+impl Sampler {
+    async fn sample(&mut self) -> Option<u64> {
+        let total = tokio::time::timeout(Duration::from_secs(2), self.store.country_counts())
+            .await
+            .ok()?
+            .ok()?
+            .iter()
+            .map(|c| c.visits)
+            .sum();
+        self.samples.push((Instant::now(), total));
+        Some(total)
+    }
+    fn last(&self) -> u64 {
+        self.samples.last().map_or(0, |s| s.1)
+    }
+}
+
+/// What happened at one moment of the schedule, and how long the pipeline took to recover.
+struct Disruption {
+    at: Duration,
+    what: String,
+    owned_again: Option<Duration>,
+    moving_again: Option<Duration>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_exact_counts_under_kill_9() {
+    let seed: u64 = env_or("PAGEVIEWS_CHAOS_SEED", 20_261_125);
+    let valid: usize = env_or("PAGEVIEWS_CHAOS_LINES", 300_000);
+    let rate: u64 = env_or("PAGEVIEWS_CHAOS_RATE", 3_000);
+    // Kept when the test fails, for its logs; removed at the end when it passes.
+    let dir = tempfile::Builder::new()
+        .prefix("pageviews-chaos-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    println!("chaos: seed {seed}, {valid} valid lines, import at {rate} lines/s, logs in {}", dir.display());
+
+    let (all, good, malformed) = input_lines(seed, valid);
+    let expected = common::expected_counts(good.iter().map(Vec::as_slice));
+    let input = dir.join("access.log");
+    common::write_lines(&input, &all);
+    drop(all);
+
+    let pg_dir = dir.join("postgres");
+    std::fs::create_dir_all(&pg_dir).unwrap();
+    let pg = PrivatePostgres::init(&pg_dir);
+    let broker_port = free_port();
+    let mut c = Cluster {
+        dir: dir.clone(),
+        brokers: format!("127.0.0.1:{broker_port}"),
+        broker_port,
+        db_url: pg.url(),
+        observed: Arc::default(),
+        procs: Vec::new(),
+        next_id: 0,
+        input,
+        rate,
+    };
+    let started = Instant::now();
+    let mut broker = c.start_broker();
+    let mut topics = Command::new(BIN);
+    topics.args(["--brokers", &c.brokers, "topics", "--partitions", &PARTITIONS.to_string()]);
+    run_ok(&mut topics);
+    for role in [Role::Preprocessor, Role::Preprocessor, Role::Aggregator, Role::Aggregator] {
+        c.start_stage(role);
+    }
+    let mut importer = c.start_stage(Role::Importer);
+    let mut sampler = Sampler {
+        store: Store::open(&pg.url()).await.unwrap(),
+        samples: Vec::new(),
+    };
+
+    // The schedule: 8 SIGKILLs of a random preprocessor or aggregator (the first aggregator
+    // kill happens inside a flush transaction), one importer stop/resume, one PostgreSQL
+    // restart and one broker kill/restart, at random moments.
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let mut plan: Vec<&str> = (0..8).map(|_| if rng.random_bool(0.5) { "kill-pre" } else { "kill-agg" }).collect();
+    plan[1] = "kill-agg"; // make sure at least one aggregator dies mid-flush
+    plan.insert(2, "restart-importer");
+    plan.insert(4, "restart-postgres");
+    plan.insert(7, "restart-broker");
+    let mut disruptions: Vec<Disruption> = Vec::new();
+    let mut flush_kill_done = false;
+
+    // Let the pipeline warm up.
+    wait_moving(&mut sampler, Duration::from_secs(120), &c).await;
+    for step in plan {
+        let gap = Duration::from_millis(rng.random_range(3_000..9_000));
+        sleep_sampling(&mut sampler, gap).await;
+        let t0 = Instant::now();
+        let at = t0 - started;
+        let (what, role) = match step {
+            "kill-pre" | "kill-agg" => {
+                let role = if step == "kill-pre" { Role::Preprocessor } else { Role::Aggregator };
+                let victim = if role == Role::Aggregator && !flush_kill_done {
+                    flush_kill_done = true;
+                    kill_during_flush(&mut c, &pg).await
+                } else {
+                    let live = c.live(role);
+                    let v = live[rng.random_range(0..live.len())].clone();
+                    c.kill(&v);
+                    format!("SIGKILL {v}")
+                };
+                let replacement = c.start_stage(role);
+                (format!("{victim}, started {replacement}"), Some(role))
+            }
+            "restart-importer" => {
+                c.terminate(&importer);
+                let old = importer.clone();
+                importer = c.start_stage(Role::Importer);
+                (format!("SIGTERM {old} (checkpoint), started {importer} (resumes)"), None)
+            }
+            "restart-postgres" => {
+                pg.stop_immediately();
+                sleep_sampling(&mut sampler, Duration::from_secs(3)).await;
+                pg.start();
+                ("PostgreSQL stopped (immediate) for 3 s, started again".to_owned(), None)
+            }
+            "restart-broker" => {
+                c.kill(&broker);
+                let old = broker.clone();
+                sleep_sampling(&mut sampler, Duration::from_secs(2)).await;
+                broker = c.start_broker();
+                (format!("SIGKILL {old} (SQLite storage), 2 s later started {broker}"), None)
+            }
+            _ => unreachable!(),
+        };
+        println!("{:>7.1} s  {what}", at.as_secs_f64());
+        let mut d = Disruption { at, what, owned_again: None, moving_again: None };
+        // Recovery: the role's partitions are owned again after a rebalance, then the counts
+        // in the database move again.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if d.owned_again.is_none() {
+                let owned = match role {
+                    Some(r) => c.assigned_since(r, t0) && c.fully_owned(r),
+                    None => true,
+                };
+                if owned {
+                    d.owned_again = Some(t0.elapsed());
+                }
+            }
+            let before = sampler.last();
+            if let Some(total) = sampler.sample().await {
+                if d.owned_again.is_some() && total > before && total < good.len() as u64 {
+                    d.moving_again = Some(t0.elapsed());
+                    break;
+                }
+                if total >= good.len() as u64 && d.owned_again.is_some() {
+                    break; // drained: nothing left to move
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            d.owned_again.is_some(),
+            "partitions not owned again 120 s after: {}\n{}",
+            d.what,
+            c.tail_of_logs()
+        );
+        disruptions.push(d);
+    }
+
+    // Drain: all valid lines counted, and nothing more after a few more flushes.
+    let total = good.len() as u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let counted = sampler.sample().await.unwrap_or(0);
+        if counted >= total {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not drained: {counted}/{total} counted\n{}",
+            c.tail_of_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let drained = started.elapsed();
+    sleep_sampling(&mut sampler, Duration::from_secs(4)).await;
+    let counted: BTreeMap<String, u64> = sampler
+        .store
+        .country_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.country_code, r.visits))
+        .collect();
+    let (dead_distinct, dead_total) = distinct_dead_letters(&c.brokers);
+
+    println!("\nkill schedule and recovery (owned = partitions assigned again after the rebalance; moving = database total rising again):");
+    println!("{:>9}  {:>9}  {:>9}  what", "at", "owned", "moving");
+    for d in &disruptions {
+        let f = |x: Option<Duration>| x.map_or("-".to_owned(), |x| format!("{:.1} s", x.as_secs_f64()));
+        println!("{:>7.1} s  {:>9}  {:>9}  {}", d.at.as_secs_f64(), f(d.owned_again), f(d.moving_again), d.what);
+    }
+    let sum: u64 = counted.values().sum();
+    println!(
+        "\ndrained after {:.1} s; counted {sum} visits in {} countries (expected {total} in {}); \
+         dead letters: {dead_distinct} distinct ({dead_total} messages), injected {malformed}",
+        drained.as_secs_f64(),
+        counted.len(),
+        expected.len()
+    );
+    let recovered = c.observed.lock().unwrap().flush_recovered_at.len();
+    println!("aggregator flushes that succeeded again after failures: {recovered}");
+
+    assert_eq!(counted, expected, "per-country counts differ from the input");
+    assert_eq!(dead_distinct, malformed, "distinct dead letters differ from malformed lines injected");
+    assert!(disruptions.iter().filter(|d| d.what.starts_with("SIGKILL") && !d.what.contains("broker")).count() >= 6);
+    drop(c);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn sleep_sampling(sampler: &mut Sampler, d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        sampler.sample().await;
+        tokio::time::sleep(Duration::from_millis(200).min(end.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
+async fn wait_moving(sampler: &mut Sampler, patience: Duration, c: &Cluster) {
+    let end = Instant::now() + patience;
+    while Instant::now() < end {
+        if sampler.sample().await.unwrap_or(0) > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("nothing counted after {patience:?}\n{}", c.tail_of_logs());
+}
+
+/// Blocks the aggregators' count upsert with a table lock, SIGKILLs an aggregator whose flush
+/// transaction is waiting on it (its offsets are already moved inside that transaction), then
+/// releases the lock. Returns what was done.
+async fn kill_during_flush(c: &mut Cluster, pg: &PrivatePostgres) -> String {
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    client.batch_execute("BEGIN; LOCK TABLE country_stats IN SHARE ROW EXCLUSIVE MODE").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let victim = loop {
+        let rows = client
+            .query(
+                "SELECT application_name FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND application_name LIKE 'agg-%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let live = c.live(Role::Aggregator);
+        if let Some(name) = rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .find(|n| live.contains(n))
+        {
+            break name;
+        }
+        if Instant::now() > deadline {
+            let all = client
+                .query("SELECT coalesce(application_name, ''), coalesce(state, ''), coalesce(wait_event_type, ''), coalesce(left(query, 60), '') FROM pg_stat_activity", &[])
+                .await
+                .unwrap();
+            let all: Vec<String> = all
+                .iter()
+                .map(|r| format!("{} {} {} {}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2), r.get::<_, String>(3)))
+                .collect();
+            panic!("no aggregator flush reached the locked table; sessions: {all:#?}\n{}", c.tail_of_logs());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    c.kill(&victim);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.batch_execute("ROLLBACK").await.unwrap();
+    drop(client);
+    let _ = conn.await;
+    format!("SIGKILL {victim} inside its flush transaction (offsets moved, counts not yet)")
+}
