@@ -254,3 +254,64 @@ async fn malformed_lines_are_dead_lettered_with_reasons() {
     pre.stop().await;
     agg.stop().await;
 }
+
+/// An import stopped part-way resumes after its checkpoint: importing the same file twice
+/// more counts every line exactly once, and a file that grew sends only the new lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn import_resumes_from_its_checkpoint() {
+    let c = cluster(4).await;
+    let lines = generated(30_000, 11);
+    let path = c.dir.path().join("access.log");
+    write_lines(&path, &lines[..20_000]);
+    let config = |rate| ImportConfig {
+        kafka: c.kafka.clone(),
+        inputs: vec![Input::File(path.clone())],
+        follow: false,
+        rate,
+        checkpoints: Some(import::checkpoint::CheckpointDir::new(
+            c.dir.path().join("checkpoints"),
+            &c.kafka.brokers,
+            pageviews::kafka::RAW_TOPIC,
+        )),
+        from_start: false,
+    };
+    let pre = start_preprocessor(&c, Arc::new(PreprocessStats::default()));
+    let (agg, _) = start_aggregator(&c, Duration::from_millis(300));
+
+    // Stopped (as by Ctrl-C / SIGTERM) after about a second at 5,000 lines/s.
+    let stop = CancellationToken::new();
+    let first = tokio::spawn(import::run(config(Some(5_000)), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    stop.cancel();
+    let first = first.await.unwrap().unwrap();
+    assert!(
+        first.lines > 0 && first.lines < 20_000,
+        "stopped part-way: {first:?}"
+    );
+    let second = import::run(config(None), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(second.already_imported, first.lines);
+    assert_eq!(first.lines + second.lines, 20_000);
+
+    // The file grows (a log being written): only the new lines go out.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    for l in &lines[20_000..] {
+        std::io::Write::write_all(&mut f, l).unwrap();
+        std::io::Write::write_all(&mut f, b"\n").unwrap();
+    }
+    drop(f);
+    let third = import::run(config(None), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((third.already_imported, third.lines), (20_000, 10_000));
+
+    wait_for(&c, 30_000, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        db_counts(&c.store).await,
+        expected_counts(lines.iter().map(Vec::as_slice))
+    );
+    pre.stop().await;
+    agg.stop().await;
+}
