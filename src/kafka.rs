@@ -1,12 +1,14 @@
 //! The one place that knows topic and group names and how Kafka clients are configured.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// Raw access-log lines, one per message, no key (spread round-robin by the producer).
 pub const RAW_TOPIC: &str = "raw-page-views";
@@ -25,11 +27,13 @@ pub const DEFAULT_PARTITIONS: i32 = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
     #[error(
-        "cannot reach Kafka at {brokers}: {source} (is the broker running? check --brokers / PAGEVIEWS_BROKERS)"
+        "cannot reach Kafka at {brokers}: {detail} (is the broker running? check --brokers / PAGEVIEWS_BROKERS)"
     )]
     Unreachable {
         brokers: String,
-        source: rdkafka::error::KafkaError,
+        /// librdkafka's own account when it gave one (e.g. "Connection refused"), which says
+        /// more than the request's error code.
+        detail: String,
     },
     #[error("cannot create topic {topic}: {reason}")]
     CreateTopic { topic: String, reason: String },
@@ -70,16 +74,28 @@ impl KafkaSettings {
     }
 
     /// Waits until the cluster answers a metadata request, for up to `patience`.
+    ///
+    /// librdkafka's complaints while it tries are not logged (a user starting the stages in
+    /// any order would see a screen of them) but the last one ends up in the error.
     pub async fn wait_until_reachable(&self, patience: Duration) -> Result<(), KafkaSetupError> {
-        let consumer: BaseConsumer = self.client_config(&[]).create()?;
+        let consumer: BaseConsumer<ProbeContext> = self
+            .client_config(&[])
+            .create_with_context(ProbeContext::default())?;
         let brokers = self.brokers.clone();
         tokio::task::spawn_blocking(move || {
             let deadline = std::time::Instant::now() + patience;
             loop {
+                // Serves librdkafka's error events (connection refused, TLS or SASL failure)
+                // to the context, which keeps the last one for the error message.
+                let _ = consumer.poll(Duration::ZERO);
                 match consumer.fetch_metadata(None, Duration::from_secs(2)) {
                     Ok(_) => return Ok(()),
                     Err(source) if std::time::Instant::now() >= deadline => {
-                        return Err(KafkaSetupError::Unreachable { brokers, source });
+                        let detail = consumer
+                            .context()
+                            .last_complaint()
+                            .unwrap_or_else(|| source.to_string());
+                        return Err(KafkaSetupError::Unreachable { brokers, detail });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(200)),
                 }
@@ -107,7 +123,7 @@ impl KafkaSettings {
             .await
             .map_err(|source| KafkaSetupError::Unreachable {
                 brokers: self.brokers.clone(),
-                source,
+                detail: source.to_string(),
             })?;
         for result in results {
             match result {
@@ -124,6 +140,47 @@ impl KafkaSettings {
         Ok(())
     }
 }
+
+/// The client context of the reachability probe: keeps librdkafka's last warning or error
+/// instead of logging it.
+#[derive(Default)]
+struct ProbeContext {
+    last: Mutex<Option<String>>,
+}
+
+impl ProbeContext {
+    fn remember(&self, text: String) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(text);
+        }
+    }
+    fn last_complaint(&self) -> Option<String> {
+        self.last.lock().ok().and_then(|l| l.clone())
+    }
+}
+
+impl ClientContext for ProbeContext {
+    fn log(&self, level: RDKafkaLogLevel, _facility: &str, message: &str) {
+        if matches!(
+            level,
+            RDKafkaLogLevel::Emerg
+                | RDKafkaLogLevel::Alert
+                | RDKafkaLogLevel::Critical
+                | RDKafkaLogLevel::Error
+                | RDKafkaLogLevel::Warning
+        ) {
+            self.remember(message.to_owned());
+        }
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        // `reason` repeats librdkafka's text; "1/1 brokers are down" follows the real cause.
+        if !reason.contains("brokers are down") || self.last_complaint().is_none() {
+            self.remember(if reason.is_empty() { error.to_string() } else { reason.to_owned() });
+        }
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
 
 /// Parses `key=value` for `-X`.
 pub fn parse_override(s: &str) -> Result<(String, String), String> {

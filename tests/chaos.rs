@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -639,14 +639,7 @@ async fn chaos() {
     }
     let drained = started.elapsed();
     sleep_sampling(&mut sampler, Duration::from_secs(4)).await;
-    let counted: BTreeMap<String, u64> = sampler
-        .store
-        .country_counts()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.country_code, r.visits))
-        .collect();
+    let counted = common::db_counts(&sampler.store).await;
     let (dead_distinct, dead_total) = distinct_dead_letters(&c.brokers);
 
     println!("\nkill schedule and recovery (owned = partitions assigned again after the rebalance; moving = database total rising again):");

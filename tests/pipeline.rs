@@ -315,3 +315,44 @@ async fn import_resumes_from_its_checkpoint() {
     pre.stop().await;
     agg.stop().await;
 }
+
+/// Another process holding SQLite's write lock at flush time only delays the counts: the
+/// aggregator keeps counting, retries with backoff, and once the lock is gone writes every
+/// visit exactly once (offsets move only with a committed flush).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flush_retries_while_the_database_is_locked() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = cluster(4).await;
+    let lines = generated(5_000, 11);
+    let expected = expected_counts(lines.iter().map(Vec::as_slice));
+    // The lock holder: a write transaction from a separate connection, as another process's.
+    let db = libsql::Builder::new_local(c.dir.path().join("stats.db"))
+        .build()
+        .await
+        .unwrap();
+    let locker = db.connect().unwrap();
+    locker.execute("BEGIN IMMEDIATE", ()).await.unwrap();
+
+    let pre = start_preprocessor(&c, Arc::new(PreprocessStats::default()));
+    let (agg, stats) = start_aggregator(&c, Duration::from_millis(300));
+    assert_eq!(import_file(&c, &lines).await, 5_000);
+    // Each attempt waits out the 5 s busy timeout, then fails and is retried.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while stats.failed_flushes.load(Relaxed) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failed flush while the database was locked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stats.flushes.load(Relaxed), 0, "a flush committed through the lock");
+    assert_eq!(db_counts(&c.store).await, BTreeMap::new());
+
+    locker.execute("ROLLBACK", ()).await.unwrap();
+    wait_for(&c, 5_000, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(db_counts(&c.store).await, expected);
+    assert!(stats.flushes.load(Relaxed) >= 1);
+    agg.stop().await;
+    pre.stop().await;
+}

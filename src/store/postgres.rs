@@ -82,7 +82,12 @@ impl PostgresStore {
         self.pool
             .get()
             .await
-            .map_err(|e| StoreError::Pool(causes(&e)))
+            .map_err(|e| match e {
+                // deadpool's "Error occurred while creating a new object" adds nothing to the
+                // driver's own account (connection refused, no such database, …).
+                deadpool_postgres::PoolError::Backend(e) => StoreError::Pool(causes(&e)),
+                e => StoreError::Pool(causes(&e)),
+            })
     }
 
     pub async fn load_positions(

@@ -1,0 +1,97 @@
+//! The binary's edge, run as a user runs it: wrong input gives one `error:` line that says
+//! what to fix, a non-zero exit code, and never a panic or a backtrace.
+
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pageviews");
+
+/// Runs the binary with a clean environment (no PAGEVIEWS_* or RUST_LOG from the caller).
+fn run(args: &[&str], data_dir: &std::path::Path) -> Output {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PAGEVIEWS_") || k == "RUST_LOG" || k == "RUST_BACKTRACE" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("PAGEVIEWS_DATA_DIR", data_dir)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"))
+}
+
+/// Asserts a failure with exit code 1 whose stderr holds exactly one line, `error: …`, and
+/// returns that line.
+fn one_line_error(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(args, dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "pageviews {args:?}: {stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "pageviews {args:?} should print one line, printed:\n{stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    lines[0].to_owned()
+}
+
+/// Command-line mistakes are clap's: exit code 2, an `error:` line naming what is wrong (a
+/// missing argument is named on the line after it), then the usage.
+fn usage_error(args: &[&str], names: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(args, dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "pageviews {args:?}: {stderr}");
+    let head: Vec<&str> = stderr.lines().take(2).collect();
+    assert!(head[0].starts_with("error: "), "{stderr}");
+    assert!(head.iter().any(|l| l.contains(names)), "{names} not named in:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn unknown_command_line_values_name_the_value() {
+    usage_error(&["frobnicate"], "'frobnicate'");
+    usage_error(&["aggregate", "--flush-interval", "soon"], "'soon'");
+    usage_error(&["broker", "--broker-storage", "floppy"], "'floppy'");
+    usage_error(&["serve", "--listen", "localhost"], "'localhost'");
+    usage_error(&["-X", "acks", "topics"], "expected key=value");
+    usage_error(&["import"], "<FILE>");
+}
+
+#[test]
+fn unreachable_brokers_say_which_and_where_to_fix() {
+    // Port 1 on loopback: nothing listens, the connection is refused.
+    let line = one_line_error(&["--brokers", "127.0.0.1:1", "topics"]);
+    assert!(line.starts_with("error: cannot reach Kafka at 127.0.0.1:1: "), "{line}");
+    // librdkafka's own account, not just "broker transport failure".
+    assert!(line.contains("Connection refused"), "{line}");
+    assert!(line.ends_with("(is the broker running? check --brokers / PAGEVIEWS_BROKERS)"), "{line}");
+}
+
+#[test]
+fn a_missing_geoip_file_is_named() {
+    let line = one_line_error(&["preprocess", "--geoip", "/nonexistent/Country.mmdb"]);
+    assert!(line.contains("/nonexistent/Country.mmdb"), "{line}");
+    assert!(line.contains("No such file or directory"), "{line}");
+}
+
+#[test]
+fn a_database_url_with_a_typo_is_named() {
+    let line = one_line_error(&["serve", "--database", "postgress://postgres@127.0.0.1/test"]);
+    assert_eq!(
+        line,
+        "error: unsupported database URL \"postgress://postgres@127.0.0.1/test\": \
+         use sqlite://PATH or postgres://USER@HOST:PORT/DB"
+    );
+    // Nothing listens on port 1: the URL is right in form but wrong in place.
+    let line = one_line_error(&["aggregate", "--database", "postgres://postgres@127.0.0.1:1/test"]);
+    assert_eq!(
+        line,
+        "error: cannot open database postgres://postgres@127.0.0.1:1/test: error connecting to \
+         server: Connection refused (os error 111) (check --database / PAGEVIEWS_DATABASE)"
+    );
+}
+
+#[test]
+fn a_missing_input_file_is_named() {
+    let line = one_line_error(&["--brokers", "127.0.0.1:1", "import", "/nonexistent/access.log"]);
+    assert!(line.contains("/nonexistent/access.log"), "{line}");
+}
