@@ -34,6 +34,16 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 8;
+
+/// Writes a line of the test's report to the process's stderr directly: libtest captures
+/// `println!` of a passing test, and the schedule with its recovery times belongs in every CI
+/// log, not only in failed ones.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
 const BIN: &str = env!("CARGO_BIN_EXE_pageviews");
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -496,7 +506,7 @@ async fn chaos() {
         .tempdir()
         .unwrap()
         .keep();
-    println!("chaos: seed {seed}, {valid} valid lines, import at {rate} lines/s, logs in {}", dir.display());
+    report!("chaos: seed {seed}, {valid} valid lines, import at {rate} lines/s, logs in {}", dir.display());
 
     let (all, good, malformed) = input_lines(seed, valid);
     let expected = common::expected_counts(good.iter().map(Vec::as_slice));
@@ -589,7 +599,7 @@ async fn chaos() {
             }
             _ => unreachable!(),
         };
-        println!("{:>7.1} s  {what}", at.as_secs_f64());
+        report!("{:>7.1} s  {what}", at.as_secs_f64());
         let mut d = Disruption { at, counted: counted_at, what, owned_again: None, moving_again: None };
         // Recovery: the role's partitions are owned again after a rebalance, then the counts
         // in the database move again.
@@ -645,11 +655,11 @@ async fn chaos() {
     let counted = common::db_counts(&sampler.store).await;
     let (dead_distinct, dead_total) = distinct_dead_letters(&c.brokers);
 
-    println!("\nkill schedule and recovery (owned = partitions assigned again after the rebalance; moving = database total rising again):");
-    println!("{:>9}  {:>9}  {:>9}  {:>9}  what", "at", "counted", "owned", "moving");
+    report!("\nkill schedule and recovery (owned = partitions assigned again after the rebalance; moving = database total rising again):");
+    report!("{:>9}  {:>9}  {:>9}  {:>9}  what", "at", "counted", "owned", "moving");
     for d in &disruptions {
         let f = |x: Option<Duration>| x.map_or("-".to_owned(), |x| format!("{:.1} s", x.as_secs_f64()));
-        println!(
+        report!(
             "{:>7.1} s  {:>9}  {:>9}  {:>9}  {}",
             d.at.as_secs_f64(),
             d.counted,
@@ -659,7 +669,7 @@ async fn chaos() {
         );
     }
     let sum: u64 = counted.values().sum();
-    println!(
+    report!(
         "\ndrained after {:.1} s; counted {sum} visits in {} countries (expected {total} in {}); \
          dead letters: {dead_distinct} distinct ({dead_total} messages), injected {malformed}",
         drained.as_secs_f64(),
@@ -667,7 +677,7 @@ async fn chaos() {
         expected.len()
     );
     let recovered = c.observed.lock().unwrap().flush_recovered_at.len();
-    println!("aggregator flushes that succeeded again after failures: {recovered}");
+    report!("aggregator flushes that succeeded again after failures: {recovered}");
 
     assert_eq!(counted, expected, "per-country counts differ from the input");
     assert_eq!(dead_distinct, malformed, "distinct dead letters differ from malformed lines injected");
