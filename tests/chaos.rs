@@ -27,6 +27,7 @@ use pageviews::event::headers;
 use pageviews::generate::LineGenerator;
 use pageviews::kafka::{DEAD_LETTER_TOPIC, KafkaSettings};
 use pageviews::store::Store;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -543,12 +544,13 @@ async fn chaos() {
         samples: Vec::new(),
     };
 
-    // The schedule: 8 SIGKILLs of a random preprocessor or aggregator (the first aggregator
-    // kill happens inside a flush transaction), one importer stop/resume, one PostgreSQL
-    // restart and one broker kill/restart, at random moments.
+    // The schedule: 8 SIGKILLs, each of a random live process of the role drawn (the first
+    // aggregator kill happens inside a flush transaction), one importer stop/resume, one
+    // PostgreSQL restart and one broker kill/restart, at random moments.
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-    let mut plan: Vec<&str> = (0..8).map(|_| if rng.random_bool(0.5) { "kill-pre" } else { "kill-agg" }).collect();
-    plan[1] = "kill-agg"; // make sure at least one aggregator dies mid-flush
+    // Four of each role, in random order.
+    let mut plan: Vec<&str> = [["kill-pre", "kill-agg"]; 4].concat();
+    plan.shuffle(&mut rng);
     plan.insert(2, "restart-importer");
     plan.insert(4, "restart-postgres");
     plan.insert(7, "restart-broker");
