@@ -98,10 +98,10 @@ impl EmbeddedBroker {
             }
         });
         wait_for_listener(addr).await.map_err(start_err)?;
-        if let Some(file) = sqlite_file {
-            if let Err(err) = add_missing_indexes(&file).await {
-                tracing::warn!(%err, "cannot index the broker's header table; fetching events with headers will be slow");
-            }
+        if let Some(file) = sqlite_file
+            && let Err(err) = add_missing_indexes(&file).await
+        {
+            tracing::warn!(%err, "cannot index the broker's header table; fetching events with headers will be slow");
         }
         tracing::info!(%addr, ?storage, "embedded broker ready");
         Ok(EmbeddedBroker { addr, task })

@@ -175,7 +175,11 @@ impl ClientContext for ProbeContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // `reason` repeats librdkafka's text; "1/1 brokers are down" follows the real cause.
         if !reason.contains("brokers are down") || self.last_complaint().is_none() {
-            self.remember(if reason.is_empty() { error.to_string() } else { reason.to_owned() });
+            self.remember(if reason.is_empty() {
+                error.to_string()
+            } else {
+                reason.to_owned()
+            });
         }
     }
 }

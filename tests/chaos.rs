@@ -62,7 +62,9 @@ fn free_port() -> u16 {
 }
 
 fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -100,7 +102,11 @@ impl PrivatePostgres {
             port: free_port(),
             as_postgres,
         };
-        run_ok(pg.tool("initdb").args(["-U", "postgres", "-A", "trust", "--no-sync", "-D"]).arg(&pg.data));
+        run_ok(
+            pg.tool("initdb")
+                .args(["-U", "postgres", "-A", "trust", "--no-sync", "-D"])
+                .arg(&pg.data),
+        );
         pg.start();
         pg
     }
@@ -133,12 +139,12 @@ impl PrivatePostgres {
 
     /// Like a crash: no shutdown checkpoint, open transactions are lost.
     fn stop_immediately(&self) {
-        run_ok(
-            self.tool("pg_ctl")
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "immediate", "-w", "stop"]),
-        );
+        run_ok(self.tool("pg_ctl").arg("-D").arg(&self.data).args([
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]));
     }
 
     fn url(&self) -> String {
@@ -191,7 +197,11 @@ struct Cluster {
 fn partitions_in(line: &str) -> BTreeSet<i32> {
     line.split_once("partitions=[")
         .and_then(|(_, rest)| rest.split_once(']'))
-        .map(|(list, _)| list.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+        .map(|(list, _)| {
+            list.split(',')
+                .filter_map(|p| p.trim().parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -210,24 +220,36 @@ impl Cluster {
         );
         let mut cmd = Command::new(BIN);
         cmd.args(args)
-            .env("RUST_LOG", "warn,pageviews=info,tansu_storage=off,tansu_service=off")
+            .env(
+                "RUST_LOG",
+                "warn,pageviews=info,tansu_storage=off,tansu_service=off",
+            )
             .env("NO_COLOR", "1")
             .env_remove("PAGEVIEWS_DATABASE")
             .env_remove("PAGEVIEWS_BROKERS")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
         let log_path = self.dir.join(format!("{name}.log"));
         let file = Arc::new(Mutex::new(std::fs::File::create(&log_path).unwrap()));
         for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
         {
-            let (file, observed, name) = (Arc::clone(&file), Arc::clone(&self.observed), name.clone());
+            let (file, observed, name) =
+                (Arc::clone(&file), Arc::clone(&self.observed), name.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
@@ -236,7 +258,11 @@ impl Cluster {
                     let mut o = observed.lock().unwrap();
                     if line.contains(" assigned") {
                         let parts = partitions_in(&line);
-                        o.owned.entry(name.clone()).or_insert((role, BTreeSet::new())).1.extend(parts);
+                        o.owned
+                            .entry(name.clone())
+                            .or_insert((role, BTreeSet::new()))
+                            .1
+                            .extend(parts);
                         o.assigned_at.push((now, role));
                     } else if line.contains(" revoked") {
                         let parts = partitions_in(&line);
@@ -310,7 +336,9 @@ impl Cluster {
     fn live(&mut self, role: Role) -> Vec<String> {
         self.procs
             .iter_mut()
-            .filter_map(|(n, r, c)| (*r == role && matches!(c.try_wait(), Ok(None))).then(|| n.clone()))
+            .filter_map(|(n, r, c)| {
+                (*r == role && matches!(c.try_wait(), Ok(None))).then(|| n.clone())
+            })
             .collect()
     }
 
@@ -324,7 +352,11 @@ impl Cluster {
     /// SIGTERM: a graceful stop (the importer saves its checkpoint).
     fn terminate(&mut self, name: &str) {
         let (_, _, child) = self.procs.iter_mut().find(|(n, _, _)| n == name).unwrap();
-        run_ok(Command::new("kill").arg("-TERM").arg(child.id().to_string()));
+        run_ok(
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string()),
+        );
         let _ = child.wait();
         self.observed.lock().unwrap().owned.remove(name);
     }
@@ -349,7 +381,8 @@ impl Cluster {
     fn tail_of_logs(&self) -> String {
         let mut out = String::new();
         for (name, _, _) in &self.procs {
-            let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let text =
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             out.push_str(&format!("--- {name} (last 15 lines)\n"));
             for l in &lines[lines.len().saturating_sub(15)..] {
@@ -374,7 +407,10 @@ impl Drop for Cluster {
 /// Returns (file contents as lines, valid lines, malformed count).
 fn input_lines(seed: u64, valid: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, usize) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let good: Vec<Vec<u8>> = LineGenerator::new(seed).take(valid).map(String::into_bytes).collect();
+    let good: Vec<Vec<u8>> = LineGenerator::new(seed)
+        .take(valid)
+        .map(String::into_bytes)
+        .collect();
     let mut all = Vec::with_capacity(valid + valid / 500);
     let mut malformed = 0;
     let burst_at = valid / 3;
@@ -392,7 +428,9 @@ fn input_lines(seed: u64, valid: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, usize) {
                 // accepts an unterminated last quoted field).
                 1 => line[..line.iter().position(|&b| b == b'[').unwrap_or(5)].to_vec(),
                 // Not text: bytes that are never valid UTF-8.
-                2 => (0..rng.random_range(1..200)).map(|_| rng.random_range(0x80..=0xffu8)).collect(),
+                2 => (0..rng.random_range(1..200))
+                    .map(|_| rng.random_range(0x80..=0xffu8))
+                    .collect(),
                 3 => Vec::new(),
                 // Over the importer's line limit: sent cut, dead-lettered as too long.
                 _ => vec![b'x'; 70_000],
@@ -422,7 +460,8 @@ fn distinct_dead_letters(brokers: &str) -> (usize, usize) {
     let mut partitions = 0;
     for t in metadata.topics() {
         for p in t.partitions() {
-            tpl.add_partition_offset(DEAD_LETTER_TOPIC, p.id(), Offset::Beginning).unwrap();
+            tpl.add_partition_offset(DEAD_LETTER_TOPIC, p.id(), Offset::Beginning)
+                .unwrap();
             partitions += 1;
         }
     }
@@ -507,7 +546,10 @@ async fn chaos() {
         .tempdir()
         .unwrap()
         .keep();
-    report!("chaos: seed {seed}, {valid} valid lines, import at {rate} lines/s, logs in {}", dir.display());
+    report!(
+        "chaos: seed {seed}, {valid} valid lines, import at {rate} lines/s, logs in {}",
+        dir.display()
+    );
 
     let (all, good, malformed) = input_lines(seed, valid);
     let expected = common::expected_counts(good.iter().map(Vec::as_slice));
@@ -533,9 +575,20 @@ async fn chaos() {
     let started = Instant::now();
     let mut broker = c.start_broker();
     let mut topics = Command::new(BIN);
-    topics.args(["--brokers", &c.brokers, "topics", "--partitions", &PARTITIONS.to_string()]);
+    topics.args([
+        "--brokers",
+        &c.brokers,
+        "topics",
+        "--partitions",
+        &PARTITIONS.to_string(),
+    ]);
     run_ok(&mut topics);
-    for role in [Role::Preprocessor, Role::Preprocessor, Role::Aggregator, Role::Aggregator] {
+    for role in [
+        Role::Preprocessor,
+        Role::Preprocessor,
+        Role::Aggregator,
+        Role::Aggregator,
+    ] {
         c.start_stage(role);
     }
     let mut importer = c.start_stage(Role::Importer);
@@ -567,7 +620,11 @@ async fn chaos() {
         let at = t0 - started;
         let (what, role) = match step {
             "kill-pre" | "kill-agg" => {
-                let role = if step == "kill-pre" { Role::Preprocessor } else { Role::Aggregator };
+                let role = if step == "kill-pre" {
+                    Role::Preprocessor
+                } else {
+                    Role::Aggregator
+                };
                 let victim = if role == Role::Aggregator && !flush_kill_done {
                     flush_kill_done = true;
                     kill_during_flush(&mut c, &pg).await
@@ -584,25 +641,40 @@ async fn chaos() {
                 c.terminate(&importer);
                 let old = importer.clone();
                 importer = c.start_stage(Role::Importer);
-                (format!("SIGTERM {old} (checkpoint), started {importer} (resumes)"), None)
+                (
+                    format!("SIGTERM {old} (checkpoint), started {importer} (resumes)"),
+                    None,
+                )
             }
             "restart-postgres" => {
                 pg.stop_immediately();
                 sleep_sampling(&mut sampler, Duration::from_secs(3)).await;
                 pg.start();
-                ("PostgreSQL stopped (immediate) for 3 s, started again".to_owned(), None)
+                (
+                    "PostgreSQL stopped (immediate) for 3 s, started again".to_owned(),
+                    None,
+                )
             }
             "restart-broker" => {
                 c.kill(&broker);
                 let old = broker.clone();
                 sleep_sampling(&mut sampler, Duration::from_secs(2)).await;
                 broker = c.start_broker();
-                (format!("SIGKILL {old} (SQLite storage), 2 s later started {broker}"), None)
+                (
+                    format!("SIGKILL {old} (SQLite storage), 2 s later started {broker}"),
+                    None,
+                )
             }
             _ => unreachable!(),
         };
         report!("{:>7.1} s  {what}", at.as_secs_f64());
-        let mut d = Disruption { at, counted: counted_at, what, owned_again: None, moving_again: None };
+        let mut d = Disruption {
+            at,
+            counted: counted_at,
+            what,
+            owned_again: None,
+            moving_again: None,
+        };
         // Recovery: the role's partitions are owned again after a rebalance, then the counts
         // in the database move again.
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -657,10 +729,19 @@ async fn chaos() {
     let counted = common::db_counts(&sampler.store).await;
     let (dead_distinct, dead_total) = distinct_dead_letters(&c.brokers);
 
-    report!("\nkill schedule and recovery (owned = partitions assigned again after the rebalance; moving = database total rising again):");
-    report!("{:>9}  {:>9}  {:>9}  {:>9}  what", "at", "counted", "owned", "moving");
+    report!(
+        "\nkill schedule and recovery (owned = partitions assigned again after the rebalance; moving = database total rising again):"
+    );
+    report!(
+        "{:>9}  {:>9}  {:>9}  {:>9}  what",
+        "at",
+        "counted",
+        "owned",
+        "moving"
+    );
     for d in &disruptions {
-        let f = |x: Option<Duration>| x.map_or("-".to_owned(), |x| format!("{:.1} s", x.as_secs_f64()));
+        let f =
+            |x: Option<Duration>| x.map_or("-".to_owned(), |x| format!("{:.1} s", x.as_secs_f64()));
         report!(
             "{:>7.1} s  {:>9}  {:>9}  {:>9}  {}",
             d.at.as_secs_f64(),
@@ -681,8 +762,14 @@ async fn chaos() {
     let recovered = c.observed.lock().unwrap().flush_recovered_at.len();
     report!("aggregator flushes that succeeded again after failures: {recovered}");
 
-    assert_eq!(counted, expected, "per-country counts differ from the input");
-    assert_eq!(dead_distinct, malformed, "distinct dead letters differ from malformed lines injected");
+    assert_eq!(
+        counted, expected,
+        "per-country counts differ from the input"
+    );
+    assert_eq!(
+        dead_distinct, malformed,
+        "distinct dead letters differ from malformed lines injected"
+    );
     // At least 6 worker kills while lines were still flowing, each followed by a rebalance
     // that moved the counts again.
     let busy_kills = disruptions
@@ -690,7 +777,10 @@ async fn chaos() {
         .filter(|d| d.what.starts_with("SIGKILL") && !d.what.contains("broker"))
         .filter(|d| d.counted < total && d.moving_again.is_some())
         .count();
-    assert!(busy_kills >= 6, "only {busy_kills} worker kills hit a busy pipeline");
+    assert!(
+        busy_kills >= 6,
+        "only {busy_kills} worker kills hit a busy pipeline"
+    );
     drop(c);
     drop(pg);
     let _ = std::fs::remove_dir_all(&dir);
@@ -700,7 +790,10 @@ async fn sleep_sampling(sampler: &mut Sampler, d: Duration) {
     let end = Instant::now() + d;
     while Instant::now() < end {
         sampler.sample().await;
-        tokio::time::sleep(Duration::from_millis(200).min(end.saturating_duration_since(Instant::now()))).await;
+        tokio::time::sleep(
+            Duration::from_millis(200).min(end.saturating_duration_since(Instant::now())),
+        )
+        .await;
     }
 }
 
@@ -719,9 +812,14 @@ async fn wait_moving(sampler: &mut Sampler, patience: Duration, c: &Cluster) {
 /// transaction is waiting on it (its offsets are already moved inside that transaction), then
 /// releases the lock. Returns what was done.
 async fn kill_during_flush(c: &mut Cluster, pg: &PrivatePostgres) -> String {
-    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
     let conn = tokio::spawn(conn);
-    client.batch_execute("BEGIN; LOCK TABLE country_stats IN SHARE ROW EXCLUSIVE MODE").await.unwrap();
+    client
+        .batch_execute("BEGIN; LOCK TABLE country_stats IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let victim = loop {
         let rows = client
@@ -747,9 +845,20 @@ async fn kill_during_flush(c: &mut Cluster, pg: &PrivatePostgres) -> String {
                 .unwrap();
             let all: Vec<String> = all
                 .iter()
-                .map(|r| format!("{} {} {} {}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2), r.get::<_, String>(3)))
+                .map(|r| {
+                    format!(
+                        "{} {} {} {}",
+                        r.get::<_, String>(0),
+                        r.get::<_, String>(1),
+                        r.get::<_, String>(2),
+                        r.get::<_, String>(3)
+                    )
+                })
                 .collect();
-            panic!("no aggregator flush reached the locked table; sessions: {all:#?}\n{}", c.tail_of_logs());
+            panic!(
+                "no aggregator flush reached the locked table; sessions: {all:#?}\n{}",
+                c.tail_of_logs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };

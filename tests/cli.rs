@@ -26,9 +26,16 @@ fn one_line_error(args: &[&str]) -> String {
     let out = run(args, dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "pageviews {args:?}: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "pageviews {args:?} should print one line, printed:\n{stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "pageviews {args:?} should print one line, printed:\n{stderr}"
+    );
     assert!(lines[0].starts_with("error: "), "{stderr}");
     lines[0].to_owned()
 }
@@ -42,7 +49,10 @@ fn usage_error(args: &[&str], names: &str) {
     assert_eq!(out.status.code(), Some(2), "pageviews {args:?}: {stderr}");
     let head: Vec<&str> = stderr.lines().take(2).collect();
     assert!(head[0].starts_with("error: "), "{stderr}");
-    assert!(head.iter().any(|l| l.contains(names)), "{names} not named in:\n{stderr}");
+    assert!(
+        head.iter().any(|l| l.contains(names)),
+        "{names} not named in:\n{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -60,10 +70,16 @@ fn unknown_command_line_values_name_the_value() {
 fn unreachable_brokers_say_which_and_where_to_fix() {
     // Port 1 on loopback: nothing listens, the connection is refused.
     let line = one_line_error(&["--brokers", "127.0.0.1:1", "topics"]);
-    assert!(line.starts_with("error: cannot reach Kafka at 127.0.0.1:1: "), "{line}");
+    assert!(
+        line.starts_with("error: cannot reach Kafka at 127.0.0.1:1: "),
+        "{line}"
+    );
     // librdkafka's own account, not just "broker transport failure".
     assert!(line.contains("Connection refused"), "{line}");
-    assert!(line.ends_with("(is the broker running? check --brokers / PAGEVIEWS_BROKERS)"), "{line}");
+    assert!(
+        line.ends_with("(is the broker running? check --brokers / PAGEVIEWS_BROKERS)"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -82,7 +98,11 @@ fn a_database_url_with_a_typo_is_named() {
          use sqlite://PATH or postgres://USER@HOST:PORT/DB"
     );
     // Nothing listens on port 1: the URL is right in form but wrong in place.
-    let line = one_line_error(&["aggregate", "--database", "postgres://postgres@127.0.0.1:1/test"]);
+    let line = one_line_error(&[
+        "aggregate",
+        "--database",
+        "postgres://postgres@127.0.0.1:1/test",
+    ]);
     assert_eq!(
         line,
         "error: cannot open database postgres://postgres@127.0.0.1:1/test: error connecting to \
@@ -92,6 +112,11 @@ fn a_database_url_with_a_typo_is_named() {
 
 #[test]
 fn a_missing_input_file_is_named() {
-    let line = one_line_error(&["--brokers", "127.0.0.1:1", "import", "/nonexistent/access.log"]);
+    let line = one_line_error(&[
+        "--brokers",
+        "127.0.0.1:1",
+        "import",
+        "/nonexistent/access.log",
+    ]);
     assert!(line.contains("/nonexistent/access.log"), "{line}");
 }

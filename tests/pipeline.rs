@@ -295,7 +295,10 @@ async fn import_resumes_from_its_checkpoint() {
     assert_eq!(first.lines + second.lines, 20_000);
 
     // The file grows (a log being written): only the new lines go out.
-    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
     for l in &lines[20_000..] {
         std::io::Write::write_all(&mut f, l).unwrap();
         std::io::Write::write_all(&mut f, b"\n").unwrap();
@@ -345,7 +348,11 @@ async fn flush_retries_while_the_database_is_locked() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(stats.flushes.load(Relaxed), 0, "a flush committed through the lock");
+    assert_eq!(
+        stats.flushes.load(Relaxed),
+        0,
+        "a flush committed through the lock"
+    );
     assert_eq!(db_counts(&c.store).await, BTreeMap::new());
 
     locker.execute("ROLLBACK", ()).await.unwrap();

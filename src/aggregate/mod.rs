@@ -24,8 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::countries::CountryCode;
-use crate::kafka::{AGGREGATE_GROUP, EVENTS_TOPIC, KafkaSettings};
 use crate::event::headers as event_headers;
+use crate::kafka::{AGGREGATE_GROUP, EVENTS_TOPIC, KafkaSettings};
 use crate::store::{FlushOutcome, Store, StoreError, StoredPositions};
 use tally::{Pending, Recorded, Source, Tally};
 
@@ -239,7 +239,6 @@ pub async fn run(
     }
     // Best effort: what is not flushed now is re-read by the next owner.
     flusher.flush().await;
-    drop(flusher);
     // Leaving the group blocks on a broker round trip: keep it off the async workers.
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     Ok(())
@@ -338,7 +337,12 @@ impl Flusher<'_> {
         }
         self.failures = 0;
         let duplicates = self.stats.duplicates_dropped.load(Ordering::Relaxed);
-        tracing::info!(visits, partitions = pending.batch.offsets.len(), duplicates_dropped_total = duplicates, "flushed");
+        tracing::info!(
+            visits,
+            partitions = pending.batch.offsets.len(),
+            duplicates_dropped_total = duplicates,
+            "flushed"
+        );
     }
 
     fn failed(&mut self, pending: Pending, err: &StoreError) {

@@ -316,7 +316,11 @@ mod tests {
 
         let p = t.take_pending("g", "t");
         assert_eq!(p.batch.increments, vec![("DE".into(), 1), ("NL".into(), 7)]);
-        assert_eq!(p.batch.offsets[0].next, offset + 1, "duplicates still move the offset");
+        assert_eq!(
+            p.batch.offsets[0].next,
+            offset + 1,
+            "duplicates still move the offset"
+        );
         let wm = |source_partition, source_offset| WatermarkUpdate {
             partition: 0,
             source_partition,
@@ -336,7 +340,10 @@ mod tests {
     fn stored_watermarks_survive_reassignment() {
         let mut t = Tally::default();
         t.assign(0, Some(50), HashMap::from([(3, 104)]));
-        assert_eq!(t.record(0, 50, cc("NL"), src(3, 104)), Recorded::DuplicateSource);
+        assert_eq!(
+            t.record(0, 50, cc("NL"), src(3, 104)),
+            Recorded::DuplicateSource
+        );
         assert_eq!(t.record(0, 51, cc("NL"), src(3, 105)), Recorded::Counted);
         let p = t.take_pending("g", "t");
         assert_eq!(p.batch.increments, vec![("NL".into(), 1)]);

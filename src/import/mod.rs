@@ -27,9 +27,9 @@ use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::headers;
-use checkpoint::{CHECKPOINT_EVERY, Checkpoint, CheckpointDir, Consumed};
 use crate::kafka::{KafkaSettings, RAW_TOPIC};
 pub use crate::preprocess::parse::MAX_LINE_BYTES;
+use checkpoint::{CHECKPOINT_EVERY, Checkpoint, CheckpointDir, Consumed};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -198,7 +198,7 @@ impl LineSink {
             }
         }
         self.sent += 1;
-        if self.sent % 1024 == 0 {
+        if self.sent.is_multiple_of(1024) {
             self.acked.store(
                 self.producer.context().delivered.load(Ordering::Relaxed),
                 Ordering::Relaxed,
@@ -291,11 +291,11 @@ fn import_blocking(
             path: input.name(),
             source,
         };
-        if config.follow {
-            if let Input::File(path) = input {
-                follow_file(path, &shutdown, |line, len| sink.send(line, len)).map_err(read_err)?;
-                continue;
-            }
+        if config.follow
+            && let Input::File(path) = input
+        {
+            follow_file(path, &shutdown, |line, len| sink.send(line, len)).map_err(read_err)?;
+            continue;
         }
         let reader: Box<dyn Read> = match input {
             Input::Stdin => Box::new(io::stdin().lock()),

@@ -64,7 +64,9 @@ pub enum PreprocessError {
     /// Producing it again would put it after later events and break the ordering the
     /// aggregator's replay detection relies on, so the preprocessor stops instead; its raw
     /// offsets were not committed, and a restarted preprocessor reads the lines again.
-    #[error("an event could not be delivered ({0}); stopping so that the lines are re-read in order after a restart")]
+    #[error(
+        "an event could not be delivered ({0}); stopping so that the lines are re-read in order after a restart"
+    )]
     Delivery(KafkaError),
 }
 
@@ -145,8 +147,7 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let next_offsets = match process_batch(&config.enricher, &producer, &stats, &batch).await
-        {
+        let next_offsets = match process_batch(&config.enricher, &producer, &stats, &batch).await {
             Ok(n) => n,
             Err(e) => {
                 result = Err(e);

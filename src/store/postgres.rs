@@ -9,7 +9,9 @@
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use super::{causes, CountryCount, FlushBatch, FlushOutcome, MIGRATIONS, StoreError, StoredPositions};
+use super::{
+    CountryCount, FlushBatch, FlushOutcome, MIGRATIONS, StoreError, StoredPositions, causes,
+};
 
 /// Offsets compare-and-set: returns the partitions whose offset moved (or was created).
 const CAS_OFFSETS: &str = "WITH moved AS (
@@ -79,15 +81,12 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| match e {
-                // deadpool's "Error occurred while creating a new object" adds nothing to the
-                // driver's own account (connection refused, no such database, …).
-                deadpool_postgres::PoolError::Backend(e) => StoreError::Pool(causes(&e)),
-                e => StoreError::Pool(causes(&e)),
-            })
+        self.pool.get().await.map_err(|e| match e {
+            // deadpool's "Error occurred while creating a new object" adds nothing to the
+            // driver's own account (connection refused, no such database, …).
+            deadpool_postgres::PoolError::Backend(e) => StoreError::Pool(causes(&e)),
+            e => StoreError::Pool(causes(&e)),
+        })
     }
 
     pub async fn load_positions(
@@ -175,7 +174,11 @@ impl PostgresStore {
             tx.prepare_cached(UPSERT_COUNTS)
         )?;
         let parts: Vec<i32> = batch.watermarks.iter().map(|w| w.partition).collect();
-        let sources: Vec<i32> = batch.watermarks.iter().map(|w| w.source_partition).collect();
+        let sources: Vec<i32> = batch
+            .watermarks
+            .iter()
+            .map(|w| w.source_partition)
+            .collect();
         let offsets: Vec<i64> = batch.watermarks.iter().map(|w| w.source_offset).collect();
         let codes: Vec<&str> = batch.increments.iter().map(|(c, _)| c.as_str()).collect();
         let counts: Vec<i64> = batch
@@ -184,10 +187,14 @@ impl PostgresStore {
             .map(|(_, n)| i64::try_from(*n).unwrap_or(i64::MAX))
             .collect();
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let wm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&batch.consumer_group, &batch.topic, &parts, &sources, &offsets];
-        let count_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-            [&codes, &counts, &now];
+        let wm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &batch.consumer_group,
+            &batch.topic,
+            &parts,
+            &sources,
+            &offsets,
+        ];
+        let count_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&codes, &counts, &now];
         futures::try_join!(
             tx.execute(&wm_stmt, &wm_params),
             tx.execute(&count_stmt, &count_params),
