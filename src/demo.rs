@@ -121,17 +121,19 @@ pub async fn run(
     let listener = serve::bind(args.listen).await?;
     println!("dashboard: http://{}", listener.local_addr()?);
 
-    let stages = shutdown.child_token();
+    let stop_stages = shutdown.child_token();
+    // The input stops at Ctrl-C, or when a stage dies (nothing would count its lines).
+    let stop_input = shutdown.child_token();
     let pre_stats = Arc::new(PreprocessStats::default());
     let agg_stats = Arc::new(AggregateStats::default());
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut stages = Stages::default();
     {
         let config = PreprocessConfig {
             kafka: kafka.clone(),
             enricher,
         };
-        let (stats, stop) = (Arc::clone(&pre_stats), stages.clone());
-        tasks.spawn(async move {
+        let (stats, stop) = (Arc::clone(&pre_stats), stop_stages.clone());
+        stages.spawn("preprocess", async move {
             preprocess::run(config, stats, stop)
                 .await
                 .map_err(anyhow::Error::from)
@@ -143,16 +145,16 @@ pub async fn run(
             store: store.clone(),
             flush_interval: args.flush_interval,
         };
-        let (stats, stop) = (Arc::clone(&agg_stats), stages.clone());
-        tasks.spawn(async move {
+        let (stats, stop) = (Arc::clone(&agg_stats), stop_stages.clone());
+        stages.spawn("aggregate", async move {
             aggregate::run(config, stats, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
     }
     {
-        let (store, stop) = (store.clone(), stages.clone());
-        tasks.spawn(async move {
+        let (store, stop) = (store.clone(), stop_stages.clone());
+        stages.spawn("serve", async move {
             serve::run(listener, store, stop)
                 .await
                 .map_err(anyhow::Error::from)
@@ -161,78 +163,207 @@ pub async fn run(
 
     let baseline = counted(&store).await?;
     let started = Instant::now();
-    let imported = if args.input.is_empty() {
-        let (kafka, rate, seed, limit, stop) = (
-            kafka.clone(),
-            args.rate.unwrap_or(1000),
-            args.seed,
-            args.lines,
-            shutdown.clone(),
-        );
-        tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-            let mut sink = LineSink::new(&kafka, Some(rate), stop)?;
-            let mut generator = LineGenerator::live(seed);
-            let mut n = 0u64;
-            while limit.is_none_or(|l| n < l) {
-                let line = generator.next_line();
-                if !sink.send(line.as_bytes(), line.len()) {
-                    break;
-                }
-                n += 1;
-            }
-            Ok(sink.finish()?.lines)
-        })
-        .await??
-    } else {
-        let inputs = import::expand_inputs(&args.input)?;
-        let config = ImportConfig {
-            kafka: kafka.clone(),
-            inputs,
-            follow: false,
-            rate: args.rate,
-            // The demo counts its inputs once per run (see wait_drained's baseline).
-            checkpoints: None,
-            from_start: false,
-        };
-        import::run(config, shutdown.clone()).await?.lines
-    };
-
-    let mut result = Ok(());
-    if args.exit_when_drained {
-        if let Some((counted, dead)) = wait_drained(
-            &store,
-            &pre_stats.dead_letters,
-            baseline,
-            imported,
-            &shutdown,
-        )
-        .await
-        {
-            let secs = started.elapsed().as_secs_f64();
-            println!(
-                "drained: lines read {imported}, counted {counted}, dead-lettered {dead}, {secs:.2} s, {:.0} lines/s",
-                imported as f64 / secs.max(1e-9)
+    let work = async {
+        let imported = if args.input.is_empty() {
+            let (kafka, rate, seed, limit, stop) = (
+                kafka.clone(),
+                args.rate.unwrap_or(1000),
+                args.seed,
+                args.lines,
+                stop_input.clone(),
             );
+            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                let mut sink = LineSink::new(&kafka, Some(rate), stop)?;
+                let mut generator = LineGenerator::live(seed);
+                let mut n = 0u64;
+                while limit.is_none_or(|l| n < l) {
+                    let line = generator.next_line();
+                    if !sink.send(line.as_bytes(), line.len()) {
+                        break;
+                    }
+                    n += 1;
+                }
+                Ok(sink.finish()?.lines)
+            })
+            .await??
+        } else {
+            let inputs = import::expand_inputs(&args.input)?;
+            let config = ImportConfig {
+                kafka: kafka.clone(),
+                inputs,
+                follow: false,
+                rate: args.rate,
+                // The demo counts its inputs once per run (see wait_drained's baseline).
+                checkpoints: None,
+                from_start: false,
+            };
+            import::run(config, stop_input.clone()).await?.lines
+        };
+        if args.exit_when_drained {
+            if let Some((counted, dead)) = wait_drained(
+                &store,
+                &pre_stats.dead_letters,
+                baseline,
+                imported,
+                &shutdown,
+            )
+            .await
+            {
+                let secs = started.elapsed().as_secs_f64();
+                println!(
+                    "drained: lines read {imported}, counted {counted}, dead-lettered {dead}, {secs:.2} s, {:.0} lines/s",
+                    imported as f64 / secs.max(1e-9)
+                );
+            }
+        } else {
+            shutdown.cancelled().await;
         }
-    } else {
-        shutdown.cancelled().await;
-    }
-    stages.cancel();
-    let deadline = tokio::time::sleep(Duration::from_secs(15));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            joined = tasks.join_next() => match joined {
-                None => break,
-                Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => { tracing::warn!(%e, "stage failed"); result = Err(e); }
-                Some(Err(e)) => tracing::warn!(%e, "stage panicked"),
-            },
-            _ = &mut deadline => { tracing::warn!("stages did not stop within 15 s"); break; }
+        anyhow::Ok(())
+    };
+    let result = tokio::select! {
+        done = work => done,
+        died = stages.failure() => {
+            stop_input.cancel();
+            Err(died)
         }
-    }
+    };
+    stop_stages.cancel();
+    let stopped = stages.stop(Duration::from_secs(15)).await;
     if let Some(b) = broker {
         b.stop();
     }
-    result
+    result.and(stopped)
+}
+
+/// The stages a demo runs, watched: a stage that ends before it is asked to (an error, a
+/// panic, or a plain return) ends the demo with that error, instead of leaving a demo that
+/// looks alive and counts nothing.
+#[derive(Default)]
+pub struct Stages {
+    set: tokio::task::JoinSet<anyhow::Result<()>>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Stages {
+    pub fn spawn(
+        &mut self,
+        name: &'static str,
+        stage: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(stage);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits for the first stage to end and says how it ended; never resolves while every
+    /// stage runs (or when there are none).
+    pub async fn failure(&mut self) -> anyhow::Error {
+        match self.set.join_next_with_id().await {
+            None => std::future::pending().await,
+            Some(ended) => self
+                .describe(ended)
+                .unwrap_or_else(|| anyhow::anyhow!("a stage stopped on its own")),
+        }
+    }
+
+    /// The error of a stage that ended, `None` if it ended cleanly... which, before it was
+    /// asked to stop, is itself a failure (see `failure`).
+    fn describe(
+        &self,
+        ended: Result<(tokio::task::Id, anyhow::Result<()>), tokio::task::JoinError>,
+    ) -> Option<anyhow::Error> {
+        let name = |id| self.names.get(&id).copied().unwrap_or("unknown");
+        match ended {
+            Ok((id, Ok(()))) => Some(anyhow::anyhow!("the {} stage stopped on its own", name(id))),
+            Ok((id, Err(e))) => Some(e.context(format!("the {} stage failed", name(id)))),
+            Err(join) if join.is_panic() => {
+                let id = join.id();
+                let payload = join.into_panic();
+                let text = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                Some(anyhow::anyhow!("the {} stage panicked: {text}", name(id)))
+            }
+            Err(join) => Some(anyhow::anyhow!(
+                "the {} stage was cancelled",
+                name(join.id())
+            )),
+        }
+    }
+
+    /// Waits up to `patience` for every stage to end after it was asked to stop; the first
+    /// error, if any.
+    pub async fn stop(mut self, patience: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::sleep(patience);
+        tokio::pin!(deadline);
+        let mut first = Ok(());
+        loop {
+            tokio::select! {
+                joined = self.set.join_next_with_id() => match joined {
+                    None => break,
+                    Some(Ok((_, Ok(())))) => {}
+                    Some(ended) => {
+                        if let Some(e) = self.describe(ended) {
+                            tracing::warn!("{e:#}");
+                            if first.is_ok() {
+                                first = Err(e);
+                            }
+                        }
+                    }
+                },
+                _ = &mut deadline => {
+                    tracing::warn!("stages did not stop within {patience:?}");
+                    self.set.abort_all();
+                    break;
+                }
+            }
+        }
+        first
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stage that panics or fails ends the demo with its name and reason; the others keep
+    /// running until asked to stop. (Before, the demo kept running without it, and
+    /// `--exit-when-drained` waited forever.)
+    #[tokio::test]
+    async fn a_dead_stage_is_reported() {
+        let stop = CancellationToken::new();
+        let mut stages = Stages::default();
+        let s = stop.clone();
+        stages.spawn("serve", async move {
+            s.cancelled().await;
+            Ok(())
+        });
+        stages.spawn("aggregate", async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            panic!("boom")
+        });
+        let err = tokio::time::timeout(Duration::from_secs(5), stages.failure())
+            .await
+            .expect("a dead stage must be noticed");
+        assert_eq!(err.to_string(), "the aggregate stage panicked: boom");
+        stop.cancel();
+        stages.stop(Duration::from_secs(5)).await.unwrap();
+
+        let mut stages = Stages::default();
+        stages.spawn("preprocess", async {
+            Err(anyhow::anyhow!("Kafka consumer: gone"))
+        });
+        let err = stages.failure().await;
+        assert_eq!(
+            format!("{err:#}"),
+            "the preprocess stage failed: Kafka consumer: gone"
+        );
+        let mut stages = Stages::default();
+        stages.spawn("serve", async { Ok(()) });
+        assert_eq!(
+            stages.failure().await.to_string(),
+            "the serve stage stopped on its own"
+        );
+    }
 }

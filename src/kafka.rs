@@ -1,5 +1,6 @@
 //! The one place that knows topic and group names and how Kafka clients are configured.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -37,8 +38,107 @@ pub enum KafkaSetupError {
     },
     #[error("cannot create topic {topic}: {reason}")]
     CreateTopic { topic: String, reason: String },
+    #[error("internal error: the Kafka reachability check stopped: {0}")]
+    Task(String),
+    #[error("cannot describe topic {topic}: {reason}")]
+    Describe { topic: String, reason: String },
     #[error("invalid Kafka client setting: {0}")]
     Client(#[from] rdkafka::error::KafkaError),
+}
+
+/// What a Kafka client is for, which decides which `-X` properties it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRole {
+    Consumer,
+    Producer,
+    /// Admin requests and metadata probes: neither consumer- nor producer-only properties.
+    Admin,
+}
+
+/// librdkafka's consumer-only properties (`C` in its CONFIGURATION.md, 2.12.1, global and
+/// topic level).
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "group.protocol.type",
+    "group.protocol",
+    "group.remote.assignor",
+    "coordinator.query.interval.ms",
+    "max.poll.interval.ms",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "enable.auto.offset.store",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.max.bytes",
+    "fetch.min.bytes",
+    "fetch.error.backoff.ms",
+    "offset.store.method",
+    "isolation.level",
+    "consume_cb",
+    "rebalance_cb",
+    "offset_commit_cb",
+    "enable.partition.eof",
+    "check.crcs",
+    "auto.commit.enable",
+    "auto.offset.reset",
+    "offset.store.path",
+    "offset.store.sync.interval.ms",
+    "consume.callback.max.messages",
+];
+
+/// librdkafka's producer-only properties (`P` in its CONFIGURATION.md, 2.12.1).
+const PRODUCER_ONLY: &[&str] = &[
+    "transactional.id",
+    "transaction.timeout.ms",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "linger.ms",
+    "message.send.max.retries",
+    "retries",
+    "queue.buffering.backpressure.threshold",
+    "compression.codec",
+    "compression.type",
+    "compression.level",
+    "batch.num.messages",
+    "batch.size",
+    "delivery.report.only.error",
+    "dr_cb",
+    "dr_msg_cb",
+    "sticky.partitioning.linger.ms",
+    "request.required.acks",
+    "acks",
+    "request.timeout.ms",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "queuing.strategy",
+    "produce.offset.report",
+    "partitioner",
+    "partitioner_cb",
+    "msg_order_cmp",
+];
+
+impl ClientRole {
+    /// Whether a property (`-X key=…`) applies to clients of this role.
+    pub fn accepts(self, key: &str) -> bool {
+        let consumer_only = CONSUMER_ONLY.contains(&key);
+        let producer_only = PRODUCER_ONLY.contains(&key);
+        match self {
+            ClientRole::Consumer => !producer_only,
+            ClientRole::Producer => !consumer_only,
+            ClientRole::Admin => !consumer_only && !producer_only,
+        }
+    }
 }
 
 /// Connection settings shared by every Kafka client of the process.
@@ -58,8 +158,10 @@ impl KafkaSettings {
         }
     }
 
-    /// A client config with `base` settings of the calling stage, then the user's overrides.
-    pub fn client_config(&self, base: &[(&str, &str)]) -> ClientConfig {
+    /// A client config with `base` settings of the calling stage, then the user's overrides
+    /// that apply to a client of this `role` (librdkafka warns about every consumer property
+    /// given to a producer and the other way round, so each goes only where it means something).
+    pub fn client_config(&self, role: ClientRole, base: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
         // librdkafka logs through `log`; keep its chatter out unless asked for.
@@ -68,7 +170,9 @@ impl KafkaSettings {
             config.set(*k, *v);
         }
         for (k, v) in &self.overrides {
-            config.set(k, v);
+            if role.accepts(k) {
+                config.set(k, v);
+            }
         }
         config
     }
@@ -79,7 +183,7 @@ impl KafkaSettings {
     /// any order would see a screen of them) but the last one ends up in the error.
     pub async fn wait_until_reachable(&self, patience: Duration) -> Result<(), KafkaSetupError> {
         let consumer: BaseConsumer<ProbeContext> = self
-            .client_config(&[])
+            .client_config(ClientRole::Admin, &[])
             .create_with_context(ProbeContext::default())?;
         let brokers = self.brokers.clone();
         tokio::task::spawn_blocking(move || {
@@ -102,17 +206,13 @@ impl KafkaSettings {
             }
         })
         .await
-        .unwrap_or_else(|join| {
-            Err(KafkaSetupError::CreateTopic {
-                topic: String::new(),
-                reason: join.to_string(),
-            })
-        })
+        .unwrap_or_else(|join| Err(KafkaSetupError::Task(join.to_string())))
     }
 
     /// Creates the three topics if missing (idempotent: existing topics are left as they are).
     pub async fn create_topics(&self, partitions: i32) -> Result<(), KafkaSetupError> {
-        let admin: AdminClient<DefaultClientContext> = self.client_config(&[]).create()?;
+        let admin: AdminClient<DefaultClientContext> =
+            self.client_config(ClientRole::Admin, &[]).create()?;
         let topics: Vec<NewTopic<'_>> = [RAW_TOPIC, EVENTS_TOPIC, DEAD_LETTER_TOPIC]
             .iter()
             .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
@@ -193,5 +293,142 @@ pub fn parse_override(s: &str) -> Result<(String, String), String> {
         _ => Err(format!(
             "expected key=value (a librdkafka property), got {s:?}"
         )),
+    }
+}
+
+/// A topic's identity: Kafka's topic id (a UUID, base64 as Kafka tools print it), which
+/// changes when a topic is deleted and created again under the same name, or when the broker
+/// starts over with new storage. `None` when the broker does not report one.
+pub type TopicId = Option<String>;
+
+/// The topic ids of `topics`, from a DescribeTopics admin request on `client`'s connection
+/// (rust-rdkafka has no wrapper for it yet, so this calls librdkafka directly). Blocking: call
+/// it off the async workers.
+pub fn describe_topic_ids<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<HashMap<String, TopicId>, KafkaSetupError> {
+    use rdkafka::bindings as rd;
+    use std::ffi::{CStr, CString, c_char};
+    let fail = |reason: String| KafkaSetupError::Describe {
+        topic: topics.join(","),
+        reason,
+    };
+    let names = topics
+        .iter()
+        .map(|t| CString::new(*t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut ptrs: Vec<*const c_char> = names.iter().map(|c| c.as_ptr()).collect();
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let rk = client.native_ptr();
+    // SAFETY: every object created here is destroyed before returning; the strings read from
+    // the result are copied while the event that owns them is alive; `names` outlives the
+    // collection made from its pointers.
+    unsafe {
+        let collection = rd::rd_kafka_TopicCollection_of_topic_names(ptrs.as_mut_ptr(), ptrs.len());
+        let options = rd::rd_kafka_AdminOptions_new(
+            rk,
+            rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBETOPICS,
+        );
+        let mut errstr = [0 as c_char; 256];
+        rd::rd_kafka_AdminOptions_set_request_timeout(
+            options,
+            timeout_ms,
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        );
+        let queue = rd::rd_kafka_queue_new(rk);
+        rd::rd_kafka_DescribeTopics(rk, collection, options, queue);
+        let event = rd::rd_kafka_queue_poll(queue, timeout_ms.saturating_add(1000));
+        let result = if event.is_null() {
+            Err(fail("no answer in time".to_owned()))
+        } else if rd::rd_kafka_event_error(event)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        {
+            Err(fail(
+                CStr::from_ptr(rd::rd_kafka_event_error_string(event))
+                    .to_string_lossy()
+                    .into_owned(),
+            ))
+        } else {
+            let res = rd::rd_kafka_event_DescribeTopics_result(event);
+            let mut count = 0usize;
+            let descriptions = rd::rd_kafka_DescribeTopics_result_topics(res, &mut count);
+            let mut out = HashMap::new();
+            let mut error = None;
+            for i in 0..count {
+                let d = *descriptions.add(i);
+                let name = CStr::from_ptr(rd::rd_kafka_TopicDescription_name(d))
+                    .to_string_lossy()
+                    .into_owned();
+                let err = rd::rd_kafka_TopicDescription_error(d);
+                if !err.is_null()
+                    && rd::rd_kafka_error_code(err)
+                        != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                {
+                    let reason = CStr::from_ptr(rd::rd_kafka_error_string(err))
+                        .to_string_lossy()
+                        .into_owned();
+                    error = Some(KafkaSetupError::Describe {
+                        topic: name,
+                        reason,
+                    });
+                    break;
+                }
+                let id = rd::rd_kafka_TopicDescription_topic_id(d);
+                let known = !id.is_null()
+                    && (rd::rd_kafka_Uuid_most_significant_bits(id) != 0
+                        || rd::rd_kafka_Uuid_least_significant_bits(id) != 0);
+                let id = known.then(|| {
+                    CStr::from_ptr(rd::rd_kafka_Uuid_base64str(id))
+                        .to_string_lossy()
+                        .into_owned()
+                });
+                out.insert(name, id);
+            }
+            match error {
+                Some(e) => Err(e),
+                None => Ok(out),
+            }
+        };
+        if !event.is_null() {
+            rd::rd_kafka_event_destroy(event);
+        }
+        rd::rd_kafka_queue_destroy(queue);
+        rd::rd_kafka_AdminOptions_destroy(options);
+        rd::rd_kafka_TopicCollection_destroy(collection);
+        drop(names);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `-X` properties reach only the clients they apply to: a consumer setting given to a
+    /// producer makes librdkafka print a configuration warning for every producer created.
+    #[test]
+    fn overrides_go_only_to_the_clients_they_apply_to() {
+        let mut kafka = KafkaSettings::new("127.0.0.1:9092");
+        kafka.overrides = vec![
+            ("session.timeout.ms".into(), "10000".into()),
+            ("linger.ms".into(), "50".into()),
+            ("security.protocol".into(), "plaintext".into()),
+        ];
+        let consumer = kafka.client_config(ClientRole::Consumer, &[]);
+        let producer = kafka.client_config(ClientRole::Producer, &[]);
+        let admin = kafka.client_config(ClientRole::Admin, &[]);
+        assert_eq!(consumer.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(consumer.get("linger.ms"), None);
+        assert_eq!(producer.get("session.timeout.ms"), None);
+        assert_eq!(producer.get("linger.ms"), Some("50"));
+        assert_eq!(admin.get("session.timeout.ms"), None);
+        assert_eq!(admin.get("linger.ms"), None);
+        for c in [&consumer, &producer, &admin] {
+            assert_eq!(c.get("security.protocol"), Some("plaintext"));
+        }
     }
 }

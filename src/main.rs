@@ -15,7 +15,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(pageviews::cli::run(cli)) {
+    let result = runtime.block_on(pageviews::cli::run(cli));
+    // A blocking task still waiting (stdin, a broker that does not answer) must not keep the
+    // process alive after the command is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", one_line(&err));

@@ -446,11 +446,14 @@ fn input_lines(seed: u64, valid: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, usize) {
 /// Distinct raw lines on the dead-letter topic (a preprocessor replay can write one twice).
 fn distinct_dead_letters(brokers: &str) -> (usize, usize) {
     let consumer: BaseConsumer = KafkaSettings::new(brokers)
-        .client_config(&[
-            ("group.id", "chaos-test-dlq-reader"),
-            ("enable.auto.commit", "false"),
-            ("enable.partition.eof", "true"),
-        ])
+        .client_config(
+            pageviews::kafka::ClientRole::Consumer,
+            &[
+                ("group.id", "chaos-test-dlq-reader"),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "true"),
+            ],
+        )
         .create()
         .unwrap();
     let metadata = consumer

@@ -223,10 +223,13 @@ async fn malformed_lines_are_dead_lettered_with_reasons() {
     // Every dead letter carries its reason and the (possibly cut) original bytes.
     let consumer: StreamConsumer = c
         .kafka
-        .client_config(&[
-            ("group.id", "test-dlq-reader"),
-            ("auto.offset.reset", "earliest"),
-        ])
+        .client_config(
+            pageviews::kafka::ClientRole::Consumer,
+            &[
+                ("group.id", "test-dlq-reader"),
+                ("auto.offset.reset", "earliest"),
+            ],
+        )
         .create()
         .unwrap();
     consumer.subscribe(&[DEAD_LETTER_TOPIC]).unwrap();

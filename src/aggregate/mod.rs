@@ -6,8 +6,10 @@
 //! stored offsets; on revocation un-flushed counts are dropped. Counts are therefore exact
 //! across crashes and rebalances (see [`crate::store`] for how a stale owner is fenced off).
 
+pub mod positions;
 pub mod tally;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -20,17 +22,28 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedHeaders, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::countries::CountryCode;
 use crate::event::headers as event_headers;
-use crate::kafka::{AGGREGATE_GROUP, EVENTS_TOPIC, KafkaSettings};
-use crate::store::{FlushOutcome, Store, StoreError, StoredPositions};
+use crate::kafka::{AGGREGATE_GROUP, ClientRole, EVENTS_TOPIC, KafkaSettings, RAW_TOPIC};
+use crate::store::{FlushOutcome, Store, StoreError, StoredPositions, TopicIdentity};
+use positions::{Awaiting, Notice};
 use tally::{Pending, Recorded, Source, Tally};
 
 /// How often counts are written when not configured: the talk's 5 seconds.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// A flush that takes longer is abandoned and retried (its counts stay in memory). If it
+/// commits after all, the retry's compare-and-set sees the moved offsets and re-reads them:
+/// nothing is counted twice.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The flush at shutdown gets this long; what it cannot write is re-read by the next owner.
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Reading stored positions, topic ids or a log end: longer counts as a failed attempt
+/// (retried with backoff; the partitions stay paused meanwhile).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Settings of one aggregator.
 #[derive(Clone)]
@@ -52,6 +65,9 @@ pub struct AggregateStats {
     pub failed_flushes: AtomicU64,
     /// Events dropped because their raw line was already counted (preprocessor replays).
     pub duplicates_dropped: AtomicU64,
+    /// Partitions whose stored positions referred to a topic that was deleted and created
+    /// again (or a broker that started over): counted from the new topic's start.
+    pub recreated_topics_seen: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,10 +77,14 @@ pub enum AggregateError {
 }
 
 /// Shared between the consume loop and the rebalance callback (both run on the task that
-/// polls the consumer, so the lock is never contended).
+/// polls the consumer, so the locks are never contended).
 struct Shared {
     tally: Mutex<Tally>,
-    store: Store,
+    /// Partitions assigned (or fenced off) and not yet positioned; paused meanwhile.
+    awaiting: Mutex<Awaiting>,
+    /// Wakes the loop when the rebalance callback added partitions to `awaiting` (the
+    /// consumer then has nothing to deliver: every new partition is paused).
+    wake: Notify,
 }
 
 impl Shared {
@@ -72,31 +92,8 @@ impl Shared {
         // A poisoned lock only means a panic elsewhere; the tally itself stays consistent.
         self.tally.lock().unwrap_or_else(|e| e.into_inner())
     }
-
-    /// Stored offsets and watermarks, retried until the database answers: a partition cannot
-    /// be consumed without knowing where its counted prefix ends.
-    fn load_positions_blocking(&self) -> StoredPositions {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match block_on(self.store.load_positions(AGGREGATE_GROUP, EVENTS_TOPIC)) {
-                Ok(positions) => return positions,
-                Err(err) => {
-                    tracing::warn!(%err, "cannot read stored offsets; retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-}
-
-/// Runs a future to completion from a synchronous librdkafka callback.
-fn block_on<F: std::future::Future>(fut: F) -> F::Output {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| h.block_on(fut))
-        }
-        _ => futures::executor::block_on(fut),
+    fn awaiting(&self) -> MutexGuard<'_, Awaiting> {
+        self.awaiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -118,6 +115,10 @@ struct AggregatorContext {
 impl ClientContext for AggregatorContext {}
 
 impl ConsumerContext for AggregatorContext {
+    /// No database or broker round trip here: the callback runs inside the consumer's poll,
+    /// and anything slow in it (a hung database) would hold up the whole group's rebalance
+    /// and the process's shutdown. New partitions are assigned paused; the loop reads their
+    /// stored positions, seeks and resumes them (`Aggregator::position`).
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -128,40 +129,42 @@ impl ConsumerContext for AggregatorContext {
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
         );
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let stored = self.shared.load_positions_blocking();
-                let mut tally = self.shared.tally();
-                for elem in tpl.elements() {
-                    let p = elem.partition();
-                    tally.assign(p, stored.offset(p), stored.watermarks(p));
-                }
-                drop(tally);
-                for (p, offset) in tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.partition(), stored.offset(e.partition())))
-                    .collect::<Vec<_>>()
-                {
-                    let offset = offset.map_or(Offset::Beginning, Offset::Offset);
-                    if let Err(e) = tpl.set_partition_offset(EVENTS_TOPIC, p, offset) {
+                for &p in &partitions {
+                    // Where it starts is decided once the stored positions are read; until
+                    // then it is paused, and whatever arrives from it is not counted.
+                    if let Err(e) = tpl.set_partition_offset(EVENTS_TOPIC, p, Offset::Beginning) {
                         tracing::warn!(partition = p, %e, "cannot set start offset");
                     }
                 }
-                tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "assigned");
-                if cooperative {
+                let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
                     consumer.assign(tpl)
+                };
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(%e, "cannot pause new partitions; their early messages are skipped");
                 }
+                let mut awaiting = self.shared.awaiting();
+                for &p in &partitions {
+                    awaiting.add(p);
+                }
+                drop(awaiting);
+                self.shared.wake.notify_one();
+                tracing::info!(?partitions, "assigned");
+                assigned
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let mut tally = self.shared.tally();
-                for elem in tpl.elements() {
-                    tally.revoke(elem.partition());
+                let mut awaiting = self.shared.awaiting();
+                for &p in &partitions {
+                    tally.revoke(p);
+                    awaiting.remove(p);
                 }
-                drop(tally);
-                tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "revoked; un-flushed counts dropped");
+                drop((tally, awaiting));
+                tracing::info!(?partitions, "revoked; un-flushed counts dropped");
                 if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -174,6 +177,7 @@ impl ConsumerContext for AggregatorContext {
                 for p in tally.partitions() {
                     tally.revoke(p);
                 }
+                self.shared.awaiting().clear();
                 consumer.unassign()
             }
         };
@@ -191,36 +195,46 @@ pub async fn run(
 ) -> Result<(), AggregateError> {
     let shared = Arc::new(Shared {
         tally: Mutex::new(Tally::default()),
-        store: config.store.clone(),
+        awaiting: Mutex::new(Awaiting::default()),
+        wake: Notify::new(),
     });
     let consumer: StreamConsumer<AggregatorContext> = config
         .kafka
-        .client_config(&[
-            ("group.id", AGGREGATE_GROUP),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", "earliest"),
-            ("session.timeout.ms", "45000"),
-            ("heartbeat.interval.ms", "3000"),
-        ])
+        .client_config(
+            ClientRole::Consumer,
+            &[
+                ("group.id", AGGREGATE_GROUP),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("session.timeout.ms", "45000"),
+                ("heartbeat.interval.ms", "3000"),
+            ],
+        )
         .create_with_context(AggregatorContext {
             shared: Arc::clone(&shared),
         })?;
     consumer.subscribe(&[EVENTS_TOPIC])?;
-    let mut flusher = Flusher {
+    let mut agg = Aggregator {
         shared: &shared,
         consumer: &consumer,
+        store: &config.store,
         stats: &stats,
+        shutdown: &shutdown,
+        identity: TopicIdentity::default(),
         failures: 0,
     };
     let next_flush = tokio::time::sleep(config.flush_interval);
     tokio::pin!(next_flush);
     loop {
+        let position_due = shared.awaiting().due_at();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = shared.wake.notified() => agg.position().await,
+            _ = sleep_until(position_due), if position_due.is_some() => agg.position().await,
             _ = &mut next_flush => {
-                let wait = if flusher.flush().await { config.flush_interval } else { flusher.backoff() };
+                let wait = if agg.flush(FLUSH_TIMEOUT).await { config.flush_interval } else { agg.backoff() };
                 next_flush.as_mut().reset(Instant::now() + wait);
             }
             msg = consumer.recv() => match msg {
@@ -237,11 +251,26 @@ pub async fn run(
             },
         }
     }
-    // Best effort: what is not flushed now is re-read by the next owner.
-    flusher.flush().await;
-    // Leaving the group blocks on a broker round trip: keep it off the async workers.
-    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    // Best effort, bounded: what is not flushed now is re-read by the next owner.
+    agg.flush(FINAL_FLUSH_TIMEOUT).await;
+    // Leaving the group blocks on a broker round trip: keep it off the async workers, and do
+    // not wait for a broker that does not answer.
+    let leave = tokio::task::spawn_blocking(move || drop(consumer));
+    if tokio::time::timeout(Duration::from_secs(5), leave)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the broker did not confirm that this aggregator left the group");
+    }
     Ok(())
+}
+
+/// `tokio::time::sleep_until` for a std `Instant` (`None`: never).
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The raw partition and offset an event was made from, if its headers say so.
@@ -284,37 +313,188 @@ fn country_of(key: Option<&[u8]>, payload: Option<&[u8]>) -> CountryCode {
         })
 }
 
-struct Flusher<'a> {
+/// The consume loop's state beyond the tally: what it needs to position partitions and flush.
+struct Aggregator<'a> {
     shared: &'a Shared,
     consumer: &'a StreamConsumer<AggregatorContext>,
+    store: &'a Store,
     stats: &'a AggregateStats,
+    shutdown: &'a CancellationToken,
+    /// The topic ids as last read from the broker, written with every flush.
+    identity: TopicIdentity,
+    /// Consecutive failed flushes, for the backoff.
     failures: u32,
 }
 
-impl Flusher<'_> {
+/// Why positioning could not be done now (it is retried).
+#[derive(Debug, thiserror::Error)]
+enum PositionError {
+    #[error("cannot read the stored positions: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot describe the topics: {0}")]
+    Describe(#[from] crate::kafka::KafkaSetupError),
+    #[error("cannot read the log end of partition {partition}: {source}")]
+    LogEnd { partition: i32, source: KafkaError },
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl Aggregator<'_> {
     fn backoff(&self) -> Duration {
         Duration::from_millis(250u64 << self.failures.min(7)).min(Duration::from_secs(30))
     }
 
-    /// One flush; true when the counts are durable (or there was nothing to write).
-    async fn flush(&mut self) -> bool {
+    /// Positions the partitions that wait (new or fenced off): reads the stored positions and
+    /// the topics' ids, decides where each starts, seeks and resumes it. Whatever fails is
+    /// retried later with backoff; nothing here waits longer than [`LOOKUP_TIMEOUT`] per step
+    /// or past shutdown.
+    async fn position(&mut self) {
+        let due = self.shared.awaiting().take_due(std::time::Instant::now());
+        if due.is_empty() {
+            return;
+        }
+        let stored = match self.lookups(&due).await {
+            Ok(found) => found,
+            Err(err) => {
+                if !matches!(err, PositionError::Shutdown) {
+                    tracing::warn!(%err, partitions = ?due, "cannot position partitions yet; retrying");
+                }
+                self.shared
+                    .awaiting()
+                    .failed(due, std::time::Instant::now());
+                return;
+            }
+        };
+        let (stored, log_ends) = stored;
+        let mut failed = Vec::new();
+        let mut notices: HashMap<String, Vec<i32>> = HashMap::new();
+        for p in due {
+            let (start, notice) =
+                positions::start_of(p, &stored, &self.identity, log_ends.get(&p).copied());
+            let to = match start.from {
+                0 => Offset::Beginning,
+                n => Offset::Offset(n),
+            };
+            let seek = blocking(|| self.consumer.seek(EVENTS_TOPIC, p, to, LOOKUP_TIMEOUT));
+            if let Err(e) = seek {
+                // Not counted until the seek works: without it, counting would go on from
+                // wherever the consumer is, over a gap.
+                tracing::warn!(partition = p, %e, "seek failed; retrying");
+                failed.push(p);
+                continue;
+            }
+            self.shared.tally().start(p, start);
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(EVENTS_TOPIC, p);
+            if let Err(e) = self.consumer.resume(&tpl) {
+                tracing::warn!(partition = p, %e, "resume failed; retrying");
+                self.shared.tally().revoke(p);
+                failed.push(p);
+                continue;
+            }
+            if let Some(n) = notice {
+                if matches!(n, Notice::TopicRecreated { .. }) {
+                    self.stats
+                        .recreated_topics_seen
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                notices.entry(describe(&n)).or_default().push(p);
+            }
+        }
+        for (what, partitions) in notices {
+            // Data-loss territory (or the appearance of it): ERROR, one line each.
+            tracing::error!(?partitions, "{what}");
+        }
+        let mut awaiting = self.shared.awaiting();
+        if failed.is_empty() {
+            awaiting.succeeded();
+        } else {
+            awaiting.failed(failed, std::time::Instant::now());
+        }
+    }
+
+    /// The stored positions, the topics' ids (into `self.identity`) and, for partitions with a
+    /// stored offset, their log ends.
+    async fn lookups(
+        &mut self,
+        due: &[i32],
+    ) -> Result<(StoredPositions, HashMap<i32, i64>), PositionError> {
+        let ids = blocking(|| {
+            crate::kafka::describe_topic_ids(
+                self.consumer.client(),
+                &[EVENTS_TOPIC, RAW_TOPIC],
+                LOOKUP_TIMEOUT,
+            )
+        })?;
+        self.identity = TopicIdentity {
+            topic_id: ids.get(EVENTS_TOPIC).cloned().flatten(),
+            source_topic_id: ids.get(RAW_TOPIC).cloned().flatten(),
+        };
+        let load = self.store.load_positions(AGGREGATE_GROUP, EVENTS_TOPIC);
+        let stored = tokio::select! {
+            _ = self.shutdown.cancelled() => return Err(PositionError::Shutdown),
+            r = tokio::time::timeout(LOOKUP_TIMEOUT, load) => r.unwrap_or(Err(StoreError::Timeout(LOOKUP_TIMEOUT)))?,
+        };
+        let mut log_ends = HashMap::new();
+        for &p in due {
+            let Some(offset) = stored.offset(p) else {
+                continue;
+            };
+            // A log end below the stored offset moves counting back to it, so it must be
+            // real: ask again a few times (the embedded broker has answered with stale
+            // high watermarks under load) and believe the highest answer.
+            let mut high = i64::MIN;
+            for attempt in 0..3 {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let (_, h) = blocking(|| {
+                    self.consumer
+                        .fetch_watermarks(EVENTS_TOPIC, p, LOOKUP_TIMEOUT)
+                })
+                .map_err(|source| PositionError::LogEnd {
+                    partition: p,
+                    source,
+                })?;
+                high = high.max(h);
+                if high >= offset {
+                    break;
+                }
+            }
+            log_ends.insert(p, high);
+        }
+        Ok((stored, log_ends))
+    }
+
+    /// One flush, abandoned after `timeout` or at shutdown; true when the counts are durable
+    /// (or there was nothing to write).
+    async fn flush(&mut self, timeout: Duration) -> bool {
         // A conflict leaves the other partitions' counts in place: flush those right away.
         for _ in 0..3 {
-            let pending = self
-                .shared
-                .tally()
-                .take_pending(AGGREGATE_GROUP, EVENTS_TOPIC);
+            let pending =
+                self.shared
+                    .tally()
+                    .take_pending(AGGREGATE_GROUP, EVENTS_TOPIC, &self.identity);
             if pending.batch.offsets.is_empty() {
                 return true;
             }
-            match self.shared.store.flush(&pending.batch).await {
+            let write = tokio::time::timeout(timeout, self.store.flush(&pending.batch));
+            let outcome = tokio::select! {
+                r = write => r.unwrap_or(Err(StoreError::Timeout(timeout))),
+                // At shutdown the final flush (with its own short timeout) follows.
+                _ = self.shutdown.cancelled(), if timeout != FINAL_FLUSH_TIMEOUT => {
+                    self.shared.tally().restore(pending);
+                    return false;
+                }
+            };
+            match outcome {
                 Ok(FlushOutcome::Committed) => {
                     self.committed(&pending);
                     return true;
                 }
                 Ok(FlushOutcome::Conflict(partitions)) => {
                     self.shared.tally().restore(pending);
-                    self.resync(&partitions).await;
+                    self.fenced_off(&partitions);
                 }
                 Err(err) => {
                     self.failed(pending, &err);
@@ -352,46 +532,39 @@ impl Flusher<'_> {
         tracing::warn!(%err, attempt = self.failures, retry_in = ?self.backoff(), "flush failed; counts kept in memory");
     }
 
-    /// Another owner moved these partitions' offsets: forget our counts and continue from the
-    /// stored offsets.
-    async fn resync(&self, partitions: &[i32]) {
+    /// Another owner moved these partitions' offsets: forget our counts, pause them, and
+    /// position them again from the stored offsets (as on assignment, with retries).
+    fn fenced_off(&self, partitions: &[i32]) {
         tracing::warn!(
             ?partitions,
             "stored offsets moved by another aggregator; re-reading"
         );
-        // Without the stored positions the partitions cannot be resumed safely: wait for them.
-        let mut delay = Duration::from_millis(100);
-        let stored = loop {
-            match self
-                .shared
-                .store
-                .load_positions(AGGREGATE_GROUP, EVENTS_TOPIC)
-                .await
-            {
-                Ok(s) => break s,
-                Err(err) => {
-                    tracing::warn!(%err, retry_in = ?delay, "cannot re-read stored offsets");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        };
+        let mut tpl = TopicPartitionList::new();
         for &p in partitions {
-            let offset = stored.offset(p);
-            self.shared.tally().reset(p, offset, stored.watermarks(p));
-            if self.shared.tally().owns(p) {
-                let to = offset.map_or(Offset::Beginning, Offset::Offset);
-                let seek = blocking(|| {
-                    self.consumer
-                        .seek(EVENTS_TOPIC, p, to, Duration::from_secs(5))
-                });
-                if let Err(e) = seek {
-                    // Without the seek, later messages would be counted over a gap: stop
-                    // counting the partition until the next rebalance instead.
-                    tracing::warn!(partition = p, %e, "seek failed; partition paused until the next rebalance");
-                    self.shared.tally().revoke(p);
-                }
-            }
+            self.shared.tally().revoke(p);
+            tpl.add_partition(EVENTS_TOPIC, p);
         }
+        if let Err(e) = self.consumer.pause(&tpl) {
+            tracing::warn!(%e, "cannot pause fenced-off partitions; their messages are skipped until repositioned");
+        }
+        let mut awaiting = self.shared.awaiting();
+        for &p in partitions {
+            awaiting.add(p);
+        }
+    }
+}
+
+/// One line for a positioning notice: what happened and what it means for the counts.
+fn describe(n: &Notice) -> String {
+    match n {
+        Notice::TopicRecreated { stored, now } => format!(
+            "topic {EVENTS_TOPIC} is not the one the stored positions were counted in (topic id {stored}, now {now}: deleted and created again, or a broker that started over); counting the new topic from its start, on top of the counts already in the database. If it replays lines that were already counted, reset the database first"
+        ),
+        Notice::SourceRecreated { stored, now } => format!(
+            "topic {RAW_TOPIC} was deleted and created again (topic id {stored}, now {now}): replay detection starts over for these partitions"
+        ),
+        Notice::BeyondLogEnd { stored, log_end } => format!(
+            "the stored offset {stored} is past the log end {log_end} of {EVENTS_TOPIC} (same topic): the broker lost messages that were already counted; counting resumes at the log end"
+        ),
     }
 }

@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 
 use crate::countries::CountryCode;
-use crate::store::{FlushBatch, OffsetUpdate, WatermarkUpdate};
+use crate::store::{FlushBatch, OffsetUpdate, TopicIdentity, WatermarkUpdate};
 
 /// Where an event's line came from: partition and offset on the raw topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +48,34 @@ pub enum Recorded {
     NotOwned,
 }
 
+/// Where counting of a newly owned partition starts, decided from what the database stored
+/// and what the broker has (see [`crate::aggregate::positions`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Start {
+    /// The offset stored in the database (`None`: no row): what the next flush's
+    /// compare-and-set expects.
+    pub expected: Option<i64>,
+    /// The first offset to count; messages before it are ignored.
+    pub from: i64,
+    /// Raw partition → highest raw offset counted (replays at or below are dropped).
+    pub sources: HashMap<i32, i64>,
+    /// The stored watermarks belong to a raw topic that no longer exists: the next flush
+    /// replaces them instead of adding to them.
+    pub reset_sources: bool,
+}
+
+impl Start {
+    /// Continue exactly where the stored positions end (`None`: from the beginning).
+    pub fn stored(expected: Option<i64>, sources: HashMap<i32, i64>) -> Start {
+        Start {
+            expected,
+            from: expected.unwrap_or(0),
+            sources,
+            reset_sources: false,
+        }
+    }
+}
+
 /// What this aggregator knows about one partition it owns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PartitionTally {
@@ -61,6 +89,11 @@ pub struct PartitionTally {
     pub sources: HashMap<i32, i64>,
     /// The same, as stored in the database.
     pub stored_sources: HashMap<i32, i64>,
+    /// The stored positions must be rewritten at the next flush even if nothing moved: they
+    /// refer to another topic (see [`Start`]), or their watermarks must be replaced.
+    pub rebound: bool,
+    /// The stored watermarks are replaced, not added to, at the next flush.
+    pub reset_sources: bool,
 }
 
 /// All partitions this aggregator owns.
@@ -80,14 +113,26 @@ impl Tally {
     /// Takes ownership of `partition`, starting at the stored offset (`None`: from the start)
     /// with the stored source watermarks.
     pub fn assign(&mut self, partition: i32, stored: Option<i64>, sources: HashMap<i32, i64>) {
+        self.start(partition, Start::stored(stored, sources));
+    }
+
+    /// Takes ownership of `partition` as `start` says.
+    pub fn start(&mut self, partition: i32, start: Start) {
+        let rebound = start.reset_sources || start.expected.is_some_and(|e| e != start.from);
         self.partitions.insert(
             partition,
             PartitionTally {
                 counts: HashMap::new(),
-                next_offset: stored.unwrap_or(0),
-                stored,
-                stored_sources: sources.clone(),
-                sources,
+                next_offset: start.from,
+                stored: start.expected,
+                stored_sources: if start.reset_sources {
+                    HashMap::new()
+                } else {
+                    start.sources.clone()
+                },
+                sources: start.sources,
+                rebound,
+                reset_sources: start.reset_sources,
             },
         );
     }
@@ -130,16 +175,29 @@ impl Tally {
         Recorded::Counted
     }
 
-    /// Takes all un-flushed counts out and describes the flush that makes them durable.
-    /// Partitions whose offset did not move are left out: there is nothing to protect.
-    pub fn take_pending(&mut self, consumer_group: &str, topic: &str) -> Pending {
+    /// Takes all un-flushed counts out and describes the flush that makes them durable, with
+    /// the topics (`identity`) its positions refer to. Partitions whose offset did not move
+    /// are left out (there is nothing to protect) unless their stored positions must be
+    /// rewritten.
+    pub fn take_pending(
+        &mut self,
+        consumer_group: &str,
+        topic: &str,
+        identity: &TopicIdentity,
+    ) -> Pending {
         let mut totals: HashMap<CountryCode, u64> = HashMap::new();
         let mut offsets = Vec::new();
         let mut watermarks = Vec::new();
+        let mut reset_watermarks = Vec::new();
         let mut per_partition = Vec::new();
         for (&partition, p) in &mut self.partitions {
-            if p.stored == Some(p.next_offset) || (p.stored.is_none() && p.counts.is_empty()) {
+            let unmoved =
+                p.stored == Some(p.next_offset) || (p.stored.is_none() && p.counts.is_empty());
+            if unmoved && !p.rebound {
                 continue;
+            }
+            if p.reset_sources {
+                reset_watermarks.push(partition);
             }
             let counts = std::mem::take(&mut p.counts);
             for (&c, &n) in &counts {
@@ -163,6 +221,7 @@ impl Tally {
         }
         offsets.sort_by_key(|o| o.partition);
         watermarks.sort();
+        reset_watermarks.sort_unstable();
         let mut increments: Vec<(String, u64)> = totals
             .into_iter()
             .map(|(c, n)| (c.as_str().to_owned(), n))
@@ -175,6 +234,8 @@ impl Tally {
                 increments,
                 offsets,
                 watermarks,
+                reset_watermarks,
+                identity: identity.clone(),
             },
             per_partition,
         }
@@ -185,6 +246,8 @@ impl Tally {
         for o in &pending.batch.offsets {
             if let Some(p) = self.partitions.get_mut(&o.partition) {
                 p.stored = Some(o.next);
+                p.rebound = false;
+                p.reset_sources = false;
             }
         }
         for w in &pending.batch.watermarks {
@@ -248,7 +311,7 @@ mod tests {
             "offset before the stored one is a replay"
         );
         assert_eq!(t.record(2, 0, cc("US"), None), Recorded::NotOwned);
-        let p = t.take_pending("g", "t");
+        let p = t.take_pending("g", "t", &TopicIdentity::default());
         assert_eq!(p.batch.increments, vec![("NL".into(), 2), ("US".into(), 1)]);
         assert_eq!(
             p.batch.offsets,
@@ -266,7 +329,7 @@ mod tests {
             ]
         );
         t.committed(&p);
-        let again = t.take_pending("g", "t");
+        let again = t.take_pending("g", "t", &TopicIdentity::default());
         assert!(again.batch.offsets.is_empty() && again.batch.increments.is_empty());
     }
 
@@ -277,10 +340,10 @@ mod tests {
         t.assign(1, None, HashMap::new());
         t.record(0, 0, cc("NL"), None);
         t.record(1, 0, cc("DE"), None);
-        let p = t.take_pending("g", "t");
+        let p = t.take_pending("g", "t", &TopicIdentity::default());
         t.revoke(1);
         t.restore(p);
-        let p = t.take_pending("g", "t");
+        let p = t.take_pending("g", "t", &TopicIdentity::default());
         assert_eq!(p.batch.increments, vec![("NL".into(), 1)]);
         t.reset(0, Some(5), HashMap::new());
         assert_eq!(t.record(0, 4, cc("NL"), None), Recorded::SeenOffset);
@@ -314,7 +377,7 @@ mod tests {
         // Another raw partition has its own watermark.
         assert_eq!(t.record(0, offset, cc("DE"), src(4, 0)), Recorded::Counted);
 
-        let p = t.take_pending("g", "t");
+        let p = t.take_pending("g", "t", &TopicIdentity::default());
         assert_eq!(p.batch.increments, vec![("DE".into(), 1), ("NL".into(), 7)]);
         assert_eq!(
             p.batch.offsets[0].next,
@@ -330,8 +393,51 @@ mod tests {
         t.committed(&p);
         // Only watermarks that moved are written again.
         t.record(0, offset + 1, cc("NL"), src(3, 107));
-        let p = t.take_pending("g", "t");
+        let p = t.take_pending("g", "t", &TopicIdentity::default());
         assert_eq!(p.batch.watermarks, vec![wm(3, 107)]);
+    }
+
+    /// A partition whose stored positions belong to a topic that was deleted and created
+    /// again starts counting the new topic from its beginning; its next flush moves the
+    /// stored offset from the old value (compare-and-set) and replaces the old watermarks, even
+    /// when the new offset happens to equal the old one.
+    #[test]
+    fn a_recreated_topic_is_counted_from_its_start() {
+        let mut t = Tally::default();
+        t.start(
+            0,
+            Start {
+                expected: Some(3),
+                from: 0,
+                sources: HashMap::new(),
+                reset_sources: true,
+            },
+        );
+        for offset in 0..3 {
+            assert_eq!(
+                t.record(0, offset, cc("NL"), src(7, offset)),
+                Recorded::Counted
+            );
+        }
+        let ids = TopicIdentity {
+            topic_id: Some("new".into()),
+            source_topic_id: Some("raw".into()),
+        };
+        let p = t.take_pending("g", "t", &ids);
+        assert_eq!(p.batch.increments, vec![("NL".into(), 3)]);
+        assert_eq!(
+            p.batch.offsets,
+            vec![OffsetUpdate {
+                partition: 0,
+                expected: Some(3),
+                next: 3
+            }]
+        );
+        assert_eq!(p.batch.reset_watermarks, vec![0]);
+        assert_eq!(p.batch.identity, ids);
+        t.committed(&p);
+        let again = t.take_pending("g", "t", &ids);
+        assert!(again.batch.offsets.is_empty() && again.batch.reset_watermarks.is_empty());
     }
 
     /// A new owner starts from the stored watermarks, so a replay that spans the handover is
@@ -345,7 +451,7 @@ mod tests {
             Recorded::DuplicateSource
         );
         assert_eq!(t.record(0, 51, cc("NL"), src(3, 105)), Recorded::Counted);
-        let p = t.take_pending("g", "t");
+        let p = t.take_pending("g", "t", &TopicIdentity::default());
         assert_eq!(p.batch.increments, vec![("NL".into(), 1)]);
     }
 }

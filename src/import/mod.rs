@@ -27,7 +27,7 @@ use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::headers;
-use crate::kafka::{KafkaSettings, RAW_TOPIC};
+use crate::kafka::{ClientRole, KafkaSettings, RAW_TOPIC};
 pub use crate::preprocess::parse::MAX_LINE_BYTES;
 use checkpoint::{CHECKPOINT_EVERY, Checkpoint, CheckpointDir, Consumed};
 
@@ -41,8 +41,10 @@ pub enum ImportError {
     Read { path: String, source: io::Error },
     #[error("Kafka producer: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("{0} lines could not be delivered to Kafka")]
-    Undelivered(u64),
+    #[error("{count} lines could not be delivered to Kafka: {reason}")]
+    Undelivered { count: u64, reason: String },
+    #[error("cannot save the import checkpoint of {path}: {source}")]
+    Checkpoint { path: String, source: io::Error },
     #[error("import task failed: {0}")]
     Join(String),
 }
@@ -108,6 +110,26 @@ pub struct ImportSummary {
 struct DeliveryCounter {
     delivered: AtomicU64,
     failed: AtomicU64,
+    /// Why the first failed delivery failed (librdkafka's words), for the error message.
+    first_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl DeliveryCounter {
+    /// `Ok` when no delivery failed, else the count and the first reason.
+    fn outcome(&self) -> Result<(), ImportError> {
+        match self.failed.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            count => Err(ImportError::Undelivered {
+                count,
+                reason: self
+                    .first_failure
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.clone())
+                    .unwrap_or_else(|| "unknown reason".to_owned()),
+            }),
+        }
+    }
 }
 
 impl ClientContext for DeliveryCounter {}
@@ -118,7 +140,12 @@ impl ProducerContext for DeliveryCounter {
         match result {
             Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
             Err((e, _)) => {
-                tracing::error!(%e, "a line could not be delivered to Kafka");
+                if let Ok(mut first) = self.first_failure.lock()
+                    && first.is_none()
+                {
+                    tracing::error!(%e, "a line could not be delivered to Kafka");
+                    *first = Some(e.to_string());
+                }
                 self.failed.fetch_add(1, Ordering::Relaxed)
             }
         };
@@ -144,12 +171,15 @@ impl LineSink {
         shutdown: CancellationToken,
     ) -> Result<LineSink, ImportError> {
         let producer = kafka
-            .client_config(&[
-                ("enable.idempotence", "true"),
-                ("linger.ms", "5"),
-                ("batch.num.messages", "10000"),
-                ("queue.buffering.max.messages", "200000"),
-            ])
+            .client_config(
+                ClientRole::Producer,
+                &[
+                    ("enable.idempotence", "true"),
+                    ("linger.ms", "5"),
+                    ("batch.num.messages", "10000"),
+                    ("queue.buffering.max.messages", "200000"),
+                ],
+            )
             .create_with_context(DeliveryCounter::default())?;
         Ok(LineSink {
             producer,
@@ -210,10 +240,7 @@ impl LineSink {
     /// Waits until every line sent so far is acknowledged; an error if any was not.
     pub fn wait_delivered(&self) -> Result<(), ImportError> {
         let _ = self.producer.flush(Timeout::Never);
-        match self.producer.context().failed.load(Ordering::Relaxed) {
-            0 => Ok(()),
-            n => Err(ImportError::Undelivered(n)),
-        }
+        self.producer.context().outcome()
     }
 
     /// Waits for every acknowledgement.
@@ -222,14 +249,12 @@ impl LineSink {
         let ctx = self.producer.context();
         let lines = ctx.delivered.load(Ordering::Relaxed);
         self.acked.store(lines, Ordering::Relaxed);
-        match ctx.failed.load(Ordering::Relaxed) {
-            0 => Ok(ImportSummary {
-                lines,
-                truncated: self.truncated,
-                already_imported: 0,
-            }),
-            n => Err(ImportError::Undelivered(n)),
-        }
+        ctx.outcome()?;
+        Ok(ImportSummary {
+            lines,
+            truncated: self.truncated,
+            already_imported: 0,
+        })
     }
 }
 
@@ -343,10 +368,10 @@ fn import_blocking(
             progress.sent_position = reader.position;
             progress.sent_lines += 1;
             if progress.last_saved.elapsed() >= CHECKPOINT_EVERY {
-                progress.save(&sink).map_err(read_err)?;
+                progress.save(&sink, input)?;
             }
         }
-        progress.save(&sink).map_err(read_err)?;
+        progress.save(&sink, input)?;
     }
     bar.finish_and_clear();
     let mut summary = sink.finish()?;
@@ -365,8 +390,9 @@ struct FileProgress<'a> {
 }
 
 impl FileProgress<'_> {
-    /// Waits for the acknowledgement of every line sent, then records the position.
-    fn save(&mut self, sink: &LineSink) -> io::Result<()> {
+    /// Waits for the acknowledgement of every line sent, then records the position. A failed
+    /// delivery is the error (never moves the checkpoint past a line the broker may not have).
+    fn save(&mut self, sink: &LineSink, input: &Input) -> Result<(), ImportError> {
         self.last_saved = Instant::now();
         let Some((dir, cp)) = &mut self.checkpoint else {
             return Ok(());
@@ -374,14 +400,14 @@ impl FileProgress<'_> {
         if cp.position == self.sent_position {
             return Ok(());
         }
-        if let Err(e) = sink.wait_delivered() {
-            // Never move the checkpoint past a line the broker may not have.
-            return Err(io::Error::other(e.to_string()));
-        }
+        sink.wait_delivered()?;
         cp.lines += self.sent_lines;
         self.sent_lines = 0;
         cp.position = self.sent_position;
-        dir.save(cp)
+        dir.save(cp).map_err(|source| ImportError::Checkpoint {
+            path: input.name(),
+            source,
+        })
     }
 }
 
@@ -420,7 +446,7 @@ pub fn read_line_bounded<R: BufRead>(
             break;
         }
         saw_any = true;
-        let (piece, done) = match memchr(chunk) {
+        let (piece, done) = match memchr::memchr(b'\n', chunk) {
             Some(i) => (&chunk[..i], Some(i + 1)),
             None => (chunk, None),
         };
@@ -443,13 +469,12 @@ pub fn read_line_bounded<R: BufRead>(
     Ok(Some(total))
 }
 
-fn memchr(chunk: &[u8]) -> Option<usize> {
-    chunk.iter().position(|&b| b == b'\n')
-}
-
 /// `tail -F`: reads a growing file until shutdown; when the file is replaced (rotation: a
 /// new inode) or truncated, finishes the old one and starts the new one from its beginning.
 /// Each line goes to `emit(line cut to size, real length)`; `emit` returning false stops.
+///
+/// Memory is constant and time linear in the input, whatever it holds: a line without a
+/// newline keeps only its first `MAX_LINE_BYTES + 1` bytes (see [`LineAssembler`]).
 pub fn follow_file(
     path: &Path,
     shutdown: &CancellationToken,
@@ -459,36 +484,36 @@ pub fn follow_file(
     let mut file = File::open(path)?;
     let mut inode = file.metadata()?.ino();
     let mut pos: u64 = 0;
-    let mut partial: Vec<u8> = Vec::new();
+    let mut lines = LineAssembler::new(MAX_LINE_BYTES + 1);
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
         let n = file.read(&mut chunk)?;
         if n > 0 {
             pos += n as u64;
-            partial.extend_from_slice(&chunk[..n]);
-            if !emit_complete_lines(&mut partial, &mut emit) {
+            if !lines.push(&chunk[..n], &mut emit) {
                 return Ok(());
             }
             continue;
-        }
-        if shutdown.is_cancelled() {
-            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));
         match std::fs::metadata(path) {
             Ok(meta) if meta.ino() != inode || meta.len() < pos => {
                 // Drain whatever the old file still had (a last line without newline too),
                 // then switch.
-                file.read_to_end(&mut partial)?;
-                if !emit_complete_lines(&mut partial, &mut emit) {
-                    return Ok(());
-                }
-                if !partial.is_empty() {
-                    let cut = &partial[..partial.len().min(MAX_LINE_BYTES + 1)];
-                    if !emit(cut, partial.len()) {
+                loop {
+                    let n = file.read(&mut chunk)?;
+                    if n == 0 || shutdown.is_cancelled() {
+                        break;
+                    }
+                    if !lines.push(&chunk[..n], &mut emit) {
                         return Ok(());
                     }
-                    partial.clear();
+                }
+                if !lines.finish(&mut emit) {
+                    return Ok(());
                 }
                 tracing::info!(path = %path.display(), "file rotated or truncated; reopening");
                 file = File::open(path)?;
@@ -500,22 +525,85 @@ pub fn follow_file(
     }
 }
 
-/// Emits every newline-terminated line in `partial` and keeps the unterminated rest.
-fn emit_complete_lines(partial: &mut Vec<u8>, emit: &mut impl FnMut(&[u8], usize) -> bool) -> bool {
-    let mut start = 0;
-    while let Some(i) = memchr(&partial[start..]) {
-        let mut line = &partial[start..start + i];
-        if line.last() == Some(&b'\r') {
-            line = &line[..line.len() - 1];
+/// Cuts a byte stream that arrives in arbitrary chunks into lines, in constant memory and
+/// linear time: each byte is scanned once, and of a line only its first `limit` bytes are
+/// kept (its real length is counted), exactly as [`read_line_bounded`] does for whole files.
+/// `\n` ends a line; a `\r` before it is dropped.
+#[derive(Debug)]
+pub struct LineAssembler {
+    /// The kept head of the line being assembled (at most `limit` bytes).
+    head: Vec<u8>,
+    /// Its real length so far.
+    len: usize,
+    /// Whether the last byte seen of this line was `\r` (it may lie beyond `head`).
+    ends_with_cr: bool,
+    limit: usize,
+}
+
+impl LineAssembler {
+    pub fn new(limit: usize) -> LineAssembler {
+        LineAssembler {
+            head: Vec::new(),
+            len: 0,
+            ends_with_cr: false,
+            limit,
         }
-        let cut = &line[..line.len().min(MAX_LINE_BYTES + 1)];
-        if !emit(cut, line.len()) {
-            return false;
-        }
-        start += i + 1;
     }
-    partial.drain(..start);
-    true
+
+    /// Feeds bytes; every line they complete goes to `emit(head, real length)`. Returns false
+    /// as soon as `emit` does.
+    pub fn push(&mut self, mut data: &[u8], emit: &mut impl FnMut(&[u8], usize) -> bool) -> bool {
+        while let Some(i) = memchr::memchr(b'\n', data) {
+            self.append(&data[..i]);
+            if !self.emit_line(emit) {
+                return false;
+            }
+            data = &data[i + 1..];
+        }
+        self.append(data);
+        true
+    }
+
+    /// Emits the unterminated rest, if any (the end of a file that did not end with a newline).
+    pub fn finish(&mut self, emit: &mut impl FnMut(&[u8], usize) -> bool) -> bool {
+        if self.len == 0 {
+            return true;
+        }
+        self.emit_line(emit)
+    }
+
+    /// Bytes held for the line being assembled (bounded by the limit).
+    pub fn held(&self) -> usize {
+        self.head.capacity()
+    }
+
+    fn append(&mut self, piece: &[u8]) {
+        if piece.is_empty() {
+            return;
+        }
+        let room = self.limit.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&piece[..piece.len().min(room)]);
+        self.len += piece.len();
+        self.ends_with_cr = piece.last() == Some(&b'\r');
+    }
+
+    fn emit_line(&mut self, emit: &mut impl FnMut(&[u8], usize) -> bool) -> bool {
+        let mut len = self.len;
+        let mut kept = self.head.len();
+        if self.ends_with_cr {
+            len -= 1;
+            kept = kept.min(len);
+        }
+        let go_on = emit(&self.head[..kept], len);
+        self.head.clear();
+        if self.head.capacity() > 64 * 1024 {
+            // One long line must not pin its buffer for the rest of the run.
+            self.head.shrink_to(64 * 1024);
+        }
+        self.len = 0;
+        self.ends_with_cr = false;
+        go_on
+    }
 }
 
 #[cfg(test)]
@@ -583,6 +671,97 @@ mod tests {
         assert_eq!(next(), "fresh");
         stop.cancel();
         follower.join().unwrap().unwrap();
+    }
+
+    /// Lines of a stream cut at every possible chunk boundary come out the same.
+    #[test]
+    fn assembler_cuts_lines_in_any_chunking() {
+        let data = b"a\r\nbb\n\nlong-line-here\r\nx\ry\nlast";
+        for chunk in 1..data.len() {
+            let mut out = Vec::new();
+            let mut emit = |l: &[u8], len: usize| {
+                out.push((String::from_utf8(l.to_vec()).unwrap(), len));
+                true
+            };
+            let mut asm = LineAssembler::new(5);
+            for piece in data.chunks(chunk) {
+                assert!(asm.push(piece, &mut emit));
+            }
+            assert!(asm.finish(&mut emit));
+            assert_eq!(
+                out,
+                vec![
+                    ("a".into(), 1),
+                    ("bb".into(), 2),
+                    ("".into(), 0),
+                    ("long-".into(), 14),
+                    ("x\ry".into(), 3),
+                    ("last".into(), 4)
+                ],
+                "chunks of {chunk}"
+            );
+        }
+    }
+
+    /// 400 MB appended to a followed file without a newline: the follower keeps reading at
+    /// disk speed in constant memory, then emits the line cut to the limit with its real
+    /// length (the preprocessor dead-letters it), and goes on with the next lines.
+    #[test]
+    fn follow_cuts_a_400_mb_line_in_constant_memory() {
+        use std::io::Write;
+        const HUGE: usize = 400 * 1024 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        std::fs::write(&path, "first\n").unwrap();
+        let stop = CancellationToken::new();
+        let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, usize)>();
+        let follower = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                follow_file(&path, &stop, |l, len| tx.send((l.to_vec(), len)).is_ok())
+            })
+        };
+        let next = || rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        assert_eq!(next(), (b"first".to_vec(), 5));
+        let rss_before = resident_bytes();
+        {
+            let mut f = std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .unwrap(),
+            );
+            let block = vec![b'x'; 1024 * 1024];
+            for _ in 0..HUGE / block.len() {
+                f.write_all(&block).unwrap();
+            }
+            f.write_all(b"\nnext\n").unwrap();
+            f.flush().unwrap();
+        }
+        let (head, len) = next();
+        assert_eq!(len, HUGE);
+        assert_eq!(head.len(), MAX_LINE_BYTES + 1);
+        assert!(head.iter().all(|&b| b == b'x'));
+        assert_eq!(next(), (b"next".to_vec(), 4));
+        let grown = resident_bytes().saturating_sub(rss_before);
+        // The old follower held the whole line (400 MB) and re-scanned it on every read.
+        assert!(
+            grown < 64 * 1024 * 1024,
+            "resident memory grew by {grown} bytes"
+        );
+        stop.cancel();
+        follower.join().unwrap().unwrap();
+    }
+
+    /// This process's resident set size.
+    fn resident_bytes() -> usize {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kb: usize = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb * 1024
     }
 
     #[test]

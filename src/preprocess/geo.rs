@@ -1,5 +1,6 @@
 //! IP address → country, from a MaxMind DB (`.mmdb`) file.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -7,8 +8,10 @@ use serde::Deserialize;
 
 use crate::countries::CountryCode;
 
-/// The database shipped in the repository (DB-IP Lite Country, CC BY 4.0, see `data/`).
-pub const BUNDLED_DB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/dbip-country.mmdb");
+/// The database shipped in the repository (DB-IP Lite Country, CC BY 4.0, see `data/`),
+/// compiled into the binary: a copied or `cargo install`ed binary, or one deployed to another
+/// machine, resolves countries without the source tree or a `--geoip` file (8 MB).
+pub static BUNDLED_DB: &[u8] = include_bytes!("../../data/dbip-country.mmdb");
 
 /// Why a GeoIP database cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +27,8 @@ pub enum GeoError {
 
 /// A loaded country database. Lookups are lock-free and safe to share between threads.
 pub struct GeoDb {
-    reader: maxminddb::Reader<Vec<u8>>,
+    /// Borrowed for the bundled database, owned for a `--geoip` file.
+    reader: maxminddb::Reader<Cow<'static, [u8]>>,
 }
 
 /// One record, in either of the two layouts in the wild: ip-location-db/DB-IP
@@ -49,17 +53,24 @@ struct IsoCode<'a> {
 impl GeoDb {
     /// Opens the file at `path` (read fully into memory: country databases are a few MB).
     pub fn open(path: &Path) -> Result<GeoDb, GeoError> {
-        maxminddb::Reader::open_readfile(path)
+        let open_err = |source| GeoError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let bytes = std::fs::read(path).map_err(|e| open_err(maxminddb::MaxMindDbError::Io(e)))?;
+        maxminddb::Reader::from_source(Cow::Owned(bytes))
             .map(|reader| GeoDb { reader })
-            .map_err(|source| GeoError::Open {
-                path: path.to_owned(),
-                source,
-            })
+            .map_err(open_err)
     }
 
     /// The bundled DB-IP database.
     pub fn bundled() -> Result<GeoDb, GeoError> {
-        GeoDb::open(Path::new(BUNDLED_DB))
+        maxminddb::Reader::from_source(Cow::Borrowed(BUNDLED_DB))
+            .map(|reader| GeoDb { reader })
+            .map_err(|source| GeoError::Open {
+                path: PathBuf::from("<bundled DB-IP database>"),
+                source,
+            })
     }
 
     /// Country of a client address as written in the log; `ZZ` for host names, private or

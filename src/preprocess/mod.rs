@@ -29,7 +29,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::headers;
-use crate::kafka::{DEAD_LETTER_TOPIC, EVENTS_TOPIC, KafkaSettings, PREPROCESS_GROUP, RAW_TOPIC};
+use crate::kafka::{
+    ClientRole, DEAD_LETTER_TOPIC, EVENTS_TOPIC, KafkaSettings, PREPROCESS_GROUP, RAW_TOPIC,
+};
 use enrich::Enricher;
 use parse::ParseError;
 
@@ -101,27 +103,33 @@ pub async fn run(
 ) -> Result<(), PreprocessError> {
     let consumer: StreamConsumer<LoggingContext> = config
         .kafka
-        .client_config(&[
-            ("group.id", PREPROCESS_GROUP),
-            ("enable.auto.commit", "true"),
-            ("auto.commit.interval.ms", "1000"),
-            ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", "earliest"),
-            ("session.timeout.ms", "45000"),
-            ("heartbeat.interval.ms", "3000"),
-        ])
+        .client_config(
+            ClientRole::Consumer,
+            &[
+                ("group.id", PREPROCESS_GROUP),
+                ("enable.auto.commit", "true"),
+                ("auto.commit.interval.ms", "1000"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("session.timeout.ms", "45000"),
+                ("heartbeat.interval.ms", "3000"),
+            ],
+        )
         .create_with_context(LoggingContext)?;
     let producer: FutureProducer = config
         .kafka
-        .client_config(&[
-            ("enable.idempotence", "true"),
-            // Never give up on an event (0 = no timeout): a broker that is down only delays
-            // the batch, and the idempotent producer keeps every retry in order.
-            ("message.timeout.ms", "0"),
-            ("linger.ms", "5"),
-            ("batch.num.messages", "10000"),
-            ("queue.buffering.max.messages", "200000"),
-        ])
+        .client_config(
+            ClientRole::Producer,
+            &[
+                ("enable.idempotence", "true"),
+                // Never give up on an event (0 = no timeout): a broker that is down only delays
+                // the batch, and the idempotent producer keeps every retry in order.
+                ("message.timeout.ms", "0"),
+                ("linger.ms", "5"),
+                ("batch.num.messages", "10000"),
+                ("queue.buffering.max.messages", "200000"),
+            ],
+        )
         .create()?;
     consumer.subscribe(&[RAW_TOPIC])?;
     let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);

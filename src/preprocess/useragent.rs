@@ -23,27 +23,57 @@ pub struct Client {
     pub is_bot: bool,
 }
 
-/// A shared, bounded cache in front of the parser.
+/// A shared cache in front of the parser, bounded by bytes rather than entries: a User-Agent
+/// header can be as long as a log line (64 KiB), so a bound on entries alone lets hostile
+/// traffic (random long User-Agents) grow it to gigabytes.
 pub struct UaParser {
     parser: woothee::parser::Parser,
-    cache: Cache<String, Arc<Client>>,
+    cache: Cache<String, Arc<Client>, EntryBytes>,
 }
 
-/// How many distinct User-Agent strings are kept; enough for real sites' long tail.
-pub const DEFAULT_CACHE_ENTRIES: usize = 20_000;
+/// Bytes of cache: about 80,000 entries of a typical (~200 byte) User-Agent, far more than the
+/// few thousand distinct ones real traffic repeats.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Weighs a cache entry by the heap bytes it holds (key, strings, fixed overhead).
+#[derive(Debug, Clone, Copy)]
+struct EntryBytes;
+
+/// Per-entry bookkeeping beyond the strings: the `Client`, the `Arc`, the map slot.
+const ENTRY_OVERHEAD: u64 = 128;
+
+impl quick_cache::Weighter<String, Arc<Client>> for EntryBytes {
+    fn weight(&self, key: &String, client: &Arc<Client>) -> u64 {
+        (key.len() + client.browser.len() + client.browser_version.len() + client.os.len()) as u64
+            + ENTRY_OVERHEAD
+    }
+}
 
 impl Default for UaParser {
     fn default() -> Self {
-        UaParser::new(DEFAULT_CACHE_ENTRIES)
+        UaParser::new(DEFAULT_CACHE_BYTES)
     }
 }
 
 impl UaParser {
-    pub fn new(cache_entries: usize) -> UaParser {
+    /// A parser whose cache holds at most `cache_bytes` bytes of entries.
+    pub fn new(cache_bytes: u64) -> UaParser {
+        let cache_bytes = cache_bytes.max(ENTRY_OVERHEAD * 16);
         UaParser {
             parser: woothee::parser::Parser::new(),
-            cache: Cache::new(cache_entries.max(1)),
+            cache: Cache::with_weighter(
+                usize::try_from(cache_bytes / 256)
+                    .unwrap_or(usize::MAX)
+                    .max(16),
+                cache_bytes,
+                EntryBytes,
+            ),
         }
+    }
+
+    /// Bytes held by the cache now (the sum of its entries' weights).
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache.weight()
     }
 
     /// Classifies a User-Agent header; `None` (header absent) is an unknown client.
@@ -132,8 +162,26 @@ mod tests {
     }
 
     #[test]
+    fn cache_is_bounded_by_bytes_not_entries() {
+        // 2,000 distinct 60 KB User-Agents: 120 MB if every one were kept (the old cache
+        // kept 20,000 entries whatever their size: up to 1.3 GB).
+        let p = UaParser::new(4 * 1024 * 1024);
+        let filler = "x".repeat(60_000);
+        for i in 0..2_000 {
+            let ua = format!("Mozilla/5.0 (compatible; Bot{i}/1.0) {filler}");
+            p.classify(Some(&ua));
+        }
+        let held = p.cached_bytes();
+        assert!(held <= 4 * 1024 * 1024, "cache holds {held} bytes");
+        assert!(held >= 60_000, "cache holds {held} bytes: nothing kept");
+        // Short, common User-Agents are still cached.
+        let a = p.classify(Some("curl/8.0"));
+        assert!(Arc::ptr_eq(&a, &p.classify(Some("curl/8.0"))));
+    }
+
+    #[test]
     fn cache_returns_the_same_entry() {
-        let p = UaParser::new(10);
+        let p = UaParser::new(64 * 1024);
         let a = p.classify(Some("curl/8.0"));
         let b = p.classify(Some("curl/8.0"));
         assert!(Arc::ptr_eq(&a, &b));

@@ -9,8 +9,11 @@
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+use std::collections::HashMap;
+
 use super::{
-    CountryCount, FlushBatch, FlushOutcome, MIGRATIONS, StoreError, StoredPositions, causes,
+    CountryCount, EXPECTED_COLUMNS, FlushBatch, FlushOutcome, MIGRATIONS, SqlType, StoreError,
+    StoredPositions, TopicIdentity, schema_problem,
 };
 
 /// Offsets compare-and-set: returns the partitions whose offset moved (or was created).
@@ -33,6 +36,15 @@ const UPSERT_WATERMARKS: &str = "INSERT INTO source_watermarks (consumer_group, 
      ON CONFLICT (consumer_group, topic, \"partition\", source_partition)
      DO UPDATE SET source_offset = excluded.source_offset";
 
+const RESET_WATERMARKS: &str = "DELETE FROM source_watermarks
+     WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = ANY($3::int4[])";
+
+const UPSERT_TOPIC_IDS: &str = "INSERT INTO topic_ids (consumer_group, topic, \"partition\", topic_id, source_topic_id)
+     SELECT $1, $2, p, $4, $5 FROM unnest($3::int4[]) AS u(p)
+     ON CONFLICT (consumer_group, topic, \"partition\")
+     DO UPDATE SET topic_id = COALESCE(excluded.topic_id, topic_ids.topic_id),
+                           source_topic_id = COALESCE(excluded.source_topic_id, topic_ids.source_topic_id)";
+
 const UPSERT_COUNTS: &str = "INSERT INTO country_stats (country_code, visit_count, updated_at)
      SELECT c, n, $3 FROM unnest($1::text[], $2::int8[]) AS u(c, n)
      ON CONFLICT (country_code) DO UPDATE
@@ -46,13 +58,13 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     pub async fn open(url: &str) -> Result<PostgresStore, StoreError> {
-        let open_err = |reason: String| StoreError::Open {
+        let open_err = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
             url: redact(url),
-            reason,
+            source,
         };
         let config: tokio_postgres::Config = url
             .parse()
-            .map_err(|e: tokio_postgres::Error| open_err(causes(&e)))?;
+            .map_err(|e: tokio_postgres::Error| open_err(Box::new(e)))?;
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -63,11 +75,13 @@ impl PostgresStore {
         let pool = Pool::builder(manager)
             .max_size(4)
             .build()
-            .map_err(|e| open_err(e.to_string()))?;
+            .map_err(|e| open_err(Box::new(e)))?;
         let store = PostgresStore { pool };
         let mut client = store.client().await.map_err(|e| match e {
-            StoreError::Pool(reason) => open_err(reason),
-            other => open_err(other.to_string()),
+            // deadpool's "Error occurred while creating a new object" adds nothing to the
+            // driver's own account (connection refused, no such database, …).
+            StoreError::Pool(deadpool_postgres::PoolError::Backend(e)) => open_err(Box::new(e)),
+            other => open_err(Box::new(other)),
         })?;
         // Several processes may start at once: serialise the migrations.
         let tx = client.transaction().await?;
@@ -76,17 +90,39 @@ impl PostgresStore {
         for m in MIGRATIONS {
             tx.execute(*m, &[]).await?;
         }
+        // A table of ours made by something else (same name, other columns) is a clear error
+        // now rather than a failed flush later.
+        let mut tables: HashMap<String, HashMap<String, String>> = HashMap::new();
+        for row in tx
+            .query(
+                "SELECT table_name::text, column_name::text, data_type::text
+                 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name = ANY($1)",
+                &[&EXPECTED_COLUMNS.iter().map(|(t, _)| *t).collect::<Vec<_>>()],
+            )
+            .await?
+        {
+            tables
+                .entry(row.try_get(0)?)
+                .or_default()
+                .insert(row.try_get(1)?, row.try_get(2)?);
+        }
         tx.commit().await?;
+        for (table, _) in EXPECTED_COLUMNS {
+            let found = tables.remove(*table).unwrap_or_default();
+            if let Some(problem) = schema_problem(table, &found, SqlType::postgres) {
+                return Err(StoreError::Schema {
+                    url: redact(url),
+                    table: (*table).to_owned(),
+                    problem,
+                });
+            }
+        }
         Ok(store)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool.get().await.map_err(|e| match e {
-            // deadpool's "Error occurred while creating a new object" adds nothing to the
-            // driver's own account (connection refused, no such database, …).
-            deadpool_postgres::PoolError::Backend(e) => StoreError::Pool(causes(&e)),
-            e => StoreError::Pool(causes(&e)),
-        })
+        self.pool.get().await.map_err(StoreError::Pool)
     }
 
     pub async fn load_positions(
@@ -103,7 +139,7 @@ impl PostgresStore {
             )
             .await?
         {
-            out.offsets.insert(r.get::<_, i32>(0), r.get::<_, i64>(1));
+            out.offsets.insert(r.try_get::<_, i32>(0)?, r.try_get::<_, i64>(1)?);
         }
         for r in client
             .query(
@@ -114,9 +150,25 @@ impl PostgresStore {
             .await?
         {
             out.watermarks
-                .entry(r.get::<_, i32>(0))
+                .entry(r.try_get::<_, i32>(0)?)
                 .or_default()
-                .insert(r.get::<_, i32>(1), r.get::<_, i64>(2));
+                .insert(r.try_get::<_, i32>(1)?, r.try_get::<_, i64>(2)?);
+        }
+        for r in client
+            .query(
+                "SELECT \"partition\", topic_id, source_topic_id FROM topic_ids
+                 WHERE consumer_group = $1 AND topic = $2",
+                &[&group, &topic],
+            )
+            .await?
+        {
+            out.identities.insert(
+                r.try_get::<_, i32>(0)?,
+                TopicIdentity {
+                    topic_id: r.try_get(1)?,
+                    source_topic_id: r.try_get(2)?,
+                },
+            );
         }
         Ok(out)
     }
@@ -155,8 +207,10 @@ impl PostgresStore {
                 ],
             )
             .await?;
-        let done: std::collections::HashSet<i32> =
-            rows.iter().map(|r| r.get::<_, i32>(0)).collect();
+        let done = rows
+            .iter()
+            .map(|r| r.try_get::<_, i32>(0))
+            .collect::<Result<std::collections::HashSet<i32>, _>>()?;
         let conflicts: Vec<i32> = batch
             .offsets
             .iter()
@@ -167,12 +221,16 @@ impl PostgresStore {
             tx.rollback().await?;
             return Ok(FlushOutcome::Conflict(conflicts));
         }
-        // Both upserts go out together (tokio-postgres pipelines concurrent queries on one
-        // connection); statements are prepared once per pooled connection.
-        let (wm_stmt, count_stmt) = futures::try_join!(
+        // The statements go out together (tokio-postgres pipelines concurrent queries on one
+        // connection, in order, so the watermark reset runs before the upsert); statements are
+        // prepared once per pooled connection.
+        let (reset_stmt, wm_stmt, ids_stmt, count_stmt) = futures::try_join!(
+            tx.prepare_cached(RESET_WATERMARKS),
             tx.prepare_cached(UPSERT_WATERMARKS),
+            tx.prepare_cached(UPSERT_TOPIC_IDS),
             tx.prepare_cached(UPSERT_COUNTS)
         )?;
+        let all_partitions: Vec<i32> = batch.offsets.iter().map(|o| o.partition).collect();
         let parts: Vec<i32> = batch.watermarks.iter().map(|w| w.partition).collect();
         let sources: Vec<i32> = batch
             .watermarks
@@ -195,8 +253,19 @@ impl PostgresStore {
             &offsets,
         ];
         let count_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&codes, &counts, &now];
+        let reset_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&batch.consumer_group, &batch.topic, &batch.reset_watermarks];
+        let ids_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &batch.consumer_group,
+            &batch.topic,
+            &all_partitions,
+            &batch.identity.topic_id,
+            &batch.identity.source_topic_id,
+        ];
         futures::try_join!(
+            tx.execute(&reset_stmt, &reset_params),
             tx.execute(&wm_stmt, &wm_params),
+            tx.execute(&ids_stmt, &ids_params),
             tx.execute(&count_stmt, &count_params),
         )?;
         tx.commit().await?;
@@ -212,13 +281,14 @@ impl PostgresStore {
                 &[],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| CountryCount {
-                country_code: r.get(0),
-                visits: u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+        rows.iter()
+            .map(|r| {
+                Ok(CountryCount {
+                    country_code: r.try_get(0)?,
+                    visits: u64::try_from(r.try_get::<_, i64>(1)?).unwrap_or(0),
+                })
             })
-            .collect())
+            .collect()
     }
 }
 

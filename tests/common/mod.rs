@@ -114,7 +114,7 @@ pub fn expected_counts<'a>(lines: impl Iterator<Item = &'a [u8]>) -> BTreeMap<St
     struct Rec {
         country_code: Option<String>,
     }
-    let reader = maxminddb::Reader::open_readfile(BUNDLED_DB).unwrap();
+    let reader = maxminddb::Reader::from_source(BUNDLED_DB).unwrap();
     let mut out = BTreeMap::new();
     for line in lines {
         let ip = std::str::from_utf8(line)
