@@ -366,3 +366,91 @@ async fn flush_retries_while_the_database_is_locked() {
     agg.stop().await;
     pre.stop().await;
 }
+
+/// Issue 8.4: a database that stops answering (here: a PostgreSQL transaction holds an
+/// exclusive lock on the offsets table, so every read of it waits) holds up neither a
+/// rebalance nor a shutdown. A second aggregator joins, both must read stored positions, and
+/// both still stop within seconds when asked. Before, the positions were read inside the
+/// rebalance callback, retried forever, and the aggregator never stopped. Once the database
+/// answers again, a new aggregator counts every line exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_database_holds_up_neither_rebalance_nor_shutdown() {
+    let mut c = cluster(4).await;
+    let url = pageviews::store::testing::fresh_postgres_url().await;
+    c.store = pageviews::store::Store::open(&url).await.unwrap();
+    let (first_lines, more_lines) = (generated(3_000, 21), generated(2_000, 22));
+    let expected = expected_counts(
+        first_lines
+            .iter()
+            .chain(more_lines.iter())
+            .map(Vec::as_slice),
+    );
+    let pre = start_preprocessor(&c, Arc::new(PreprocessStats::default()));
+    let (a, _) = start_aggregator(&c, Duration::from_millis(300));
+    assert_eq!(import_file(&c, &first_lines).await, 3_000);
+    wait_for(&c, 3_000, Duration::from_secs(120)).await;
+
+    let (locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE consumer_offsets IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (b, _) = start_aggregator(&c, Duration::from_millis(300));
+    // Long enough for the group to rebalance and both to be stuck on the database.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for (name, stage) in [("joining", b), ("first", a)] {
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), stage.stop())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the {name} aggregator did not stop with the database hung")
+            });
+        eprintln!("{name} aggregator stopped in {:?}", started.elapsed());
+    }
+
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let (third, _) = start_aggregator(&c, Duration::from_millis(300));
+    assert_eq!(import_file(&c, &more_lines).await, 2_000);
+    wait_for(&c, 5_000, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(db_counts(&c.store).await, expected);
+    third.stop().await;
+    pre.stop().await;
+}
+
+/// Two aggregators stop one after the other (the second, the group's leader, while the group
+/// is re-forming after the first left), then a third starts: it gets every partition and
+/// counts every new line exactly once. tansu 0.6.0 kept the departed leader of a forming group,
+/// told every later member to follow it, and the group owned no partition for good (see
+/// vendor/tansu-broker/PATCHED.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_whose_leader_left_while_forming_takes_new_members() {
+    let c = cluster(4).await;
+    let (first_lines, more_lines) = (generated(3_000, 31), generated(2_000, 32));
+    let expected = expected_counts(
+        first_lines
+            .iter()
+            .chain(more_lines.iter())
+            .map(Vec::as_slice),
+    );
+    let pre = start_preprocessor(&c, Arc::new(PreprocessStats::default()));
+    let (a, _) = start_aggregator(&c, Duration::from_millis(300));
+    assert_eq!(import_file(&c, &first_lines).await, 3_000);
+    wait_for(&c, 3_000, Duration::from_secs(120)).await;
+    let (b, _) = start_aggregator(&c, Duration::from_millis(300));
+    // Long enough for the group to have formed with both (the first one leads it).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    b.stop().await;
+    a.stop().await;
+    let (third, stats) = start_aggregator(&c, Duration::from_millis(300));
+    assert_eq!(import_file(&c, &more_lines).await, 2_000);
+    wait_for(&c, 5_000, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(db_counts(&c.store).await, expected);
+    assert!(stats.flushes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    third.stop().await;
+    pre.stop().await;
+}

@@ -353,6 +353,7 @@ impl Aggregator<'_> {
         if due.is_empty() {
             return;
         }
+        let began = std::time::Instant::now();
         let stored = match self.lookups(&due).await {
             Ok(found) => found,
             Err(err) => {
@@ -366,6 +367,7 @@ impl Aggregator<'_> {
             }
         };
         let (stored, log_ends) = stored;
+        tracing::debug!(took = ?began.elapsed(), "positions, topic ids and log ends read");
         let mut failed = Vec::new();
         let mut notices: HashMap<String, Vec<i32>> = HashMap::new();
         for p in due {
@@ -401,6 +403,7 @@ impl Aggregator<'_> {
                 notices.entry(describe(&n)).or_default().push(p);
             }
         }
+        tracing::debug!(took = ?began.elapsed(), "partitions positioned");
         for (what, partitions) in notices {
             // Data-loss territory (or the appearance of it): ERROR, one line each.
             tracing::error!(?partitions, "{what}");
@@ -426,6 +429,7 @@ impl Aggregator<'_> {
                 LOOKUP_TIMEOUT,
             )
         })?;
+        tracing::debug!(?ids, "topic ids");
         self.identity = TopicIdentity {
             topic_id: ids.get(EVENTS_TOPIC).cloned().flatten(),
             source_topic_id: ids.get(RAW_TOPIC).cloned().flatten(),
@@ -440,6 +444,12 @@ impl Aggregator<'_> {
             let Some(offset) = stored.offset(p) else {
                 continue;
             };
+            if let (_, Some(Notice::TopicRecreated { .. } | Notice::SourceRecreated { .. })) =
+                positions::start_of(p, &stored, &self.identity, None)
+            {
+                // Decided without the log end: a new topic's offsets do not compare.
+                continue;
+            }
             // A log end below the stored offset moves counting back to it, so it must be
             // real: ask again a few times (the embedded broker has answered with stale
             // high watermarks under load) and believe the highest answer.

@@ -2176,6 +2176,20 @@ where
             self.generation_id += 1;
         }
 
+        // pageviews patch: a leader that leaves while the group is forming is no leader any
+        // more (as `Inner<O, Formed>::leave` already does). Left in place, every member
+        // joining afterwards was told to follow it, waited in SyncGroup for an assignment
+        // that never came, and the group owned no partition for good.
+        if self
+            .state
+            .leader
+            .as_ref()
+            .is_some_and(|leader| !self.members.contains_key(leader))
+        {
+            debug!(leader = ?self.state.leader, "leader left while forming");
+            _ = self.state.leader.take();
+        }
+
         let body = LeaveGroupResponse::default()
             .throttle_time_ms(Some(0))
             .error_code(ErrorCode::None.into())

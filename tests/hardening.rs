@@ -1,0 +1,373 @@
+//! Ways a user could lose counts or break the binary, reproduced by running the binary as a
+//! user does: the demo run twice on new topics, a copy of the binary with the source tree out
+//! of reach, a delivery failure, `-X` consumer settings on a producer, a foreign table.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pageviews::store::Store;
+
+/// The binary under test (`PAGEVIEWS_TEST_BIN` runs these tests against another build).
+fn bin() -> PathBuf {
+    std::env::var_os("PAGEVIEWS_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pageviews")))
+}
+
+/// A command for `program` with a clean environment (no PAGEVIEWS_* or RUST_LOG from the
+/// caller) and its data in `data_dir`.
+fn command(program: &Path, data_dir: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PAGEVIEWS_") || k == "RUST_LOG" || k == "RUST_BACKTRACE" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("PAGEVIEWS_DATA_DIR", data_dir);
+    cmd
+}
+
+/// Runs `cmd` to its end, killing it (and failing the test) after `patience`.
+fn run_within(mut cmd: Command, patience: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    // Drain the pipes while waiting, so a chatty child never blocks on a full pipe.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + patience;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {patience:?}; stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.join().unwrap()),
+                String::from_utf8_lossy(&err.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// `pageviews generate` output as lines.
+fn generate(lines: u64, seed: u64, path: &Path) -> Vec<Vec<u8>> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(&bin(), dir.path());
+    cmd.args([
+        "generate",
+        "--lines",
+        &lines.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]);
+    let out = run_within(cmd, Duration::from_secs(60));
+    assert!(out.status.success());
+    std::fs::write(path, &out.stdout).unwrap();
+    out.stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// `demo --input FILE --exit-when-drained` on the in-memory broker; its output.
+fn demo_drained(program: &Path, data_dir: &Path, input: &Path) -> Output {
+    let mut cmd = command(program, data_dir);
+    cmd.args([
+        "demo",
+        "--input",
+        input.to_str().unwrap(),
+        "--exit-when-drained",
+        "--broker-storage",
+        "memory",
+        "--flush-interval",
+        "1s",
+        "--partitions",
+        "4",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    run_within(cmd, Duration::from_secs(180))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+async fn sqlite_counts(data_dir: &Path) -> BTreeMap<String, u64> {
+    let store = Store::open(&format!("sqlite://{}/pageviews.db", data_dir.display()))
+        .await
+        .unwrap();
+    common::db_counts(&store).await
+}
+
+fn sum(mut a: BTreeMap<String, u64>, b: BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    for (k, v) in b {
+        *a.entry(k).or_insert(0) += v;
+    }
+    a
+}
+
+/// The reproduction of issue 8.1: the demo on the in-memory broker, run twice in the same
+/// directory. The second run's broker has new, empty topics while the database still holds
+/// the first run's offsets and source watermarks. Before, the second run's 5,000 lines were
+/// dropped as "already counted" and `--exit-when-drained` waited forever; now they are
+/// added to the counts, exactly, and the log says what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_demo_on_new_topics_adds_its_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let a_lines = generate(5000, 3, &a);
+    let b_lines = generate(5000, 4, &b);
+    let data = dir.path().join("data");
+
+    let first = demo_drained(&bin(), &data, &a);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(
+        text(&first.stdout).contains("lines read 5000, counted 5000, dead-lettered 0"),
+        "{}",
+        text(&first.stdout)
+    );
+    let after_a = common::expected_counts(a_lines.iter().map(Vec::as_slice));
+    assert_eq!(sqlite_counts(&data).await, after_a);
+
+    let second = demo_drained(&bin(), &data, &b);
+    let stderr = text(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    assert!(
+        text(&second.stdout).contains("lines read 5000, counted 5000, dead-lettered 0"),
+        "{}\n{stderr}",
+        text(&second.stdout)
+    );
+    assert!(
+        stderr.contains("is not the one the stored positions were counted in"),
+        "no notice of the new topic:\n{stderr}"
+    );
+    let after_b = common::expected_counts(b_lines.iter().map(Vec::as_slice));
+    assert_eq!(sqlite_counts(&data).await, sum(after_a, after_b));
+}
+
+/// Issue 8.2: a copy of the binary, run where the source tree is out of reach (a private
+/// mount namespace with an empty file system over the checkout), resolves countries with its
+/// bundled GeoIP database. Before, the database was found through a compile-time path into
+/// the checkout, and `preprocess` failed without `--geoip`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_binary_needs_no_source_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("bin").join("pageviews");
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    std::fs::copy(bin(), &copy).unwrap();
+    let input = dir.path().join("access.log");
+    let lines = generate(2000, 9, &input);
+    let data = dir.path().join("data");
+    let checkout = env!("CARGO_MANIFEST_DIR");
+    let mmdb = format!("{checkout}/data/dbip-country.mmdb");
+    assert!(Path::new(&mmdb).exists());
+    let script = format!("mount -t tmpfs tmpfs '{checkout}' && test ! -e '{mmdb}' && exec \"$@\"");
+    let mut cmd = command(Path::new("unshare"), &data);
+    cmd.args(["--mount", "sh", "-c", &script, "sh"])
+        .arg(&copy)
+        .args([
+            "demo",
+            "--input",
+            input.to_str().unwrap(),
+            "--exit-when-drained",
+            "--broker-storage",
+            "memory",
+            "--flush-interval",
+            "1s",
+            "--partitions",
+            "4",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+    let out = run_within(cmd, Duration::from_secs(180));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("lines read 2000, counted 2000, dead-lettered 0"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Countries, not 2,000 times ZZ: the bundled database was used.
+    let expected = common::expected_counts(lines.iter().map(Vec::as_slice));
+    assert!(expected.len() > 10);
+    assert_eq!(sqlite_counts(&data).await, expected);
+}
+
+/// A standalone broker (`pageviews broker`, in memory) on a free port, stopped on drop.
+struct Broker {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = command(&bin(), dir.path())
+            .args(["broker", "--broker-storage", "memory", "--listen", &addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "broker did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Broker {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 8.9: lines the broker refuses are reported as a delivery failure with librdkafka's
+/// reason, not as "cannot read FILE" (the file was read fine). Here the raw topic does not
+/// exist and the messages time out.
+#[test]
+fn a_delivery_failure_is_not_a_read_error() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("access.log");
+    generate(20, 1, &input);
+    let mut cmd = command(&bin(), dir.path());
+    cmd.args([
+        "--brokers",
+        &broker.addr,
+        "-X",
+        "message.timeout.ms=3000",
+        "import",
+        input.to_str().unwrap(),
+    ]);
+    let out = run_within(cmd, Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: 20 lines could not be delivered to Kafka: "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cannot read"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Issue 8.9: a consumer setting given with `-X` (as the README suggests for
+/// `session.timeout.ms`) reaches only consumers: `import`, which only produces, prints no
+/// librdkafka configuration warning about it.
+#[test]
+fn consumer_settings_do_not_warn_in_producers() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut topics = command(&bin(), dir.path());
+    topics.args(["--brokers", &broker.addr, "topics", "--partitions", "2"]);
+    assert!(run_within(topics, Duration::from_secs(60)).status.success());
+    let input = dir.path().join("access.log");
+    generate(50, 1, &input);
+    let mut cmd = command(&bin(), dir.path());
+    cmd.args([
+        "--brokers",
+        &broker.addr,
+        "-X",
+        "session.timeout.ms=10000",
+        "-X",
+        "heartbeat.interval.ms=1000",
+        "import",
+        input.to_str().unwrap(),
+    ]);
+    let out = run_within(cmd, Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        text(&out.stdout).starts_with("imported 50 lines"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        !stderr.contains("session.timeout.ms") && !stderr.contains("heartbeat.interval.ms"),
+        "a consumer property reached the producer:\n{stderr}"
+    );
+}
+
+/// Issue 8.8: a PostgreSQL database where `country_stats` already exists with other column
+/// types gives one `error:` line naming the table and the column, exit code 1. Before, the
+/// first read panicked in `Row::get`.
+#[tokio::test]
+async fn a_foreign_postgres_table_is_one_line_error() {
+    let url = pageviews::store::testing::fresh_postgres_url().await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            "CREATE TABLE country_stats (country_code TEXT PRIMARY KEY, visit_count TEXT, updated_at TEXT)",
+            &[],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO country_stats VALUES ('NL', 'lots', 'today')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(&bin(), dir.path());
+    cmd.args(["serve", "--database", &url, "--listen", "127.0.0.1:0"]);
+    let out = tokio::task::spawn_blocking(move || run_within(cmd, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("error: cannot use database postgres://")
+            && lines[0].contains(
+                "table country_stats exists but its column visit_count is text, pageviews needs bigint"
+            ),
+        "{stderr}"
+    );
+}
