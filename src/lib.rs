@@ -18,10 +18,12 @@
 //!   [`preprocess::enrich`] (line → [`event::PageView`] JSON); the module itself is the Kafka
 //!   loop.
 //! - [`aggregate`]: the consumer group `aggregators`. Pure core in [`aggregate::tally`]
-//!   (per-partition counts and offsets); the module is the Kafka loop with the rebalance
-//!   callback that reads offsets from the database.
-//! - [`store`]: the database (SQLite now): `country_stats` and `consumer_offsets`, written
-//!   together in one transaction per flush.
+//!   (per-partition counts and offsets) and [`aggregate::positions`] (where a newly owned
+//!   partition starts: stored offset, a recreated topic, an offset past the log end); the
+//!   module is the Kafka loop, which assigns partitions paused in the rebalance callback and
+//!   positions them from the database outside it.
+//! - [`store`]: the database (SQLite or PostgreSQL): counts, offsets, source watermarks and
+//!   the topic ids they refer to, written together in one transaction per flush.
 //! - [`serve`]: HTTP dashboard and JSON API.
 //! - [`kafka`]: the one place that knows topic/group names and client settings;
 //!   [`broker`]: the embedded Kafka-compatible broker (tansu) for one machine.
