@@ -63,3 +63,78 @@ async fn high_watermarks_count_every_message() {
         broker.stop();
     }
 }
+
+/// A consumer waiting on an empty partition gets a message about as soon as it is produced,
+/// not after the fetch's maximum wait: ten produce-then-consume round trips with
+/// `fetch.wait.max.ms=10000` each take a small part of that wait. tansu 0.6.0 slept half of
+/// the remaining wait after every storage read, data or not (see
+/// vendor/tansu-storage/PATCHED.md), so a round trip here took seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_answers_when_data_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BrokerStorage::Memory,
+        dir.path(),
+    )
+    .await
+    .unwrap();
+    let kafka = KafkaSettings::new(broker.bootstrap());
+    kafka
+        .wait_until_reachable(Duration::from_secs(20))
+        .await
+        .unwrap();
+    kafka.create_topics(1).await.unwrap();
+    let slowest = tokio::task::spawn_blocking(move || {
+        use rdkafka::Message;
+        let producer: BaseProducer = kafka
+            .client_config(ClientRole::Producer, &[("linger.ms", "0")])
+            .create()
+            .unwrap();
+        let consumer: BaseConsumer = kafka
+            .client_config(
+                ClientRole::Consumer,
+                &[
+                    ("group.id", "fetch-wait-test"),
+                    ("auto.offset.reset", "earliest"),
+                    ("fetch.wait.max.ms", "10000"),
+                ],
+            )
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(RAW_TOPIC, 0, rdkafka::Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut slowest = Duration::ZERO;
+        for round in 0..10 {
+            // Let the consumer settle into a waiting fetch on the empty log end.
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = consumer.poll(Duration::ZERO);
+            let payload = format!("round {round}");
+            let sent = std::time::Instant::now();
+            producer
+                .send(BaseRecord::<(), str>::to(RAW_TOPIC).payload(&payload))
+                .unwrap();
+            producer.flush(Duration::from_secs(10)).unwrap();
+            loop {
+                match consumer.poll(Duration::from_secs(20)) {
+                    Some(Ok(m)) if m.payload() == Some(payload.as_bytes()) => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => panic!("consume error: {e}"),
+                    None => panic!("round {round}: nothing within 20 s"),
+                }
+            }
+            slowest = slowest.max(sent.elapsed());
+        }
+        slowest
+    })
+    .await
+    .unwrap();
+    eprintln!("slowest produce-to-consume round trip: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(2500),
+        "a round trip took {slowest:?}: fetches wait out their maximum wait"
+    );
+    broker.stop();
+}

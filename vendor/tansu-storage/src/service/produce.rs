@@ -259,6 +259,8 @@ where
                         .await,
                 )
             }
+            // pageviews patch: wake the fetches waiting for new records (see fetch.rs).
+            super::fetch::PRODUCED.notify_waiters();
         }
 
         Ok(ProduceResponse::default()
