@@ -7,6 +7,23 @@ use pageviews::kafka::{ClientRole, KafkaSettings, RAW_TOPIC};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
+/// An embedded broker on `storage` with our topics, one partition each.
+async fn broker_with_topics(
+    storage: BrokerStorage,
+    dir: &std::path::Path,
+) -> (EmbeddedBroker, KafkaSettings) {
+    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), storage, dir)
+        .await
+        .unwrap();
+    let kafka = KafkaSettings::new(broker.bootstrap());
+    kafka
+        .wait_until_reachable(Duration::from_secs(20))
+        .await
+        .unwrap();
+    kafka.create_topics(1).await.unwrap();
+    (broker, kafka)
+}
+
 /// After 5,000 messages produced in many record batches, the partition's high watermark (what
 /// `ListOffsets` answers for the latest offset) is 5,000 on both storages. tansu 0.6.0's
 /// in-memory storage answered the base offset of the last written batch plus one (see
@@ -15,15 +32,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 async fn high_watermarks_count_every_message() {
     for storage in [BrokerStorage::Memory, BrokerStorage::Sqlite] {
         let dir = tempfile::tempdir().unwrap();
-        let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), storage, dir.path())
-            .await
-            .unwrap();
-        let kafka = KafkaSettings::new(broker.bootstrap());
-        kafka
-            .wait_until_reachable(Duration::from_secs(20))
-            .await
-            .unwrap();
-        kafka.create_topics(1).await.unwrap();
+        let (broker, kafka) = broker_with_topics(storage, dir.path()).await;
         let (high, batches) = tokio::task::spawn_blocking(move || {
             let producer: BaseProducer = kafka
                 .client_config(
@@ -72,19 +81,7 @@ async fn high_watermarks_count_every_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_answers_when_data_arrives() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = EmbeddedBroker::start(
-        "127.0.0.1:0".parse().unwrap(),
-        BrokerStorage::Memory,
-        dir.path(),
-    )
-    .await
-    .unwrap();
-    let kafka = KafkaSettings::new(broker.bootstrap());
-    kafka
-        .wait_until_reachable(Duration::from_secs(20))
-        .await
-        .unwrap();
-    kafka.create_topics(1).await.unwrap();
+    let (broker, kafka) = broker_with_topics(BrokerStorage::Memory, dir.path()).await;
     let slowest = tokio::task::spawn_blocking(move || {
         use rdkafka::Message;
         let producer: BaseProducer = kafka

@@ -96,13 +96,13 @@ fn generate(lines: u64, seed: u64, path: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// `demo --input FILE --exit-when-drained` on the in-memory broker; its output.
-fn demo_drained(program: &Path, data_dir: &Path, input: &Path) -> Output {
-    let mut cmd = command(program, data_dir);
-    cmd.args([
+/// The arguments of `demo --input FILE --exit-when-drained` on the in-memory broker.
+fn demo_args(input: &Path) -> Vec<String> {
+    let input = input.to_str().unwrap();
+    [
         "demo",
         "--input",
-        input.to_str().unwrap(),
+        input,
         "--exit-when-drained",
         "--broker-storage",
         "memory",
@@ -112,7 +112,15 @@ fn demo_drained(program: &Path, data_dir: &Path, input: &Path) -> Output {
         "4",
         "--listen",
         "127.0.0.1:0",
-    ]);
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `demo --input FILE --exit-when-drained` on the in-memory broker; its output.
+fn demo_drained(program: &Path, data_dir: &Path, input: &Path) -> Output {
+    let mut cmd = command(program, data_dir);
+    cmd.args(demo_args(input));
     run_within(cmd, Duration::from_secs(180))
 }
 
@@ -193,20 +201,7 @@ async fn a_copied_binary_needs_no_source_tree() {
     let mut cmd = command(Path::new("unshare"), &data);
     cmd.args(["--mount", "sh", "-c", &script, "sh"])
         .arg(&copy)
-        .args([
-            "demo",
-            "--input",
-            input.to_str().unwrap(),
-            "--exit-when-drained",
-            "--broker-storage",
-            "memory",
-            "--flush-interval",
-            "1s",
-            "--partitions",
-            "4",
-            "--listen",
-            "127.0.0.1:0",
-        ]);
+        .args(demo_args(&input));
     let out = run_within(cmd, Duration::from_secs(180));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
