@@ -53,7 +53,6 @@ impl EmbeddedBroker {
             listen
         };
         let start_err = |reason: String| BrokerError::Start { addr, reason };
-        let mut sqlite_file = None;
         let storage_url = match storage {
             BrokerStorage::Memory => "memory://tansu/".to_owned(),
             BrokerStorage::Sqlite => {
@@ -69,9 +68,7 @@ impl EmbeddedBroker {
                 // tansu joins the URL path onto the working directory after stripping one
                 // leading '/'; a second '/' keeps the path absolute.
                 let file = dir.join("broker.db");
-                let url = format!("sqlite:///{}", file.display());
-                sqlite_file = Some(file);
-                url
+                format!("sqlite:///{}", file.display())
             }
         };
         let storage_url = Url::parse(&storage_url).map_err(|e| start_err(e.to_string()))?;
@@ -98,11 +95,6 @@ impl EmbeddedBroker {
             }
         });
         wait_for_listener(addr).await.map_err(start_err)?;
-        if let Some(file) = sqlite_file
-            && let Err(err) = add_missing_indexes(&file).await
-        {
-            tracing::warn!(%err, "cannot index the broker's header table; fetching events with headers will be slow");
-        }
         tracing::info!(%addr, ?storage, "embedded broker ready");
         Ok(EmbeddedBroker { addr, task })
     }
@@ -121,32 +113,6 @@ impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// tansu 0.6.0's SQLite schema has no index on `header (topition, offset_id)`, and its fetch
-/// looks up the headers of every record it returns by that pair: each fetched record scanned
-/// every header ever stored, so a fetch slowed down linearly with the topic's size (our events
-/// carry two headers). Measured: 20,000 lines end to end took 65 s before this index.
-async fn add_missing_indexes(file: &Path) -> Result<(), libsql::Error> {
-    let db = libsql::Builder::new_local(file).build().await?;
-    let conn = db.connect()?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))?;
-    let mut last = None;
-    // The broker creates its tables when it starts; give it a moment if it has not yet.
-    for _ in 0..50 {
-        match conn
-            .execute(
-                "CREATE INDEX IF NOT EXISTS pageviews_header_record ON header (topition, offset_id)",
-                (),
-            )
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    Err(last.unwrap_or(libsql::Error::ConnectionFailed("no attempt".into())))
 }
 
 fn free_port(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {

@@ -9,9 +9,13 @@
 //! machine's PostgreSQL installation (own data directory and port), so that restarting it does
 //! not disturb anything else using the shared one.
 //!
+//! The input arrives in bursts imported at full speed: the file is cut into chunks, and each
+//! step of the schedule first imports the next chunk as fast as the broker takes it, then
+//! strikes while that backlog is being worked off (the situation in which a group once ended
+//! with every partition unowned, for good, on the SQLite storage).
+//!
 //! Knobs (environment): `PAGEVIEWS_CHAOS_SEED` (default fixed), `PAGEVIEWS_CHAOS_LINES`
-//! (default 300,000), `PAGEVIEWS_CHAOS_RATE` (import lines/s, default 1,600: slow enough that
-//! the whole schedule runs while lines still flow).
+//! (default 300,000), `PAGEVIEWS_CHAOS_RATE` (import lines/s; default none: full speed).
 
 mod common;
 
@@ -35,6 +39,9 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 8;
+/// The input is imported in this many bursts: one to start, one before each of the 11 steps
+/// of the schedule.
+const CHUNKS: usize = 12;
 
 /// Writes a line of the test's report to the process's stderr directly: libtest captures
 /// `println!` of a passing test, and the schedule with its recovery times belongs in every CI
@@ -190,8 +197,13 @@ struct Cluster {
     observed: Arc<Mutex<Observed>>,
     procs: Vec<(String, Role, Child)>,
     next_id: usize,
-    input: PathBuf,
-    rate: u64,
+    /// The input's chunks; an importer is given the first `imported` of them (its checkpoints
+    /// skip those already imported).
+    chunks: Vec<PathBuf>,
+    /// Valid lines in each chunk.
+    chunk_valid: Vec<u64>,
+    imported: usize,
+    rate: Option<u64>,
 }
 
 fn partitions_in(line: &str) -> BTreeSet<i32> {
@@ -320,14 +332,21 @@ impl Cluster {
                     format!("{}?application_name={app}", self.db_url),
                 ]);
             }
-            Role::Importer => args.extend([
-                "import".into(),
-                self.input.display().to_string(),
-                "--rate".into(),
-                self.rate.to_string(),
-                "--data-dir".into(),
-                self.dir.join("importer").display().to_string(),
-            ]),
+            Role::Importer => {
+                args.push("import".into());
+                args.extend(
+                    self.chunks[..self.imported]
+                        .iter()
+                        .map(|c| c.display().to_string()),
+                );
+                if let Some(rate) = self.rate {
+                    args.extend(["--rate".into(), rate.to_string()]);
+                }
+                args.extend([
+                    "--data-dir".into(),
+                    self.dir.join("importer").display().to_string(),
+                ]);
+            }
             Role::Broker => unreachable!(),
         }
         self.spawn(role, &args)
@@ -347,6 +366,31 @@ impl Cluster {
         child.kill().unwrap(); // SIGKILL
         let _ = child.wait();
         self.observed.lock().unwrap().owned.remove(name);
+    }
+
+    /// Valid lines in the chunks given to importers so far.
+    fn valid_imported(&self) -> u64 {
+        self.chunk_valid[..self.imported].iter().sum()
+    }
+
+    /// Imports the next chunk at full speed, once the importer before has finished (two
+    /// importers of one file would send its lines twice). Returns the new importer.
+    fn import_next_chunk(&mut self, importer: &str) -> String {
+        let (_, _, child) = self
+            .procs
+            .iter_mut()
+            .find(|(n, _, _)| n == importer)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while matches!(child.try_wait(), Ok(None)) {
+            assert!(
+                Instant::now() < deadline,
+                "{importer} still importing after 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.imported = (self.imported + 1).min(self.chunks.len());
+        self.start_stage(Role::Importer)
     }
 
     /// SIGTERM: a graceful stop (the importer saves its checkpoint).
@@ -542,7 +586,9 @@ async fn chaos_exact_counts_under_kill_9() {
 async fn chaos() {
     let seed: u64 = env_or("PAGEVIEWS_CHAOS_SEED", 20_261_125);
     let valid: usize = env_or("PAGEVIEWS_CHAOS_LINES", 300_000);
-    let rate: u64 = env_or("PAGEVIEWS_CHAOS_RATE", 1_600);
+    let rate: Option<u64> = std::env::var("PAGEVIEWS_CHAOS_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok());
     // Kept when the test fails, for its logs; removed at the end when it passes.
     let dir = tempfile::Builder::new()
         .prefix("pageviews-chaos-")
@@ -550,14 +596,35 @@ async fn chaos() {
         .unwrap()
         .keep();
     report!(
-        "chaos: seed {seed}, {valid} valid lines, import at {rate} lines/s, logs in {}",
+        "chaos: seed {seed}, {valid} valid lines in {CHUNKS} bursts, import at {}, logs in {}",
+        rate.map_or("full speed".to_owned(), |r| format!("{r} lines/s")),
         dir.display()
     );
 
     let (all, good, malformed) = input_lines(seed, valid);
     let expected = common::expected_counts(good.iter().map(Vec::as_slice));
-    let input = dir.join("access.log");
-    common::write_lines(&input, &all);
+    let mut chunk_valid = Vec::new();
+    let mut next_good = 0;
+    let chunks: Vec<PathBuf> = all
+        .chunks(all.len().div_ceil(CHUNKS))
+        .enumerate()
+        .map(|(i, lines)| {
+            let chunk = dir.join(format!("access-{i:02}.log"));
+            common::write_lines(&chunk, lines);
+            // Valid lines are in `all` in the order of `good`; no malformed line equals one.
+            let valid = lines
+                .iter()
+                .filter(|l| {
+                    let is_good = good.get(next_good) == Some(*l);
+                    next_good += usize::from(is_good);
+                    is_good
+                })
+                .count();
+            chunk_valid.push(valid as u64);
+            chunk
+        })
+        .collect();
+    assert_eq!(next_good, good.len(), "every valid line is in a chunk");
     drop(all);
 
     let pg_dir = dir.join("postgres");
@@ -572,7 +639,9 @@ async fn chaos() {
         observed: Arc::default(),
         procs: Vec::new(),
         next_id: 0,
-        input,
+        chunks,
+        chunk_valid,
+        imported: 1,
         rate,
     };
     let started = Instant::now();
@@ -616,7 +685,9 @@ async fn chaos() {
     // Let the pipeline warm up.
     wait_moving(&mut sampler, Duration::from_secs(120), &c).await;
     for step in plan {
-        let gap = Duration::from_millis(rng.random_range(3_000..9_000));
+        // A burst at full speed, then the strike while its backlog is worked off.
+        importer = c.import_next_chunk(&importer);
+        let gap = Duration::from_millis(rng.random_range(100..1_000));
         sleep_sampling(&mut sampler, gap).await;
         let counted_at = sampler.sample().await.unwrap_or_else(|| sampler.last());
         let t0 = Instant::now();
@@ -697,8 +768,10 @@ async fn chaos() {
                     d.moving_again = Some(t0.elapsed());
                     break;
                 }
-                if total >= good.len() as u64 && d.owned_again.is_some() {
-                    break; // drained: nothing left to move
+                // Drained: everything imported so far is counted, nothing left to move (the
+                // burst was worked off before the strike).
+                if total >= c.valid_imported() && d.owned_again.is_some() {
+                    break;
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

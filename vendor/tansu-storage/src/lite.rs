@@ -20,6 +20,7 @@ use std::{
     ops::Deref,
     result,
     str::FromStr as _,
+    collections::HashMap,
     sync::{Arc, LazyLock, Mutex},
     time::{Duration, SystemTime},
 };
@@ -228,6 +229,9 @@ pub(crate) struct ConnectionManager {
 }
 
 pub(crate) struct PoolConnection {
+    /// pageviews patch: statements prepared once per connection and reused (see PATCHED.md).
+    /// Declared before `connection` so that they are finalized before it closes.
+    statements: Mutex<HashMap<&'static str, Arc<Statement>>>,
     connection: Connection,
 }
 
@@ -305,7 +309,116 @@ impl PoolConnection {
     async fn new(connection: Connection) -> Result<Self> {
         Self::init(&connection).await?;
 
-        Ok(Self { connection })
+        Ok(Self {
+            statements: Mutex::new(HashMap::new()),
+            connection,
+        })
+    }
+
+    /// pageviews patch: the statement for `key`, prepared on first use and kept. 0.6.0
+    /// prepared every statement again on every call, which cost more than running it for the
+    /// one-row inserts of produce. Reset before it is handed out: a statement that returned
+    /// `SQLITE_DONE` or an error, or whose rows were not read to the end, must be reset before
+    /// new parameters are bound.
+    ///
+    /// Only for `execute` and for [`Self::query_each`], which read every value they need
+    /// before the statement is used again: a `libsql` row reads its columns lazily from the
+    /// statement, so a cached statement must never hand out a row that outlives the call.
+    async fn cached_statement(&self, key: &str) -> Result<Arc<Statement>, libsql::Error> {
+        let poisoned = |_| libsql::Error::Misuse("statement cache poisoned".into());
+
+        if let Some(statement) = self.statements.lock().map_err(poisoned)?.get(key) {
+            statement.reset();
+            return Ok(Arc::clone(statement));
+        }
+
+        let (key, sql) = SQL
+            .0
+            .get_key_value(key)
+            .ok_or(libsql::Error::Misuse(format!("Unknown cache key: {}", key)))?;
+
+        let statement = Arc::new(self.connection.prepare(sql).await?);
+
+        _ = self
+            .statements
+            .lock()
+            .map_err(poisoned)?
+            .insert(key, Arc::clone(&statement));
+
+        Ok(statement)
+    }
+
+    /// pageviews patch: runs the cached query `key`, handing each row to `each` until it
+    /// answers false or the rows end, then resets the statement so that it holds no read
+    /// transaction open (a statement left on a row would pin this connection's snapshot).
+    async fn query_each<P, F>(&self, key: &str, params: P, mut each: F) -> Result<()>
+    where
+        P: IntoParams,
+        F: FnMut(&Row) -> Result<bool>,
+    {
+        let statement = self.cached_statement(key).await?;
+
+        let outcome = async {
+            let mut rows = statement.query(params).await?;
+
+            while let Some(row) = rows.next().await? {
+                if !each(&row)? {
+                    break;
+                }
+            }
+
+            Ok(())
+        }
+        .await;
+
+        statement.reset();
+
+        outcome.inspect_err(|err| error!(key, ?err))
+    }
+
+    /// pageviews patch: the row id of a partition, if it exists.
+    async fn topition_id_opt(&self, cluster: &str, topition: &Topition) -> Result<Option<i64>> {
+        let mut id = None;
+
+        self.query_each(
+            "lite/topition_id.sql",
+            (cluster, topition.topic(), topition.partition()),
+            |row| {
+                id = Some(row.get::<i64>(0)?);
+                Ok(false)
+            },
+        )
+        .await?;
+
+        Ok(id)
+    }
+
+    /// pageviews patch: the row id of a partition, or `UnknownTopicOrPartition`.
+    async fn topition_id(&self, cluster: &str, topition: &Topition) -> Result<i64> {
+        self.topition_id_opt(cluster, topition)
+            .await?
+            .ok_or(Error::Api(ErrorCode::UnknownTopicOrPartition))
+    }
+
+    /// pageviews patch: the first row of the cached query `key`, read by `read` while the
+    /// statement is on it (see [`Self::query_each`]).
+    async fn query_first<P, T, F>(&self, key: &str, params: P, read: F) -> Result<Option<T>>
+    where
+        P: IntoParams,
+        F: FnOnce(&Row) -> Result<T>,
+    {
+        let mut read = Some(read);
+        let mut first = None;
+
+        self.query_each(key, params, |row| {
+            if let Some(read) = read.take() {
+                first = Some(read(row)?);
+            }
+            Ok(false)
+        })
+        .await?;
+
+        Ok(first)
     }
 
     #[instrument(skip(self))]
@@ -405,7 +518,8 @@ impl PoolConnection {
         debug!(sql, ?params);
         let start = SystemTime::now();
 
-        let statement = self.prepared_statement(sql).await?;
+        // pageviews patch: a cached statement; `execute` runs it to its end (see PATCHED.md)
+        let statement = self.cached_statement(sql).await?;
 
         statement
             .execute(params)
@@ -555,21 +669,19 @@ impl Delegate {
         deflated: &deflated::Batch,
         connection: &PoolConnection,
     ) -> Result<()> {
-        let mut rows = connection
-            .query(
+        // pageviews patch: cached statements (see PATCHED.md)
+        let current_epoch = connection
+            .query_first(
                 "producer_epoch_current_for_producer.sql",
                 (self.cluster.as_str(), deflated.producer_id),
+                |row| Ok(row.get::<i32>(0)? as i16),
             )
-            .await?;
+            .await
+            .inspect_err(|err| error!(self.cluster, deflated.producer_id, ?err))?;
 
-        if let Some(row) = rows.next().await.inspect_err(|err| error!(?err))? {
-            let current_epoch = row
-                .get::<i32>(0)
-                .inspect_err(|err| error!(self.cluster, deflated.producer_id, ?err))?
-                as i16;
-
-            let row = connection
-                .query_one(
+        if let Some(current_epoch) = current_epoch {
+            let sequence = connection
+                .query_first(
                     "producer_select_for_update.sql",
                     (
                         self.cluster.as_str(),
@@ -578,6 +690,7 @@ impl Delegate {
                         deflated.producer_id,
                         deflated.producer_epoch,
                     ),
+                    |row| Ok(row.get::<i32>(0)?),
                 )
                 .await
                 .inspect_err(|err| {
@@ -588,9 +701,13 @@ impl Delegate {
                         deflated.producer_epoch,
                         ?err
                     )
+                })?
+                .ok_or_else(|| {
+                    Error::Message(format!(
+                        "no sequence for producer {} on {topition:?}",
+                        deflated.producer_id
+                    ))
                 })?;
-
-            let sequence = row.get::<i32>(0).inspect_err(|err| error!(?err))?;
 
             debug!(
                 self.cluster,
@@ -636,29 +753,20 @@ impl Delegate {
     ) -> Result<(Option<i64>, Option<i64>)> {
         debug!(?topition);
 
-        let mut rows = connection
-            .query(
+        // pageviews patch: a cached statement (see PATCHED.md)
+        connection
+            .query_first(
                 "watermark_select_no_update.sql",
                 (
                     self.cluster.as_str(),
                     topition.topic(),
                     topition.partition(),
                 ),
+                |row| Ok((row.get::<Option<i64>>(0)?, row.get::<Option<i64>>(1)?)),
             )
-            .await?;
-
-        if let Some(row) = rows
-            .next()
             .await
             .inspect_err(|err| error!(?err, cluster = ?self.cluster, ?topition))?
-        {
-            Ok((
-                row.get::<Option<i64>>(0).inspect_err(|err| error!(?err))?,
-                row.get::<Option<i64>>(1).inspect_err(|err| error!(?err))?,
-            ))
-        } else {
-            Err(Error::Api(ErrorCode::UnknownTopicOrPartition))
-        }
+            .ok_or(Error::Api(ErrorCode::UnknownTopicOrPartition))
     }
 
     #[instrument(skip_all)]
@@ -750,45 +858,46 @@ impl Delegate {
                     })
                     .inspect(|tansu_lake_sink| debug!(tansu_lake_sink))?)
         {
-            for (delta, record) in inflated.records.iter().enumerate() {
-                debug!(delta, elapsed = elapsed_millis(start));
+            // pageviews patch: the partition's row id once per batch, then plain inserts
+            // through cached statements (0.6.0 joined cluster, topic and topition again for
+            // every record and every header, with a statement prepared each time).
+            let topition_id = connection.topition_id(&self.cluster, topition).await?;
 
+            // As SQLite's `current_timestamp` writes it (UTC, to the second).
+            let written_at = chrono::DateTime::<chrono::Utc>::from(SystemTime::now())
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string();
+
+            let (producer_id, producer_epoch) = if transaction_id.is_none() {
+                (None, None)
+            } else {
+                (Some(inflated.producer_id), Some(inflated.producer_epoch))
+            };
+
+            for (delta, record) in inflated.records.iter().enumerate() {
                 let delta = i64::try_from(delta)?;
                 let offset = high.unwrap_or_default() + delta;
                 let key = record.key.as_deref();
                 let value = record.value.as_deref();
 
-                debug!(?delta, ?offset);
-
                 _ = connection
                     .execute(
-                        "record_insert.sql",
+                        "lite/record_insert_by_id.sql",
                         (
-                            self.cluster.as_str(),
-                            topic,
-                            partition,
+                            topition_id,
                             offset,
                             inflated.attributes,
-                            if transaction_id.is_none() {
-                                None
-                            } else {
-                                Some(inflated.producer_id)
-                            },
-                            if transaction_id.is_none() {
-                                None
-                            } else {
-                                Some(inflated.producer_epoch)
-                            },
+                            producer_id,
+                            producer_epoch,
                             inflated.base_timestamp + record.timestamp_delta,
                             key,
                             value,
+                            written_at.as_str(),
                         ),
                     )
                     .await
-                    .inspect_err(|err| error!(?err, ?topic, ?partition, ?offset, ?key, ?value))
+                    .inspect_err(|err| error!(?err, ?topic, ?partition, ?offset))
                     .map_err(unique_constraint(ErrorCode::UnknownServerError))?;
-
-                debug!(delta, after_record_insert = elapsed_millis(start));
 
                 for header in record.headers.iter().as_ref() {
                     let key = header.key.as_deref();
@@ -796,16 +905,14 @@ impl Delegate {
 
                     _ = connection
                         .execute(
-                            "header_insert.sql",
-                            (self.cluster.as_str(), topic, partition, offset, key, value),
+                            "lite/header_insert_by_id.sql",
+                            (topition_id, offset, key, value, written_at.as_str()),
                         )
                         .await
                         .inspect_err(|err| {
                             error!(?err, ?topic, ?partition, ?offset, ?key, ?value);
                         });
                 }
-
-                debug!(delta, after_header_insert = elapsed_millis(start));
             }
 
             debug!(after_record_insert = elapsed_millis(start));
@@ -1312,6 +1419,10 @@ static DDL: LazyLock<Cache> = LazyLock::new(|| {
         ("040-txn-detail.sql", include_sql!("ddl/040-txn-detail.sql")),
         ("040-watermark.sql", include_sql!("ddl/040-watermark.sql")),
         (
+            "045-header-index.sql",
+            include_sql!("ddl/045-header-index.sql"),
+        ),
+        (
             "050-txn-offset-commit.sql",
             include_sql!("ddl/050-txn-offset-commit.sql"),
         ),
@@ -1332,11 +1443,32 @@ static DDL: LazyLock<Cache> = LazyLock::new(|| {
     Cache::new(BTreeMap::from(mapping))
 });
 
+/// pageviews patch: statements of the SQLite backend only (see PATCHED.md).
+static LITE_SQL: [(&str, &str); 5] = [
+    ("lite/topition_id.sql", include_str!("lite/topition_id.sql")),
+    (
+        "lite/record_insert_by_id.sql",
+        include_str!("lite/record_insert_by_id.sql"),
+    ),
+    (
+        "lite/header_insert_by_id.sql",
+        include_str!("lite/header_insert_by_id.sql"),
+    ),
+    ("lite/record_range.sql", include_str!("lite/record_range.sql")),
+    ("lite/header_range.sql", include_str!("lite/header_range.sql")),
+];
+
 pub(crate) static SQL: LazyLock<Cache> = LazyLock::new(|| {
     Cache::new(
         crate::sql::SQL
             .iter()
-            .map(|(name, sql)| fix_parameters(sql).map(|sql| (*name, sql)))
+            .map(|(name, sql)| (*name, sql.clone()))
+            .chain(
+                LITE_SQL
+                    .iter()
+                    .map(|(name, sql)| (*name, remove_comments(sql))),
+            )
+            .map(|(name, sql)| fix_parameters(&sql).map(|sql| (name, sql)))
             .collect::<Result<BTreeMap<_, _>>>()
             .unwrap_or_default(),
     )
@@ -2345,229 +2477,134 @@ impl Storage for Delegate {
             max_bytes
         );
 
+        // pageviews patch: one ordered range scan that stops at `max_bytes`, and one query
+        // for the headers of the records read, through cached statements. 0.6.0 summed the
+        // sizes of every record up to the high watermark with a window function before it
+        // applied the limit, then ran one header query per record. As in Kafka, the first
+        // record is returned even when it alone is larger than `max_bytes`, so that a consumer
+        // never stalls on it (0.6.0 returned nothing, for ever). See PATCHED.md.
         let c = self.connection().await?;
 
-        let mut records = c
-            .query(
-                "record_fetch.sql",
-                (
-                    self.cluster.as_str(),
-                    topition.topic(),
-                    topition.partition(),
-                    offset,
-                    (max_bytes as i64),
-                    high_watermark,
-                ),
+        let topition_id = c.topition_id(&self.cluster, topition).await?;
+
+        let mut records: Vec<FetchedRecord> = vec![];
+        let mut bytes = 0u64;
+
+        c.query_each(
+            "lite/record_range.sql",
+            (topition_id, offset, high_watermark),
+            |row| {
+                let k = row.get::<Option<Vec<u8>>>(3)?.map(Bytes::from);
+                let v = row.get::<Option<Vec<u8>>>(4)?.map(Bytes::from);
+
+                let size = k.as_ref().map_or(0, Bytes::len) + v.as_ref().map_or(0, Bytes::len);
+                bytes += size as u64;
+
+                if !records.is_empty() && bytes >= u64::from(max_bytes) {
+                    return Ok(false);
+                }
+
+                records.push(FetchedRecord {
+                    offset: row.get::<i64>(0)?,
+                    attributes: row.get::<Option<i32>>(1)?.unwrap_or(0) as i16,
+                    timestamp: LiteTimestamp::try_from(row.get_value(2)?)
+                        .and_then(|system_time| to_timestamp(&system_time.0).map_err(Into::into))?,
+                    key: k,
+                    value: v,
+                    producer_id: row.get::<Option<i64>>(5)?.unwrap_or(-1),
+                    producer_epoch: row.get::<Option<i32>>(6)?.unwrap_or(-1) as i16,
+                    headers: vec![],
+                });
+
+                Ok(bytes < u64::from(max_bytes))
+            },
+        )
+        .await?;
+
+        if let (Some(first), Some(last)) = (records.first(), records.last()) {
+            let first_offset = first.offset;
+            let last_offset = last.offset;
+            let mut index = 0;
+
+            c.query_each(
+                "lite/header_range.sql",
+                (topition_id, first_offset, last_offset),
+                |row| {
+                    let offset = row.get::<i64>(0)?;
+
+                    while records.get(index).is_some_and(|record| record.offset < offset) {
+                        index += 1;
+                    }
+
+                    if let Some(record) = records.get_mut(index)
+                        && record.offset == offset
+                    {
+                        let mut header = Header::builder();
+
+                        if let Some(k) = row.get::<Option<Vec<u8>>>(1)? {
+                            header = header.key(Bytes::from(k));
+                        }
+
+                        if let Some(v) = row.get::<Option<Vec<u8>>>(2)? {
+                            header = header.value(Bytes::from(v));
+                        }
+
+                        record.headers.push(header);
+                    }
+
+                    Ok(true)
+                },
             )
-            .await
-            .inspect_err(|err| error!(?err))?;
+            .await?;
+        }
 
         let mut batches = vec![];
+        let mut batch_builder: Option<inflated::Builder> = None;
 
-        if let Some(row) = records.next().await? {
-            let offset_delta = 0;
-            let timestamp_delta = 0;
+        for record in records {
+            let same_batch = batch_builder.as_ref().is_some_and(|builder| {
+                builder.attributes == record.attributes
+                    && builder.producer_id == record.producer_id
+                    && builder.producer_epoch == record.producer_epoch
+            });
 
-            let record_builder = {
-                let mut record_builder = Record::builder()
-                    .offset_delta(offset_delta)
-                    .timestamp_delta(timestamp_delta)
-                    .key(
-                        row.get::<Option<Vec<u8>>>(3)
-                            .map(|o| o.map(Bytes::from))
-                            .inspect(|k| debug!(?k))
-                            .inspect_err(|err| error!(?err))?,
-                    )
-                    .value(
-                        row.get::<Option<Vec<u8>>>(4)
-                            .map(|o| o.map(Bytes::from))
-                            .inspect(|v| debug!(?v))
-                            .inspect_err(|err| error!(?err))?,
-                    );
-
-                let mut headers = c
-                    .query(
-                        "header_fetch.sql",
-                        (
-                            self.cluster.as_str(),
-                            topition.topic(),
-                            topition.partition(),
-                            offset,
-                        ),
-                    )
-                    .await?;
-
-                while let Some(header) = headers.next().await? {
-                    let mut header_builder = Header::builder();
-
-                    if let Some(k) = header
-                        .get::<Option<Vec<u8>>>(0)
-                        .inspect_err(|err| error!(?err))?
-                    {
-                        header_builder = header_builder.key(Bytes::from(k));
+            let builder = match batch_builder.take() {
+                Some(builder) if same_batch => builder,
+                previous => {
+                    if let Some(previous) = previous {
+                        batches.push(previous.build().and_then(TryInto::try_into)?);
                     }
 
-                    if let Some(v) = header
-                        .get::<Option<Vec<u8>>>(1)
-                        .inspect_err(|err| error!(?err))?
-                    {
-                        header_builder = header_builder.value(Bytes::from(v));
-                    }
-
-                    record_builder = record_builder.header(header_builder);
+                    inflated::Batch::builder()
+                        .base_offset(record.offset)
+                        .base_timestamp(record.timestamp)
+                        .attributes(record.attributes)
+                        .producer_id(record.producer_id)
+                        .producer_epoch(record.producer_epoch)
                 }
-
-                record_builder
             };
 
-            let mut batch_builder = inflated::Batch::builder()
-                .base_offset(
-                    row.get::<i64>(0)
-                        .inspect(|base_offset| debug!(base_offset))
-                        .inspect_err(|err| error!(?err))?,
-                )
-                .attributes(
-                    row.get::<Option<i32>>(1)
-                        .map(|attributes| attributes.unwrap_or(0))
-                        .inspect_err(|err| error!(?err))? as i16,
-                )
-                .base_timestamp(
-                    row.get_value(2)
-                        .map_err(Error::from)
-                        .and_then(LiteTimestamp::try_from)
-                        .and_then(|system_time| to_timestamp(&system_time.0).map_err(Into::into))
-                        .inspect_err(|err| error!(?err))?,
-                )
-                .producer_id(
-                    row.get::<Option<i64>>(6)
-                        .map(|producer_id| producer_id.unwrap_or(-1))
-                        .inspect_err(|err| error!(?err))?,
-                )
-                .producer_epoch(
-                    row.get::<Option<i32>>(7)
-                        .map(|producer_epoch| producer_epoch.unwrap_or(-1))
-                        .inspect_err(|err| error!(?err))? as i16,
-                )
-                .record(record_builder)
-                .last_offset_delta(offset_delta);
+            let offset_delta = i32::try_from(record.offset - builder.base_offset)?;
+            let timestamp_delta = record.timestamp - builder.base_timestamp;
 
-            while let Some(row) = records.next().await? {
-                let attributes = row
-                    .get::<Option<i32>>(1)
-                    .map(|attributes| attributes.unwrap_or(0))
-                    .inspect_err(|err| error!(?err))? as i16;
+            let record_builder = record.headers.into_iter().fold(
+                Record::builder()
+                    .offset_delta(offset_delta)
+                    .timestamp_delta(timestamp_delta)
+                    .key(record.key)
+                    .value(record.value),
+                |record_builder, header| record_builder.header(header),
+            );
 
-                let producer_id = row
-                    .get::<Option<i64>>(6)
-                    .map(|producer_id| producer_id.unwrap_or(-1))
-                    .inspect_err(|err| error!(?err))?;
-                let producer_epoch = row
-                    .get::<Option<i32>>(7)
-                    .map(|producer_epoch| producer_epoch.unwrap_or(-1))
-                    .inspect_err(|err| error!(?err))? as i16;
-
-                if batch_builder.attributes != attributes
-                    || batch_builder.producer_id != producer_id
-                    || batch_builder.producer_epoch != producer_epoch
-                {
-                    batches.push(batch_builder.build().and_then(TryInto::try_into)?);
-
-                    batch_builder = inflated::Batch::builder()
-                        .base_offset(
-                            row.get::<i64>(0)
-                                .inspect(|base_offset| debug!(base_offset))
-                                .inspect_err(|err| error!(?err))?,
-                        )
-                        .base_timestamp(
-                            row.get_value(2)
-                                .map_err(Error::from)
-                                .and_then(LiteTimestamp::try_from)
-                                .and_then(|system_time| {
-                                    to_timestamp(&system_time.0).map_err(Into::into)
-                                })
-                                .inspect_err(|err| error!(?err))?,
-                        )
-                        .attributes(attributes)
-                        .producer_id(producer_id)
-                        .producer_epoch(producer_epoch);
-                }
-
-                let offset = row
-                    .get::<i64>(0)
-                    .inspect(|offset| debug!(offset))
-                    .inspect_err(|err| error!(?err))?;
-                let offset_delta = i32::try_from(offset - batch_builder.base_offset)?;
-
-                let timestamp_delta = row
-                    .get_value(2)
-                    .map_err(Error::from)
-                    .and_then(LiteTimestamp::try_from)
-                    .and_then(|system_time| {
-                        to_timestamp(&system_time.0)
-                            .map(|timestamp| timestamp - batch_builder.base_timestamp)
-                            .map_err(Into::into)
-                    })
-                    .inspect(|timestamp| debug!(?timestamp))
-                    .inspect_err(|err| error!(?err))?;
-
-                let record_builder = {
-                    let mut record_builder = Record::builder()
-                        .offset_delta(offset_delta)
-                        .timestamp_delta(timestamp_delta)
-                        .key(
-                            row.get::<Option<Vec<u8>>>(3)
-                                .map(|o| o.map(Bytes::from))
-                                .inspect(|k| debug!(?k))
-                                .inspect_err(|err| error!(?err))?,
-                        )
-                        .value(
-                            row.get::<Option<Vec<u8>>>(4)
-                                .map(|o| o.map(Bytes::from))
-                                .inspect(|v| debug!(?v))
-                                .inspect_err(|err| error!(?err))?,
-                        );
-
-                    let mut headers = c
-                        .query(
-                            "header_fetch.sql",
-                            (
-                                self.cluster.as_str(),
-                                topition.topic(),
-                                topition.partition(),
-                                offset,
-                            ),
-                        )
-                        .await?;
-
-                    while let Some(header) = headers.next().await? {
-                        let mut header_builder = Header::builder();
-
-                        if let Some(k) = header
-                            .get::<Option<Vec<u8>>>(0)
-                            .inspect_err(|err| error!(?err))?
-                        {
-                            header_builder = header_builder.key(Bytes::from(k));
-                        }
-
-                        if let Some(v) = header
-                            .get::<Option<Vec<u8>>>(1)
-                            .inspect_err(|err| error!(?err))?
-                        {
-                            header_builder = header_builder.value(Bytes::from(v));
-                        }
-
-                        record_builder = record_builder.header(header_builder);
-                    }
-
-                    record_builder
-                };
-
-                batch_builder = batch_builder
+            batch_builder = Some(
+                builder
                     .record(record_builder)
-                    .last_offset_delta(offset_delta);
-            }
+                    .last_offset_delta(offset_delta),
+            );
+        }
 
-            batches.push(batch_builder.build().and_then(TryInto::try_into)?);
+        if let Some(builder) = batch_builder {
+            batches.push(builder.build().and_then(TryInto::try_into)?);
         } else {
             batches.push(
                 inflated::Batch::builder()
@@ -2591,32 +2628,25 @@ impl Storage for Delegate {
 
         let c = self.connection().await?;
 
-        let row = c
-            .query_one(
+        // pageviews patch: a cached statement (see PATCHED.md)
+        let (log_start, high_watermark, last_stable) = c
+            .query_first(
                 "watermark_select.sql",
                 (
                     self.cluster.as_str(),
                     topition.topic(),
                     topition.partition(),
                 ),
+                |row| {
+                    let log_start = row.get::<Option<i64>>(0)?.unwrap_or_default();
+                    let high_watermark = row.get::<Option<i64>>(1)?.unwrap_or_default();
+                    let last_stable = row.get::<Option<i64>>(1)?.unwrap_or(high_watermark);
+                    Ok((log_start, high_watermark, last_stable))
+                },
             )
             .await
-            .inspect_err(|err| error!(?topition, ?err))?;
-
-        let log_start = row
-            .get::<Option<i64>>(0)
             .inspect_err(|err| error!(?topition, ?err))?
-            .unwrap_or_default();
-
-        let high_watermark = row
-            .get::<Option<i64>>(1)
-            .inspect_err(|err| error!(?topition, ?err))?
-            .unwrap_or_default();
-
-        let last_stable = row
-            .get::<Option<i64>>(1)
-            .inspect_err(|err| error!(?topition, ?err))?
-            .unwrap_or(high_watermark);
+            .ok_or_else(|| Error::Message(format!("no watermark for {topition:?}")))?;
 
         debug!(cluster = self.cluster, ?topition, log_start, high_watermark,);
 
@@ -2653,19 +2683,12 @@ impl Storage for Delegate {
         for (topition, offset) in offsets {
             debug!(?topition, ?offset);
 
-            let mut rows = c
-                .query(
-                    "topition_select.sql",
-                    (
-                        self.cluster.as_str(),
-                        topition.topic(),
-                        topition.partition(),
-                    ),
-                )
+            // pageviews patch: a cached statement (see PATCHED.md)
+            if c.topition_id_opt(&self.cluster, topition)
                 .await
-                .inspect_err(|err| error!(?err))?;
-
-            if rows.next().await.inspect_err(|err| error!(?err))?.is_some() {
+                .inspect_err(|err| error!(?err))?
+                .is_some()
+            {
                 if !cg_inserted {
                     let rows = c
                         .execute("consumer_group_insert.sql", (self.cluster.as_str(), group))
@@ -4484,6 +4507,18 @@ impl Storage for Delegate {
             .record(elapsed_millis(start), &[KeyValue::new("operation", "ping")]);
         Ok(())
     }
+}
+
+/// pageviews patch: one record as read by a fetch, before it is put into a batch.
+struct FetchedRecord {
+    offset: i64,
+    attributes: i16,
+    timestamp: i64,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    producer_id: i64,
+    producer_epoch: i16,
+    headers: Vec<tansu_sans_io::record::header::Builder>,
 }
 
 #[derive(Copy, Clone, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]

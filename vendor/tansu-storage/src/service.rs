@@ -1223,9 +1223,24 @@ pub struct ChannelRequestService<S> {
     cancellation: CancellationToken,
 }
 
+impl Request {
+    /// pageviews patch: requests that only read, served concurrently with everything else (see
+    /// `ChannelRequestService`).
+    fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Fetch { .. }
+                | Request::OffsetStage(_)
+                | Request::ListOffsets { .. }
+                | Request::OffsetFetch { .. }
+                | Request::CommittedOffsetTopitions(_)
+        )
+    }
+}
+
 impl<S, State> Service<State, RequestReceiver> for ChannelRequestService<S>
 where
-    S: Service<State, Request, Response = Response, Error = Error>,
+    S: Service<State, Request, Response = Response, Error = Error> + Clone,
     State: Clone + Send + Sync + 'static,
 {
     type Response = ();
@@ -1238,13 +1253,39 @@ where
     ) -> Result<Self::Response, Self::Error> {
         loop {
             tokio::select! {
+                // pageviews patch: reads (fetches, watermarks, committed offsets) run in tasks
+                // of their own, each on a connection of the pool, so that they neither wait for
+                // nor hold up the writes, which are still served one at a time, in order, by
+                // this loop (SQLite has one writer; in WAL mode readers never block it). 0.6.0
+                // served every request here in turn, so heartbeats, offset commits and produces
+                // queued behind every fetch, and one core did all the storage work. See
+                // PATCHED.md.
+                //
+                // A requester that went away (its connection closed) no longer stops this
+                // loop: 0.6.0 ended it on the failed send, and with it all storage until the
+                // broker restarted.
                 Some((request, tx)) = req.recv() => {
-                    self.inner
-                    .serve(ctx.clone(), request)
-                    .await
-                    .and_then(|response| {
-                        tx.send(response).map_err(|_unsent| Error::UnableToSend)
-                    })?
+                    if request.is_read_only() {
+                        let inner = self.inner.clone();
+                        let ctx = ctx.clone();
+
+                        _ = tokio::spawn(async move {
+                            match inner.serve(ctx, request).await {
+                                Ok(response) => {
+                                    if tx.send(response).is_err() {
+                                        debug!("requester gone");
+                                    }
+                                }
+                                Err(err) => error!(?err, "storage read failed"),
+                            }
+                        });
+                    } else {
+                        let response = self.inner.serve(ctx.clone(), request).await?;
+
+                        if tx.send(response).is_err() {
+                            debug!("requester gone");
+                        }
+                    }
                 }
 
                 cancelled = self.cancellation.cancelled() => {

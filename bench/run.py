@@ -1,0 +1,479 @@
+#!/usr/bin/env python3
+"""The performance benchmark: one command, one table (figure, value, target, ratio).
+
+Run it with `bench/run.sh` (which builds the release binary and the bare-producer example
+first). Every figure is measured in this run, on this machine, against a baseline measured in
+the same run: GoAccess on the same file, or a bare rdkafka producer to the same broker.
+
+Targets (issue 7):
+ 1. demo --input <file> --exit-when-drained on the default SQLite broker storage: >= 0.5x
+    GoAccess and >= half of memory storage; no consumer session times out, /api/countries keeps
+    answering; the multi-process run with kills counts every line, in <= 2x its memory time.
+ 2. The same on memory storage: >= 1.5x GoAccess.
+ 3. Preprocess core, one thread: >= 1,000,000 lines/s.
+ 4. import: >= 80% of a bare rdkafka producer to the same broker.
+ 5. Freshness at 10,000 lines/s: p99 import -> /api/countries <= flush interval + 1 s.
+ 6. Memory: preprocessor and aggregator RSS within 10% between 1M and 10M lines; importer RSS
+    constant on a 2 GB input.
+
+Knobs (environment): BENCH_LINES (default 1,000,000), BENCH_MULTI_LINES (403,680),
+BENCH_BIG_LINES (10,000,000; 0 skips target 6), BENCH_KEEP=1 keeps the work directory.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", "/var/tmp/pageviews-target"))
+BIN = str(TARGET / "release" / "pageviews")
+BARE = str(TARGET / "release" / "examples" / "bare_producer")
+LINES = int(os.environ.get("BENCH_LINES", "1000000"))
+MULTI_LINES = int(os.environ.get("BENCH_MULTI_LINES", "403680"))
+BIG_LINES = int(os.environ.get("BENCH_BIG_LINES", "10000000"))
+FLUSH_S = 5.0  # the aggregator's default flush interval
+
+rows = []  # (figure, value, target, ratio, met)
+procs = []
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def row(figure, value, target="", ratio="", met=None):
+    rows.append((figure, value, target, ratio, {True: "yes", False: "NO", None: ""}[met]))
+    log(f"{figure}: {value} {ratio}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A pageviews process with its stderr in a log file."""
+
+    def __init__(self, name, args, work, stdout=subprocess.DEVNULL):
+        self.name = name
+        self.log = work / f"{name}.log"
+        self.popen = subprocess.Popen(
+            args, stdout=stdout, stderr=open(self.log, "wb"), start_new_session=True
+        )
+        procs.append(self)
+
+    def rss_kib(self):
+        try:
+            status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        except OSError:
+            return None
+        m = re.search(r"VmRSS:\s+(\d+) kB", status)
+        return int(m.group(1)) if m else None
+
+    def kill9(self):
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def stop(self):
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def text(self):
+        return self.log.read_text(errors="replace")
+
+
+def stop_all():
+    for p in reversed(procs):
+        p.stop()
+    procs.clear()
+
+
+def api_total(port, timeout=2.0):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/countries", timeout=timeout) as r:
+            return json.load(r)["total"]
+    except Exception:
+        return None
+
+
+def wait_until(cond, timeout, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+def run_timed(args, **kw):
+    t = time.monotonic()
+    out = subprocess.run(args, capture_output=True, text=True, **kw)
+    return time.monotonic() - t, out
+
+
+class Cluster:
+    """The multi-process deployment of the README: standalone broker, topics, stages."""
+
+    def __init__(self, work, storage, database):
+        self.work = work
+        self.port = free_port()
+        self.brokers = f"127.0.0.1:{self.port}"
+        self.database = database
+        self.data = work / "data"
+        self.n = 0
+        self.broker = Proc(
+            f"broker-{storage}",
+            [BIN, "--data-dir", str(self.data), "broker", "--listen", self.brokers,
+             "--broker-storage", storage],
+            work,
+        )
+        subprocess.run(self.cli("topics"), check=True, capture_output=True, timeout=60)
+        self.http = free_port()
+        self.serve = self.stage("serve", "--listen", f"127.0.0.1:{self.http}")
+        wait_until(lambda: api_total(self.http) is not None, 30)
+
+    def cli(self, *args):
+        return [BIN, "--data-dir", str(self.data), "--brokers", self.brokers, "--database",
+                self.database, *args]
+
+    def stage(self, command, *args):
+        self.n += 1
+        return Proc(f"{command}-{self.n}", self.cli(command, *args), self.work)
+
+    def total(self):
+        return api_total(self.http)
+
+
+def sqlite_url(work):
+    return f"sqlite://{work}/pageviews.db"
+
+
+def postgres_url(name):
+    subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc",
+                    f"DROP DATABASE IF EXISTS {name}"], check=True, capture_output=True)
+    subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc",
+                    f"CREATE DATABASE {name}"], check=True, capture_output=True)
+    return f"postgres://postgres@127.0.0.1:5432/{name}"
+
+
+def goaccess(path):
+    if shutil.which("goaccess") is None and os.geteuid() == 0:
+        log("installing goaccess (apt-get)")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "goaccess"], capture_output=True)
+    if shutil.which("goaccess") is None:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        secs, out = run_timed(["goaccess", str(path), "--log-format=COMBINED", "-o",
+                               f"{d}/report.json", "--no-progress"])
+        if out.returncode != 0:
+            log(f"goaccess failed: {out.stderr[-500:]}")
+            return None
+        report = json.loads(Path(f"{d}/report.json").read_text())
+        valid = report["general"]["valid_requests"]
+        log(f"goaccess: {valid} valid requests in {secs:.2f} s")
+        return secs
+
+
+def demo(work, path, storage, lines):
+    """`demo --input` with defaults; for SQLite also watches the API and the logs."""
+    data = work / f"demo-{storage}"
+    port = free_port()
+    args = [BIN, "--data-dir", str(data), "demo", "--input", str(path), "--exit-when-drained",
+            "--broker-storage", storage, "--listen", f"127.0.0.1:{port}"]
+    t = time.monotonic()
+    p = Proc(f"demo-{storage}", args, work, stdout=subprocess.PIPE)
+    polls = failures = 0
+    while p.popen.poll() is None:
+        time.sleep(1.0)
+        if p.popen.poll() is None and time.monotonic() - t > 3:
+            polls += 1
+            failures += api_total(port) is None
+    secs = time.monotonic() - t
+    out = p.popen.stdout.read().decode()
+    procs.remove(p)
+    m = re.search(r"counted (\d+)", out)
+    counted = int(m.group(1)) if m else -1
+    errs = p.text()
+    sesstmout = len(re.findall(r"SESSTMOUT|[Ss]ession timed out|MAXPOLL", errs))
+    revoked = len(re.findall(r'"revoked|revoked', errs))
+    shutil.rmtree(data, ignore_errors=True)
+    if p.popen.returncode != 0 or counted != lines:
+        log(f"demo on {storage} failed (exit {p.popen.returncode}, counted {counted}); log {p.log}")
+        return None
+    return secs, polls, failures, sesstmout, revoked
+
+
+def multi_process(work, path, lines, storage):
+    """The issue's scenario: broker, 2 preprocessors, 2 aggregators on PostgreSQL, full-speed
+    import; an aggregator SIGKILLed 8 s in and a preprocessor 4 s later, each replaced."""
+    w = work / f"multi-{storage}"
+    w.mkdir()
+    c = Cluster(w, storage, postgres_url(f"pv_bench_{storage}_{os.getpid()}"))
+    pre = [c.stage("preprocess"), c.stage("preprocess")]
+    agg = [c.stage("aggregate"), c.stage("aggregate")]
+    time.sleep(3)
+    t = time.monotonic()
+    c.stage("import", str(path))
+    time.sleep(8)
+    agg[0].kill9()
+    c.stage("aggregate")
+    time.sleep(4)
+    pre[0].kill9()
+    c.stage("preprocess")
+    last = [None, time.monotonic()]
+
+    def done():
+        total = c.total()
+        if total != last[0]:
+            last[0], last[1] = total, time.monotonic()
+        return total is not None and total >= lines
+
+    ok = wait_until(done, 900, step=0.5)
+    secs = time.monotonic() - t
+    total = c.total()
+    stop_all()
+    if not ok:
+        log(f"multi-process on {storage}: {total} of {lines} counted after {secs:.0f} s; logs in {w}")
+    return (secs if ok and total == lines else None), total
+
+
+def preprocess_core():
+    out = subprocess.run(["cargo", "bench", "--locked", "--quiet", "--bench", "preprocess"],
+                         cwd=ROOT, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        log(f"  {line}")
+    m = re.search(r"parse \+ geo \+ user-agent \+ JSON.*= (\d+) lines/s", out.stdout)
+    return int(m.group(1)) if m else None
+
+
+def import_vs_bare(work, path):
+    rates = {}
+    for who in ["bare", "import"]:
+        w = work / f"import-{who}"
+        w.mkdir()
+        c_port = free_port()
+        brokers = f"127.0.0.1:{c_port}"
+        data = w / "data"
+        Proc(f"broker-{who}", [BIN, "--data-dir", str(data), "broker", "--listen", brokers], w)
+        subprocess.run([BIN, "--brokers", brokers, "topics"], check=True, capture_output=True,
+                       timeout=60)
+        if who == "bare":
+            out = subprocess.run([BARE, brokers, "raw-page-views", str(path)], capture_output=True,
+                                 text=True)
+        else:
+            out = subprocess.run([BIN, "--data-dir", str(data), "--brokers", brokers, "import",
+                                  str(path)], capture_output=True, text=True)
+        log(f"  {who}: {out.stdout.strip()} {out.stderr.strip()[-300:] if out.returncode else ''}")
+        m = re.search(r"([\d.]+) lines/s", out.stdout)
+        rates[who] = float(m.group(1)) if m and out.returncode == 0 else None
+        stop_all()
+    return rates["import"], rates["bare"]
+
+
+def freshness(work, path, rate=10_000):
+    """Lines imported at `rate`; the time from each line's import to its count in the API.
+
+    A line's import time is taken as the moment the import command was started plus its index
+    divided by the rate: the importer's own start-up is counted as latency (an overestimate)."""
+    w = work / "freshness"
+    w.mkdir()
+    c = Cluster(w, "sqlite", sqlite_url(w))
+    c.stage("preprocess")
+    c.stage("aggregate")
+    time.sleep(3)
+    n = sum(1 for _ in open(path, "rb"))
+    samples = []
+    t0 = time.monotonic()
+    c.stage("import", "--rate", str(rate), str(path))
+    deadline = t0 + n / rate + 60
+    while time.monotonic() < deadline:
+        total = c.total()
+        now = time.monotonic()
+        if total is not None:
+            samples.append((now, total))
+            if total >= n:
+                break
+        time.sleep(0.05)
+    stop_all()
+    if not samples or samples[-1][1] < n:
+        return None
+    latencies = []
+    j = 0
+    for i in range(0, n, 50):
+        while samples[j][1] < i + 1:
+            j += 1
+        latencies.append(samples[j][0] - (t0 + i / rate))
+    latencies.sort()
+    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    return pct(0.5), pct(0.99), latencies[-1]
+
+
+def memory(work, path, lines):
+    """RSS of the preprocessor and the aggregator when 1M lines are counted and at the end;
+    the importer's at 1M lines and its peak. The broker runs on memory storage here: its own
+    memory is not what is measured."""
+    w = work / "memory"
+    w.mkdir()
+    c = Cluster(w, "memory", sqlite_url(w))
+    pre = c.stage("preprocess")
+    agg = c.stage("aggregate")
+    time.sleep(3)
+    imp = c.stage("import", str(path))
+    at_1m = None
+    peak_import = 0
+    imp_at_1m = None
+    t = time.monotonic()
+    while time.monotonic() - t < 3600:
+        total = c.total() or 0
+        r = imp.rss_kib()
+        if r:
+            peak_import = max(peak_import, r)
+        if at_1m is None and total >= 1_000_000:
+            at_1m = (pre.rss_kib(), agg.rss_kib())
+            imp_at_1m = r
+        if total >= lines:
+            break
+        time.sleep(0.5)
+    at_end = (pre.rss_kib(), agg.rss_kib())
+    total = c.total()
+    stop_all()
+    if total != lines or at_1m is None:
+        log(f"memory run: counted {total} of {lines}; logs in {w}")
+        return None
+    return at_1m, at_end, imp_at_1m, peak_import
+
+
+def main():
+    work = Path(tempfile.mkdtemp(prefix="pageviews-bench-"))
+    try:
+        bench(work)
+    finally:
+        stop_all()
+        if os.environ.get("BENCH_KEEP") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"work directory kept: {work}")
+    print_table()
+
+
+def generate(work, lines):
+    path = work / f"access-{lines}.log"
+    with open(path, "wb") as f:
+        subprocess.run([BIN, "generate", "--lines", str(lines), "--seed", "1"], stdout=f,
+                       check=True)
+    return path
+
+
+def bench(work):
+    cpus = os.cpu_count()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    rows.append(("machine", f"{cpus} cores, {mem:.0f} GiB, {time.strftime('%Y-%m-%d')}", "", "", ""))
+    path = generate(work, LINES)
+    log(f"input: {LINES} generated lines, {path.stat().st_size / 2**20:.0f} MiB")
+
+    ga = goaccess(path)
+    ga_rate = LINES / ga if ga else None
+    row("GoAccess 1.7, COMBINED, no GeoIP db", f"{ga_rate:,.0f} lines/s ({ga:.2f} s)" if ga else "not installed")
+
+    mem = demo(work, path, "memory", LINES)
+    mem_rate = LINES / mem[0] if mem else None
+    if mem:
+        ratio = mem_rate / ga_rate if ga_rate else None
+        row("1M demo, memory storage", f"{mem_rate:,.0f} lines/s ({mem[0]:.2f} s)",
+            ">= 1.5x GoAccess", f"{ratio:.2f}x GoAccess" if ratio else "",
+            ratio >= 1.5 if ratio else None)
+    else:
+        row("1M demo, memory storage", "FAILED", ">= 1.5x GoAccess", "", False)
+
+    lite = demo(work, path, "sqlite", LINES)
+    if lite:
+        rate = LINES / lite[0]
+        ratio = rate / ga_rate if ga_rate else None
+        row("1M demo, SQLite storage (default)", f"{rate:,.0f} lines/s ({lite[0]:.2f} s)",
+            ">= 0.5x GoAccess", f"{ratio:.2f}x GoAccess" if ratio else "",
+            ratio >= 0.5 if ratio else None)
+        if mem_rate:
+            row("  SQLite / memory storage", f"{rate / mem_rate:.2f}", ">= 0.5", "",
+                rate / mem_rate >= 0.5)
+        row("  session timeouts, revocations in its log", f"{lite[3]}, {lite[4]}", "0, 0", "",
+            lite[3] == 0 and lite[4] == 0)
+        row("  /api/countries unanswered (2 s) during it", f"{lite[2]} of {lite[1]} polls", "0",
+            "", lite[2] == 0)
+    else:
+        row("1M demo, SQLite storage (default)", "FAILED", ">= 0.5x GoAccess", "", False)
+
+    multi = generate(work, MULTI_LINES)
+    mp_mem, mp_mem_total = multi_process(work, multi, MULTI_LINES, "memory")
+    mp_lite, mp_lite_total = multi_process(work, multi, MULTI_LINES, "sqlite")
+    row("multi-process with kills, memory storage",
+        f"{MULTI_LINES:,} exact in {mp_mem:.1f} s" if mp_mem else f"counted {mp_mem_total} of {MULTI_LINES}",
+        "all counted", "", mp_mem is not None)
+    row("multi-process with kills, SQLite storage",
+        f"{MULTI_LINES:,} exact in {mp_lite:.1f} s" if mp_lite else f"counted {mp_lite_total} of {MULTI_LINES}",
+        "all counted, <= 2x memory", f"{mp_lite / mp_mem:.2f}x memory" if mp_lite and mp_mem else "",
+        bool(mp_lite and mp_mem and mp_lite <= 2 * mp_mem))
+
+    core = preprocess_core()
+    row("preprocess core, 1 thread", f"{core:,} lines/s" if core else "FAILED", ">= 1,000,000",
+        "", bool(core and core >= 1_000_000))
+
+    imp, bare = import_vs_bare(work, path)
+    if imp and bare:
+        row("import, SQLite-storage broker", f"{imp:,.0f} lines/s", ">= 0.8x bare producer",
+            f"{imp / bare:.2f}x bare ({bare:,.0f} lines/s)", imp / bare >= 0.8)
+    else:
+        row("import, SQLite-storage broker", "FAILED", ">= 0.8x bare producer", "", False)
+
+    fresh = freshness(work, generate(work, 200_000))
+    if fresh:
+        row("freshness at 10,000 lines/s (p50, p99, max)",
+            f"{fresh[0]:.2f} s, {fresh[1]:.2f} s, {fresh[2]:.2f} s",
+            f"p99 <= {FLUSH_S + 1:.0f} s", "", fresh[1] <= FLUSH_S + 1)
+    else:
+        row("freshness at 10,000 lines/s", "FAILED", f"p99 <= {FLUSH_S + 1:.0f} s", "", False)
+
+    if BIG_LINES:
+        big = generate(work, BIG_LINES)
+        size_gib = big.stat().st_size / 2**30
+        m = memory(work, big, BIG_LINES)
+        if m:
+            (p1, a1), (p2, a2), i1, ipeak = m
+            mib = lambda k: f"{k / 1024:.0f} MiB"
+            row(f"preprocessor RSS, 1M -> {BIG_LINES / 1e6:.0f}M lines", f"{mib(p1)} -> {mib(p2)}",
+                "within 10%", f"{p2 / p1:.2f}x", p2 <= 1.1 * p1)
+            row(f"aggregator RSS, 1M -> {BIG_LINES / 1e6:.0f}M lines", f"{mib(a1)} -> {mib(a2)}",
+                "within 10%", f"{a2 / a1:.2f}x", a2 <= 1.1 * a1)
+            row(f"importer RSS on {size_gib:.1f} GiB, at 1M lines -> peak",
+                f"{mib(i1)} -> {mib(ipeak)}", "constant (within 10%)", f"{ipeak / i1:.2f}x",
+                ipeak <= 1.1 * i1)
+        else:
+            row("memory run", "FAILED", "", "", False)
+
+
+def print_table():
+    widths = [max(len(str(r[i])) for r in rows + [("figure", "value", "target", "ratio", "met")])
+              for i in range(5)]
+    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    print(fmt.format("figure", "value", "target", "ratio", "met"))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(fmt.format(*r))
+
+
+if __name__ == "__main__":
+    main()
