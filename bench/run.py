@@ -72,13 +72,17 @@ class Proc:
         )
         procs.append(self)
 
-    def rss_kib(self):
+    def rss_kib(self, field="VmRSS"):
+        """Resident memory now (VmRSS) or its peak so far (VmHWM), in KiB."""
         try:
             status = Path(f"/proc/{self.popen.pid}/status").read_text()
         except OSError:
             return None
-        m = re.search(r"VmRSS:\s+(\d+) kB", status)
+        m = re.search(rf"{field}:\s+(\d+) kB", status)
         return int(m.group(1)) if m else None
+
+    def peak_kib(self):
+        return self.rss_kib("VmHWM")
 
     def kill9(self):
         if self.popen.poll() is None:
@@ -201,8 +205,12 @@ def demo(work, path, storage, lines):
     while p.popen.poll() is None:
         time.sleep(1.0)
         if p.popen.poll() is None and time.monotonic() - t > 3:
-            polls += 1
-            failures += api_total(port) is None
+            answered = api_total(port) is not None
+            # A poll that overlapped the demo's own exit does not count.
+            if not answered and p.popen.poll() is None:
+                failures += 1
+                log(f"  /api/countries did not answer within 2 s at {time.monotonic() - t:.1f} s")
+            polls += answered or p.popen.poll() is None
     secs = time.monotonic() - t
     out = p.popen.stdout.read().decode()
     procs.remove(p)
@@ -210,7 +218,10 @@ def demo(work, path, storage, lines):
     counted = int(m.group(1)) if m else -1
     errs = p.text()
     sesstmout = len(re.findall(r"SESSTMOUT|[Ss]ession timed out|MAXPOLL", errs))
-    revoked = len(re.findall(r'"revoked|revoked', errs))
+    # Each stage (preprocessor, aggregator) is assigned its partitions once at start; every
+    # further assignment is a rebalance. (Revocations are no measure: both stages revoke
+    # everything when the demo leaves.)
+    revoked = max(0, len(re.findall(r"pageviews::\w+: assigned", errs)) - 2)
     shutil.rmtree(data, ignore_errors=True)
     if p.popen.returncode != 0 or counted != lines:
         log(f"demo on {storage} failed (exit {p.popen.returncode}, counted {counted}); log {p.log}")
@@ -324,9 +335,9 @@ def freshness(work, path, rate=10_000):
 
 
 def memory(work, path, lines):
-    """RSS of the preprocessor and the aggregator when 1M lines are counted and at the end;
-    the importer's at 1M lines and its peak. The broker runs on memory storage here: its own
-    memory is not what is measured."""
+    """Peak RSS (VmHWM) of the preprocessor, the aggregator and the importer when 1M lines are
+    counted and at the end: memory that grows with the input raises the peak. The broker runs on
+    memory storage here: its own memory is not what is measured."""
     w = work / "memory"
     w.mkdir()
     c = Cluster(w, "memory", sqlite_url(w))
@@ -340,16 +351,16 @@ def memory(work, path, lines):
     t = time.monotonic()
     while time.monotonic() - t < 3600:
         total = c.total() or 0
-        r = imp.rss_kib()
+        r = imp.peak_kib()
         if r:
             peak_import = max(peak_import, r)
         if at_1m is None and total >= 1_000_000:
-            at_1m = (pre.rss_kib(), agg.rss_kib())
+            at_1m = (pre.peak_kib(), agg.peak_kib())
             imp_at_1m = r
         if total >= lines:
             break
         time.sleep(0.5)
-    at_end = (pre.rss_kib(), agg.rss_kib())
+    at_end = (pre.peak_kib(), agg.peak_kib())
     total = c.total()
     stop_all()
     if total != lines or at_1m is None:
@@ -410,7 +421,7 @@ def bench(work):
         if mem_rate:
             row("  SQLite / memory storage", f"{rate / mem_rate:.2f}", ">= 0.5", "",
                 rate / mem_rate >= 0.5)
-        row("  session timeouts, revocations in its log", f"{lite[3]}, {lite[4]}", "0, 0", "",
+        row("  session timeouts, rebalances in its log", f"{lite[3]}, {lite[4]}", "0, 0", "",
             lite[3] == 0 and lite[4] == 0)
         row("  /api/countries unanswered (2 s) during it", f"{lite[2]} of {lite[1]} polls", "0",
             "", lite[2] == 0)
@@ -454,11 +465,11 @@ def bench(work):
         if m:
             (p1, a1), (p2, a2), i1, ipeak = m
             mib = lambda k: f"{k / 1024:.0f} MiB"
-            row(f"preprocessor RSS, 1M -> {BIG_LINES / 1e6:.0f}M lines", f"{mib(p1)} -> {mib(p2)}",
+            row(f"preprocessor peak RSS, 1M -> {BIG_LINES / 1e6:.0f}M lines", f"{mib(p1)} -> {mib(p2)}",
                 "within 10%", f"{p2 / p1:.2f}x", p2 <= 1.1 * p1)
-            row(f"aggregator RSS, 1M -> {BIG_LINES / 1e6:.0f}M lines", f"{mib(a1)} -> {mib(a2)}",
+            row(f"aggregator peak RSS, 1M -> {BIG_LINES / 1e6:.0f}M lines", f"{mib(a1)} -> {mib(a2)}",
                 "within 10%", f"{a2 / a1:.2f}x", a2 <= 1.1 * a1)
-            row(f"importer RSS on {size_gib:.1f} GiB, at 1M lines -> peak",
+            row(f"importer peak RSS on {size_gib:.1f} GiB, 1M lines -> end",
                 f"{mib(i1)} -> {mib(ipeak)}", "constant (within 10%)", f"{ipeak / i1:.2f}x",
                 ipeak <= 1.1 * i1)
         else:

@@ -454,3 +454,71 @@ async fn a_group_whose_leader_left_while_forming_takes_new_members() {
     third.stop().await;
     pre.stop().await;
 }
+
+/// The group's leader is killed (SIGKILL: no LeaveGroup) and a new member joins before its
+/// session expires, so the group re-forms with a dead leader; the members left keep trying
+/// to sync until the leader's session expires. Then they must be assigned every partition and
+/// count every line. tansu 0.6.0 took the SyncGroup of whichever follower arrived right when
+/// the expiry was noticed as the leader's, with its empty list of assignments: every member was
+/// assigned nothing, for good (the multi-process stall of issue 7; see
+/// vendor/tansu-broker/PATCHED.md). The leader is the real binary, so that it can be SIGKILLed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_whose_leader_died_while_forming_assigns_every_partition() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let c = cluster(4).await;
+    let lines = generated(2_000, 41);
+    let expected = expected_counts(lines.iter().map(Vec::as_slice));
+    let pre = start_preprocessor(&c, Arc::new(PreprocessStats::default()));
+    // The first member creates the group, leads it and sets its session timeout (6 s).
+    let mut leader = Command::new(env!("CARGO_BIN_EXE_pageviews"))
+        .args([
+            "--brokers",
+            &c.broker.bootstrap(),
+            "--database",
+            &format!("sqlite://{}/stats.db", c.dir.path().display()),
+            "--data-dir",
+            &c.dir.path().join("leader").display().to_string(),
+            "-X",
+            "session.timeout.ms=6000",
+            "-X",
+            "heartbeat.interval.ms=1000",
+            "aggregate",
+            "--flush-interval",
+            "300ms",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = leader.stderr.take().unwrap();
+    let (assigned_tx, assigned_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("assigned") {
+                let _ = assigned_tx.send(line);
+            }
+        }
+    });
+    let first = assigned_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the leader was never assigned partitions");
+    assert!(first.contains("[0, 1, 2, 3]"), "{first}");
+    // A second member: the group re-forms under the same leader.
+    let (b, _) = start_aggregator(&c, Duration::from_millis(300));
+    assigned_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the group did not rebalance when a second member joined");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    leader.kill().unwrap();
+    let _ = leader.wait();
+    // A third member joins the group whose leader is dead.
+    let (third, _) = start_aggregator(&c, Duration::from_millis(300));
+    assert_eq!(import_file(&c, &lines).await, 2_000);
+    wait_for(&c, 2_000, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(db_counts(&c.store).await, expected);
+    third.stop().await;
+    b.stop().await;
+    pre.stop().await;
+}

@@ -1982,12 +1982,13 @@ where
             return (self.into(), sync_group_response.into());
         }
 
-        if self
-            .state
-            .leader
-            .as_ref()
-            .is_some_and(|leader_id| member_id != leader_id.as_str())
-        {
+        // pageviews patch: only the leader's SyncGroup carries the group's assignment. 0.6.0
+        // also took it from a follower when the group had no leader at that moment (the
+        // leader's session had just expired, which this very request detected): the
+        // follower's empty list became the assignment, every member was assigned nothing, and
+        // the group stayed formed that way for good. A member that is not the leader now
+        // rejoins; the first to rejoin a leaderless group leads it.
+        if self.state.leader.as_deref() != Some(member_id) {
             debug!(?self.state.leader, sync_outcome = ?ErrorCode::RebalanceInProgress);
 
             let sync_group_response = SyncGroupResponse::default()
