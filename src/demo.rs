@@ -121,7 +121,10 @@ pub async fn run(
     let listener = serve::bind(args.listen).await?;
     println!("dashboard: http://{}", listener.local_addr()?);
 
-    let stop_stages = shutdown.child_token();
+    // The stages stop once the work below is done, which Ctrl-C ends through the input. Not a
+    // child of `shutdown`: a stage that stopped at Ctrl-C before the work noticed would look to
+    // the watch below like one that stopped on its own, and Ctrl-C would exit with an error.
+    let stop_stages = CancellationToken::new();
     // The input stops at Ctrl-C, or when a stage dies (nothing would count its lines).
     let stop_input = shutdown.child_token();
     let pre_stats = Arc::new(PreprocessStats::default());
