@@ -687,7 +687,7 @@ async fn chaos() {
     for step in plan {
         // A burst at full speed, then the strike while its backlog is worked off.
         importer = c.import_next_chunk(&importer);
-        let gap = Duration::from_millis(rng.random_range(100..1_000));
+        let gap = Duration::from_millis(rng.random_range(0..400));
         sleep_sampling(&mut sampler, gap).await;
         let counted_at = sampler.sample().await.unwrap_or_else(|| sampler.last());
         let t0 = Instant::now();
