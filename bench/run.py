@@ -17,7 +17,8 @@ Targets (issue 7):
     constant on a 2 GB input.
 
 Knobs (environment): BENCH_LINES (default 1,000,000), BENCH_MULTI_LINES (403,680),
-BENCH_BIG_LINES (10,000,000; 0 skips target 6), BENCH_KEEP=1 keeps the work directory.
+BENCH_BIG_LINES (10,000,000; 0 skips target 6), BENCH_KEEP=1 keeps the work directory,
+BENCH_ONLY=demo,multi,core,import,freshness,memory (a comma-separated subset; default all).
 """
 
 import json
@@ -41,6 +42,11 @@ LINES = int(os.environ.get("BENCH_LINES", "1000000"))
 MULTI_LINES = int(os.environ.get("BENCH_MULTI_LINES", "403680"))
 BIG_LINES = int(os.environ.get("BENCH_BIG_LINES", "10000000"))
 FLUSH_S = 5.0  # the aggregator's default flush interval
+ONLY = {x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip()}
+
+
+def want(section):
+    return not ONLY or section in ONLY
 
 rows = []  # (figure, value, target, ratio, met)
 procs = []
@@ -396,69 +402,73 @@ def bench(work):
     rows.append(("machine", f"{cpus} cores, {mem:.0f} GiB, {time.strftime('%Y-%m-%d')}", "", "", ""))
     path = generate(work, LINES)
     log(f"input: {LINES} generated lines, {path.stat().st_size / 2**20:.0f} MiB")
+    if want("demo"):
+        ga = goaccess(path)
+        ga_rate = LINES / ga if ga else None
+        row("GoAccess 1.7, COMBINED, no GeoIP db", f"{ga_rate:,.0f} lines/s ({ga:.2f} s)" if ga else "not installed")
 
-    ga = goaccess(path)
-    ga_rate = LINES / ga if ga else None
-    row("GoAccess 1.7, COMBINED, no GeoIP db", f"{ga_rate:,.0f} lines/s ({ga:.2f} s)" if ga else "not installed")
+        mem = demo(work, path, "memory", LINES)
+        mem_rate = LINES / mem[0] if mem else None
+        if mem:
+            ratio = mem_rate / ga_rate if ga_rate else None
+            row("1M demo, memory storage", f"{mem_rate:,.0f} lines/s ({mem[0]:.2f} s)",
+                ">= 1.5x GoAccess", f"{ratio:.2f}x GoAccess" if ratio else "",
+                ratio >= 1.5 if ratio else None)
+        else:
+            row("1M demo, memory storage", "FAILED", ">= 1.5x GoAccess", "", False)
 
-    mem = demo(work, path, "memory", LINES)
-    mem_rate = LINES / mem[0] if mem else None
-    if mem:
-        ratio = mem_rate / ga_rate if ga_rate else None
-        row("1M demo, memory storage", f"{mem_rate:,.0f} lines/s ({mem[0]:.2f} s)",
-            ">= 1.5x GoAccess", f"{ratio:.2f}x GoAccess" if ratio else "",
-            ratio >= 1.5 if ratio else None)
-    else:
-        row("1M demo, memory storage", "FAILED", ">= 1.5x GoAccess", "", False)
+        lite = demo(work, path, "sqlite", LINES)
+        if lite:
+            rate = LINES / lite[0]
+            ratio = rate / ga_rate if ga_rate else None
+            row("1M demo, SQLite storage (default)", f"{rate:,.0f} lines/s ({lite[0]:.2f} s)",
+                ">= 0.5x GoAccess", f"{ratio:.2f}x GoAccess" if ratio else "",
+                ratio >= 0.5 if ratio else None)
+            if mem_rate:
+                row("  SQLite / memory storage", f"{rate / mem_rate:.2f}", ">= 0.5", "",
+                    rate / mem_rate >= 0.5)
+            row("  session timeouts, rebalances in its log", f"{lite[3]}, {lite[4]}", "0, 0", "",
+                lite[3] == 0 and lite[4] == 0)
+            row("  /api/countries unanswered (2 s) during it", f"{lite[2]} of {lite[1]} polls", "0",
+                "", lite[2] == 0)
+        else:
+            row("1M demo, SQLite storage (default)", "FAILED", ">= 0.5x GoAccess", "", False)
 
-    lite = demo(work, path, "sqlite", LINES)
-    if lite:
-        rate = LINES / lite[0]
-        ratio = rate / ga_rate if ga_rate else None
-        row("1M demo, SQLite storage (default)", f"{rate:,.0f} lines/s ({lite[0]:.2f} s)",
-            ">= 0.5x GoAccess", f"{ratio:.2f}x GoAccess" if ratio else "",
-            ratio >= 0.5 if ratio else None)
-        if mem_rate:
-            row("  SQLite / memory storage", f"{rate / mem_rate:.2f}", ">= 0.5", "",
-                rate / mem_rate >= 0.5)
-        row("  session timeouts, rebalances in its log", f"{lite[3]}, {lite[4]}", "0, 0", "",
-            lite[3] == 0 and lite[4] == 0)
-        row("  /api/countries unanswered (2 s) during it", f"{lite[2]} of {lite[1]} polls", "0",
-            "", lite[2] == 0)
-    else:
-        row("1M demo, SQLite storage (default)", "FAILED", ">= 0.5x GoAccess", "", False)
+    if want("multi"):
+        multi = generate(work, MULTI_LINES)
+        mp_mem, mp_mem_total = multi_process(work, multi, MULTI_LINES, "memory")
+        mp_lite, mp_lite_total = multi_process(work, multi, MULTI_LINES, "sqlite")
+        row("multi-process with kills, memory storage",
+            f"{MULTI_LINES:,} exact in {mp_mem:.1f} s" if mp_mem else f"counted {mp_mem_total} of {MULTI_LINES}",
+            "all counted", "", mp_mem is not None)
+        row("multi-process with kills, SQLite storage",
+            f"{MULTI_LINES:,} exact in {mp_lite:.1f} s" if mp_lite else f"counted {mp_lite_total} of {MULTI_LINES}",
+            "all counted, <= 2x memory", f"{mp_lite / mp_mem:.2f}x memory" if mp_lite and mp_mem else "",
+            bool(mp_lite and mp_mem and mp_lite <= 2 * mp_mem))
 
-    multi = generate(work, MULTI_LINES)
-    mp_mem, mp_mem_total = multi_process(work, multi, MULTI_LINES, "memory")
-    mp_lite, mp_lite_total = multi_process(work, multi, MULTI_LINES, "sqlite")
-    row("multi-process with kills, memory storage",
-        f"{MULTI_LINES:,} exact in {mp_mem:.1f} s" if mp_mem else f"counted {mp_mem_total} of {MULTI_LINES}",
-        "all counted", "", mp_mem is not None)
-    row("multi-process with kills, SQLite storage",
-        f"{MULTI_LINES:,} exact in {mp_lite:.1f} s" if mp_lite else f"counted {mp_lite_total} of {MULTI_LINES}",
-        "all counted, <= 2x memory", f"{mp_lite / mp_mem:.2f}x memory" if mp_lite and mp_mem else "",
-        bool(mp_lite and mp_mem and mp_lite <= 2 * mp_mem))
+    if want("core"):
+        core = preprocess_core()
+        row("preprocess core, 1 thread", f"{core:,} lines/s" if core else "FAILED", ">= 1,000,000",
+            "", bool(core and core >= 1_000_000))
 
-    core = preprocess_core()
-    row("preprocess core, 1 thread", f"{core:,} lines/s" if core else "FAILED", ">= 1,000,000",
-        "", bool(core and core >= 1_000_000))
+    if want("import"):
+        imp, bare = import_vs_bare(work, path)
+        if imp and bare:
+            row("import, SQLite-storage broker", f"{imp:,.0f} lines/s", ">= 0.8x bare producer",
+                f"{imp / bare:.2f}x bare ({bare:,.0f} lines/s)", imp / bare >= 0.8)
+        else:
+            row("import, SQLite-storage broker", "FAILED", ">= 0.8x bare producer", "", False)
 
-    imp, bare = import_vs_bare(work, path)
-    if imp and bare:
-        row("import, SQLite-storage broker", f"{imp:,.0f} lines/s", ">= 0.8x bare producer",
-            f"{imp / bare:.2f}x bare ({bare:,.0f} lines/s)", imp / bare >= 0.8)
-    else:
-        row("import, SQLite-storage broker", "FAILED", ">= 0.8x bare producer", "", False)
+    if want("freshness"):
+        fresh = freshness(work, generate(work, 200_000))
+        if fresh:
+            row("freshness at 10,000 lines/s (p50, p99, max)",
+                f"{fresh[0]:.2f} s, {fresh[1]:.2f} s, {fresh[2]:.2f} s",
+                f"p99 <= {FLUSH_S + 1:.0f} s", "", fresh[1] <= FLUSH_S + 1)
+        else:
+            row("freshness at 10,000 lines/s", "FAILED", f"p99 <= {FLUSH_S + 1:.0f} s", "", False)
 
-    fresh = freshness(work, generate(work, 200_000))
-    if fresh:
-        row("freshness at 10,000 lines/s (p50, p99, max)",
-            f"{fresh[0]:.2f} s, {fresh[1]:.2f} s, {fresh[2]:.2f} s",
-            f"p99 <= {FLUSH_S + 1:.0f} s", "", fresh[1] <= FLUSH_S + 1)
-    else:
-        row("freshness at 10,000 lines/s", "FAILED", f"p99 <= {FLUSH_S + 1:.0f} s", "", False)
-
-    if BIG_LINES:
+    if BIG_LINES and want("memory"):
         big = generate(work, BIG_LINES)
         size_gib = big.stat().st_size / 2**30
         m = memory(work, big, BIG_LINES)

@@ -568,8 +568,11 @@ impl Sampler {
 /// What happened at one moment of the schedule, and how long the pipeline took to recover.
 struct Disruption {
     at: Duration,
-    /// Visits in the database at that moment (below the total: the pipeline was busy).
+    /// Visits in the database at that moment.
     counted: u64,
+    /// Valid lines imported (or being imported) by then and not yet counted: the pipeline's
+    /// backlog when the strike came.
+    backlog: u64,
     what: String,
     owned_again: Option<Duration>,
     moving_again: Option<Duration>,
@@ -745,6 +748,7 @@ async fn chaos() {
         let mut d = Disruption {
             at,
             counted: counted_at,
+            backlog: c.valid_imported().saturating_sub(counted_at),
             what,
             owned_again: None,
             moving_again: None,
@@ -809,9 +813,10 @@ async fn chaos() {
         "\nkill schedule and recovery (owned = partitions assigned again after the rebalance; moving = database total rising again):"
     );
     report!(
-        "{:>9}  {:>9}  {:>9}  {:>9}  what",
+        "{:>9}  {:>9}  {:>9}  {:>9}  {:>9}  what",
         "at",
         "counted",
+        "backlog",
         "owned",
         "moving"
     );
@@ -819,9 +824,10 @@ async fn chaos() {
         let f =
             |x: Option<Duration>| x.map_or("-".to_owned(), |x| format!("{:.1} s", x.as_secs_f64()));
         report!(
-            "{:>7.1} s  {:>9}  {:>9}  {:>9}  {}",
+            "{:>7.1} s  {:>9}  {:>9}  {:>9}  {:>9}  {}",
             d.at.as_secs_f64(),
             d.counted,
+            d.backlog,
             f(d.owned_again),
             f(d.moving_again),
             d.what
@@ -846,16 +852,25 @@ async fn chaos() {
         dead_distinct, malformed,
         "distinct dead letters differ from malformed lines injected"
     );
-    // At least 6 worker kills while lines were still flowing, each followed by a rebalance
-    // that moved the counts again.
-    let busy_kills = disruptions
-        .iter()
-        .filter(|d| d.what.starts_with("SIGKILL") && !d.what.contains("broker"))
-        .filter(|d| d.counted < total && d.moving_again.is_some())
+    // At least 6 worker kills while the pipeline had a backlog (each followed by the
+    // partitions owned again, asserted above, and by exact final counts). Whether the counts
+    // visibly moved after the rebalance depends on whether the victim's partitions still held
+    // part of the backlog when it was over, which is timing: reported, not required.
+    let worker_kills = || {
+        disruptions
+            .iter()
+            .filter(|d| d.what.starts_with("SIGKILL") && !d.what.contains("broker"))
+    };
+    let busy_kills = worker_kills().filter(|d| d.backlog > 0).count();
+    let moved_after = worker_kills()
+        .filter(|d| d.backlog > 0 && d.moving_again.is_some())
         .count();
+    report!(
+        "worker kills with a backlog: {busy_kills}, of which {moved_after} saw the counts move after the rebalance"
+    );
     assert!(
         busy_kills >= 6,
-        "only {busy_kills} worker kills hit a busy pipeline"
+        "only {busy_kills} worker kills hit a pipeline with a backlog"
     );
     drop(c);
     drop(pg);

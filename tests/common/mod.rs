@@ -23,6 +23,7 @@ pub struct Cluster {
     pub kafka: KafkaSettings,
     pub store: Store,
     pub dir: tempfile::TempDir,
+    pub partitions: i32,
 }
 
 pub async fn cluster(partitions: i32) -> Cluster {
@@ -62,6 +63,7 @@ pub async fn cluster(partitions: i32) -> Cluster {
         kafka,
         store,
         dir,
+        partitions,
     }
 }
 
@@ -145,18 +147,79 @@ pub async fn db_counts(store: &Store) -> BTreeMap<String, u64> {
 
 /// Waits until the database holds `total` visits.
 pub async fn wait_for(c: &Cluster, total: u64, patience: Duration) {
+    // A pipeline that stops moving fails the test after STALL with what each stage has done,
+    // rather than at the end of `patience` with a bare number: a stall in CI is then diagnosable
+    // from the test's output alone.
+    const STALL: Duration = Duration::from_secs(90);
     let deadline = tokio::time::Instant::now() + patience;
+    let (mut last, mut moved) = (0, tokio::time::Instant::now());
     loop {
         let counted = pageviews::demo::counted(&c.store).await.unwrap();
         if counted >= total {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not drained after {patience:?}: counted {counted}/{total}"
-        );
+        let now = tokio::time::Instant::now();
+        if counted != last {
+            (last, moved) = (counted, now);
+        }
+        if now >= deadline || now.duration_since(moved) >= STALL {
+            panic!(
+                "not drained: counted {counted}/{total}, last progress {:?} ago\n{}",
+                now.duration_since(moved),
+                pipeline_state(c).await
+            );
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Where every partition stands: each topic's log end, the preprocessors' committed raw
+/// offsets and the aggregators' stored events offsets (for a failed test's message).
+pub async fn pipeline_state(c: &Cluster) -> String {
+    use pageviews::kafka::{AGGREGATE_GROUP, EVENTS_TOPIC, PREPROCESS_GROUP, RAW_TOPIC};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let stored = c
+        .store
+        .load_positions(AGGREGATE_GROUP, EVENTS_TOPIC)
+        .await
+        .map(|s| s.offsets)
+        .unwrap_or_default();
+    let (kafka, partitions) = (c.kafka.clone(), c.partitions);
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(5);
+        let consumer: BaseConsumer = match kafka
+            .client_config(
+                pageviews::kafka::ClientRole::Consumer,
+                &[("group.id", PREPROCESS_GROUP)],
+            )
+            .create()
+        {
+            Ok(c) => c,
+            Err(e) => return format!("no consumer for the diagnosis: {e}"),
+        };
+        let mut out = String::new();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(RAW_TOPIC, p);
+        }
+        let committed = consumer.committed_offsets(tpl, timeout);
+        for p in 0..partitions {
+            let raw_end = consumer.fetch_watermarks(RAW_TOPIC, p, timeout).map(|w| w.1);
+            let raw_committed = committed
+                .as_ref()
+                .ok()
+                .and_then(|t| t.find_partition(RAW_TOPIC, p))
+                .map(|e| e.offset());
+            let events_end = consumer.fetch_watermarks(EVENTS_TOPIC, p, timeout).map(|w| w.1);
+            out += &format!(
+                "partition {p:2}: {RAW_TOPIC} end {raw_end:?} committed {raw_committed:?} | {EVENTS_TOPIC} end {events_end:?} stored {:?}\n",
+                stored.get(&p)
+            );
+        }
+        out
+    })
+    .await
+    .unwrap_or_else(|e| format!("diagnosis failed: {e}"))
 }
 
 pub fn write_lines(path: &Path, lines: &[Vec<u8>]) {
