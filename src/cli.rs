@@ -297,6 +297,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     kafka,
                     store,
                     flush_interval,
+                    flush_now: None,
                 },
                 stats,
                 shutdown_on_signal(),

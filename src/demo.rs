@@ -4,11 +4,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{self, AggregateConfig, AggregateStats};
@@ -68,22 +69,30 @@ pub async fn counted(store: &Store) -> anyhow::Result<u64> {
 /// topic's high watermarks: tansu 0.6.0 answered ListOffsets with stale values under load.
 pub async fn wait_drained(
     store: &Store,
-    dead_letters: &AtomicU64,
+    preprocessed: &PreprocessStats,
     baseline: u64,
     lines: u64,
     shutdown: &CancellationToken,
+    flush_now: Option<&Notify>,
 ) -> Option<(u64, u64)> {
     loop {
+        let dead = preprocessed.dead_letters.load(Ordering::Relaxed);
         match counted(store).await {
             Ok(total) => {
                 let counted = total - baseline.min(total);
-                let dead = dead_letters.load(Ordering::Relaxed);
                 if counted + dead >= lines {
                     return Some((counted, dead));
                 }
             }
             // A locked database is not the end of the run: ask again.
             Err(err) => tracing::warn!(%err, "cannot check progress yet"),
+        }
+        // Every line has been through the preprocessor: what is left is counted in memory or
+        // on its way to the aggregator, so write it now rather than at the next interval.
+        if preprocessed.lines.load(Ordering::Relaxed) >= lines
+            && let Some(flush_now) = flush_now
+        {
+            flush_now.notify_one();
         }
         tokio::select! {
             _ = shutdown.cancelled() => return None,
@@ -129,6 +138,7 @@ pub async fn run(
     let stop_input = shutdown.child_token();
     let pre_stats = Arc::new(PreprocessStats::default());
     let agg_stats = Arc::new(AggregateStats::default());
+    let flush_now = Arc::new(Notify::new());
     let mut stages = Stages::default();
     {
         let config = PreprocessConfig {
@@ -147,6 +157,7 @@ pub async fn run(
             kafka: kafka.clone(),
             store: store.clone(),
             flush_interval: args.flush_interval,
+            flush_now: Some(Arc::clone(&flush_now)),
         };
         let (stats, stop) = (Arc::clone(&agg_stats), stop_stages.clone());
         stages.spawn("aggregate", async move {
@@ -205,10 +216,11 @@ pub async fn run(
         if args.exit_when_drained {
             if let Some((counted, dead)) = wait_drained(
                 &store,
-                &pre_stats.dead_letters,
+                &pre_stats,
                 baseline,
                 imported,
                 &shutdown,
+                Some(&flush_now),
             )
             .await
             {

@@ -52,6 +52,10 @@ pub struct AggregateConfig {
     pub store: Store,
     /// Time between two flushes (one transaction each).
     pub flush_interval: Duration,
+    /// Flushes now what is counted, without waiting for the interval (`demo
+    /// --exit-when-drained` once every line of its finite input was preprocessed: the last
+    /// counts are then written at once instead of up to a whole interval later).
+    pub flush_now: Option<Arc<Notify>>,
 }
 
 /// Running totals for logs, summaries and tests.
@@ -233,7 +237,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = shared.wake.notified() => agg.position().await,
             _ = sleep_until(position_due), if position_due.is_some() => agg.position().await,
-            _ = &mut next_flush => {
+            _ = flush_due(next_flush.as_mut(), config.flush_now.as_deref()) => {
                 let wait = if agg.flush(FLUSH_TIMEOUT).await { config.flush_interval } else { agg.backoff() };
                 next_flush.as_mut().reset(Instant::now() + wait);
             }
@@ -263,6 +267,17 @@ pub async fn run(
         tracing::warn!("the broker did not confirm that this aggregator left the group");
     }
     Ok(())
+}
+
+/// When the next flush is due: at the end of the interval, or when asked to flush now.
+async fn flush_due(interval: std::pin::Pin<&mut tokio::time::Sleep>, now: Option<&Notify>) {
+    match now {
+        Some(now) => tokio::select! {
+            _ = interval => {}
+            _ = now.notified() => {}
+        },
+        None => interval.await,
+    }
 }
 
 /// `tokio::time::sleep_until` for a std `Instant` (`None`: never).

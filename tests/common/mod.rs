@@ -102,6 +102,7 @@ pub fn start_aggregator(c: &Cluster, flush: Duration) -> (Stage, Arc<AggregateSt
         kafka: c.kafka.clone(),
         store: c.store.clone(),
         flush_interval: flush,
+        flush_now: None,
     };
     let stats = Arc::new(AggregateStats::default());
     let (st, stop) = (Arc::clone(&stats), CancellationToken::new());
