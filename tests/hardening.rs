@@ -124,6 +124,18 @@ fn demo_drained(program: &Path, data_dir: &Path, input: &Path) -> Output {
     run_within(cmd, Duration::from_secs(180))
 }
 
+/// A demo that exited 0 after counting all `lines`, none dead-lettered.
+fn assert_drained(out: &Output, lines: usize) {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!(
+            "lines read {lines}, counted {lines}, dead-lettered 0"
+        )),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -156,12 +168,7 @@ async fn a_second_demo_on_new_topics_adds_its_lines() {
     let data = dir.path().join("data");
 
     let first = demo_drained(&bin(), &data, &a);
-    assert!(first.status.success(), "{}", text(&first.stderr));
-    assert!(
-        text(&first.stdout).contains("lines read 5000, counted 5000, dead-lettered 0"),
-        "{}",
-        text(&first.stdout)
-    );
+    assert_drained(&first, 5000);
     let after_a = common::expected_counts(a_lines.iter().map(Vec::as_slice));
     assert_eq!(sqlite_counts(&data).await, after_a);
 
@@ -197,12 +204,7 @@ async fn a_drained_demo_does_not_wait_for_the_flush_interval() {
     args[at + 1] = "1h".into();
     cmd.args(args);
     let out = run_within(cmd, Duration::from_secs(120));
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("lines read 3000, counted 3000, dead-lettered 0"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_drained(&out, 3000);
     let expected = common::expected_counts(lines.iter().map(Vec::as_slice));
     assert_eq!(sqlite_counts(&data).await, expected);
 }
@@ -229,12 +231,7 @@ async fn a_copied_binary_needs_no_source_tree() {
         .arg(&copy)
         .args(demo_args(&input));
     let out = run_within(cmd, Duration::from_secs(180));
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("lines read 2000, counted 2000, dead-lettered 0"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_drained(&out, 2000);
     // Countries, not 2,000 times ZZ: the bundled database was used.
     let expected = common::expected_counts(lines.iter().map(Vec::as_slice));
     assert!(expected.len() > 10);
