@@ -13,8 +13,10 @@ use tokio_util::sync::CancellationToken;
 use crate::aggregate::{self, AggregateConfig, AggregateStats};
 use crate::broker::{BrokerStorage, EmbeddedBroker};
 use crate::demo::{self, DemoArgs};
-use crate::generate::LineGenerator;
+use crate::format::Preset;
+use crate::generate::{LineGenerator, render};
 use crate::import::checkpoint::CheckpointDir;
+use crate::import::format::FormatArgs;
 use crate::import::{self, ImportConfig};
 use crate::kafka::{self, KafkaSettings};
 use crate::preprocess::enrich::Enricher;
@@ -118,12 +120,16 @@ pub enum Command {
         /// (kept in <data-dir>/import-checkpoints).
         #[arg(long)]
         from_start: bool,
+        #[command(flatten)]
+        format: FormatArgs,
     },
     /// Run a preprocessor (consumer group `preprocessors`).
     Preprocess {
         /// Country database (.mmdb, DB-IP or MaxMind GeoLite2/GeoIP2 Country or City layout).
         #[arg(long, env = "PAGEVIEWS_GEOIP")]
         geoip: Option<PathBuf>,
+        #[command(flatten)]
+        format: FormatArgs,
     },
     /// Run an aggregator (consumer group `aggregators`).
     Aggregate {
@@ -136,13 +142,23 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
-    /// Write N combined-format lines to stdout, deterministic for a seed.
+    /// Write N log lines to stdout, deterministic for a seed, in any preset's layout.
     Generate {
         #[arg(long)]
         lines: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// The preset to write (COMBINED, W3C, CADDY, AWSALB, ...).
+        #[arg(long, default_value = "COMBINED", value_parser = parse_preset)]
+        log_format: Preset,
     },
+}
+
+fn parse_preset(name: &str) -> Result<Preset, String> {
+    Preset::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown preset {name:?} (known: {})", names.join(", "))
+    })
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the default (pageviews at info, the rest at warn).
@@ -238,7 +254,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
             rate,
             from_start,
+            format,
         } => {
+            let format = format.options()?;
             let inputs = import::expand_inputs(&inputs)?;
             let brokers = common.brokers_or_default();
             let kafka = common.kafka(&brokers);
@@ -252,17 +270,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     rate,
                     checkpoints: Some(import_checkpoints(&common, &brokers)),
                     from_start,
+                    format,
                 },
                 shutdown_on_signal(),
             )
             .await?;
             let secs = started.elapsed().as_secs_f64();
             println!(
-                "imported {} lines ({} over {} bytes, sent truncated) in {secs:.1} s, {:.0} lines/s{}",
+                "imported {} lines ({} over {} bytes, sent truncated) in {secs:.1} s, {:.0} lines/s{}{}",
                 summary.lines,
                 summary.truncated,
                 import::MAX_LINE_BYTES,
                 summary.lines as f64 / secs.max(1e-9),
+                if summary.directives > 0 {
+                    format!("; read {} W3C directive lines", summary.directives)
+                } else {
+                    String::new()
+                },
                 if summary.already_imported > 0 {
                     format!(
                         "; skipped {} lines imported before (--from-start imports them again)",
@@ -274,13 +298,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Preprocess { geoip } => {
+        Command::Preprocess { geoip, format } => {
+            let format = format.headerless()?;
             let enricher = Arc::new(Enricher::new(open_geo(geoip.as_deref())?));
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             let stats = Arc::new(PreprocessStats::default());
             preprocess::run(
-                PreprocessConfig { kafka, enricher },
+                PreprocessConfig {
+                    kafka,
+                    enricher,
+                    format,
+                },
                 stats,
                 shutdown_on_signal(),
             )
@@ -312,11 +341,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             serve::run(listener, store, shutdown_on_signal()).await?;
             Ok(())
         }
-        Command::Generate { lines, seed } => {
+        Command::Generate {
+            lines,
+            seed,
+            log_format,
+        } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
-            for line in LineGenerator::new(seed).take(usize::try_from(lines).unwrap_or(usize::MAX))
+            let header = match log_format {
+                Preset::W3c => format!(
+                    "#Software: pageviews generate\n#Version: 1.0\n#Fields: {}\n",
+                    crate::format::w3c::IIS_DEFAULT_FIELDS
+                ),
+                _ => String::new(),
+            };
+            let lines = LineGenerator::new(seed)
+                .take(usize::try_from(lines).unwrap_or(usize::MAX))
+                .filter_map(|l| render(&l, log_format));
+            for line in std::iter::once(header)
+                .filter(|h| !h.is_empty())
+                .chain(lines)
             {
+                let line = line.trim_end_matches('\n');
                 if let Err(e) = writeln!(out, "{line}") {
                     // `generate | head` closes the pipe early: that is not an error.
                     if e.kind() == std::io::ErrorKind::BrokenPipe {

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::aggregate::{self, AggregateConfig, AggregateStats};
 use crate::broker::{BrokerStorage, EmbeddedBroker};
 use crate::cli::{Common, open_geo};
+use crate::format::{FormatSpec, Preset};
 use crate::generate::LineGenerator;
+use crate::import::format::FormatArgs;
 use crate::import::{self, ImportConfig, LineSink};
 use crate::kafka;
 use crate::preprocess::enrich::Enricher;
@@ -55,6 +57,8 @@ pub struct DemoArgs {
     /// Aggregator flush interval.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub flush_interval: Duration,
+    #[command(flatten)]
+    pub format: FormatArgs,
 }
 
 /// Visits in the database.
@@ -106,6 +110,8 @@ pub async fn run(
     args: DemoArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // A malformed format is reported before anything starts.
+    let format = args.format.options()?;
     std::fs::create_dir_all(&common.data_dir)
         .with_context(|| format!("creating the data dir {}", common.data_dir.display()))?;
     let broker = match &common.brokers {
@@ -144,6 +150,8 @@ pub async fn run(
         let config = PreprocessConfig {
             kafka: kafka.clone(),
             enricher,
+            // Every line the demo imports says its format; others are read as COMBINED.
+            format: FormatSpec::preset(Preset::Combined),
         };
         let (stats, stop) = (Arc::clone(&pre_stats), stop_stages.clone());
         stages.spawn("preprocess", async move {
@@ -189,10 +197,11 @@ pub async fn run(
             tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
                 let mut sink = LineSink::new(&kafka, Some(rate), stop)?;
                 let mut generator = LineGenerator::live(seed);
+                let combined = FormatSpec::preset(Preset::Combined).header();
                 let mut n = 0u64;
                 while limit.is_none_or(|l| n < l) {
                     let line = generator.next_line();
-                    if !sink.send(line.as_bytes(), line.len()) {
+                    if !sink.send(line.as_bytes(), line.len(), &combined) {
                         break;
                     }
                     n += 1;
@@ -210,6 +219,7 @@ pub async fn run(
                 // The demo counts its inputs once per run (see wait_drained's baseline).
                 checkpoints: None,
                 from_start: false,
+                format,
             };
             import::run(config, stop_input.clone()).await?.lines
         };

@@ -36,6 +36,13 @@ pub struct PageView<'a> {
     /// `None` (JSON `null`) when the log had no referrer.
     #[serde(borrow)]
     pub referrer: Option<Cow<'a, str>>,
+    /// The site (virtual host) that served the request, when the log format has it; absent
+    /// from the JSON otherwise.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub vhost: Option<Cow<'a, str>>,
+    /// Time taken to serve the request in microseconds, when the log format has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_time_us: Option<u64>,
 }
 
 /// Event headers that let a consumer trace an event back to its raw line: the raw topic's
@@ -49,4 +56,6 @@ pub mod headers {
     pub const REASON: &str = "pv-reason";
     /// Set by the importer when it cut an over-long line; the value is the original length.
     pub const TRUNCATED: &str = "pv-truncated-from";
+    /// Set by the importer on every raw line: its log format ([`crate::format::FormatSpec`]).
+    pub const FORMAT: &str = crate::format::FORMAT_HEADER;
 }

@@ -13,8 +13,10 @@
 //! ```
 //!
 //! - [`import`]: lines → `raw-page-views` (files, globs, gzip, stdin, `--follow`).
-//! - [`preprocess`]: the consumer group `preprocessors`. Pure core in [`preprocess::parse`]
-//!   (log format), [`preprocess::geo`] (IP → country), [`preprocess::useragent`] and
+//! - [`format`]: what a raw line means: presets, GoAccess and nginx format strings, W3C,
+//!   JSON; the importer picks one per input ([`import::format`]) and sends it with every line.
+//! - [`preprocess`]: the consumer group `preprocessors`. Pure core in [`format`] (parsing),
+//!   [`preprocess::geo`] (IP → country), [`preprocess::useragent`] and
 //!   [`preprocess::enrich`] (line → [`event::PageView`] JSON); the module itself is the Kafka
 //!   loop.
 //! - [`aggregate`]: the consumer group `aggregators`. Pure core in [`aggregate::tally`]
@@ -36,6 +38,7 @@ pub mod cli;
 pub mod countries;
 pub mod demo;
 pub mod event;
+pub mod format;
 pub mod generate;
 pub mod import;
 pub mod kafka;

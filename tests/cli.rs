@@ -57,6 +57,42 @@ fn usage_error(args: &[&str], names: &str) {
 }
 
 #[test]
+fn a_malformed_log_format_is_one_line_that_points_at_it() {
+    assert_eq!(
+        one_line_error(&["import", "--log-format", r#"%h %Z [%x] "%r""#, "x.log"]),
+        r#"error: log format: unknown specifier %Z at column 4: %h %Z [%x] "%r""#
+    );
+    assert_eq!(
+        one_line_error(&[
+            "demo",
+            "--log-format",
+            "$remote_addr [${time_local] \"$request\""
+        ]),
+        r#"error: log format: ${ without its closing } at column 15: $remote_addr [${time_local] "$request""#
+    );
+    let e = one_line_error(&["import", "--log-format", "apache", "x.log"]);
+    assert!(
+        e.starts_with(
+            r#"error: log format: unknown log format "apache": expected auto, a preset (COMBINED,"#
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        one_line_error(&[
+            "import",
+            "--json-field",
+            "ip=a",
+            "--log-format",
+            "COMBINED",
+            "x.log"
+        ]),
+        "error: log format: --json-field goes with --log-format JSON (or auto)"
+    );
+    usage_error(&["import", "--client-ip", "proxy", "x.log"], "--client-ip");
+    usage_error(&["import", "--json-field", "ip", "x.log"], "--json-field");
+}
+
+#[test]
 fn unknown_command_line_values_name_the_value() {
     usage_error(&["frobnicate"], "'frobnicate'");
     usage_error(&["aggregate", "--flush-interval", "soon"], "'soon'");

@@ -33,6 +33,7 @@ async fn import_file(c: &Cluster, lines: &[Vec<u8>]) -> u64 {
         rate: None,
         checkpoints: None,
         from_start: false,
+        format: Default::default(),
     };
     import::run(config, CancellationToken::new())
         .await
@@ -132,6 +133,7 @@ async fn exact_counts_across_aggregator_crash_and_rebalance() {
             rate: Some(10_000),
             checkpoints: None,
             from_start: false,
+            format: Default::default(),
         };
         tokio::spawn(import::run(config, CancellationToken::new()))
     };
@@ -181,13 +183,14 @@ async fn malformed_lines_are_dead_lettered_with_reasons() {
         vec![b'x'; 1 << 20], // a 1 MiB line
         b"".to_vec(),        // empty line
     ];
+    // Each reason names the format the line was read with (detected from the file: COMBINED).
     let reasons_expected = [
-        "invalid UTF-8 at byte 1",
-        "missing timestamp",
-        "missing status",
-        "invalid UTF-8 at byte 51",
+        "COMBINED: invalid UTF-8 at byte 1",
+        "COMBINED: missing timestamp",
+        "COMBINED: missing status",
+        "COMBINED: invalid UTF-8 at byte 51",
         "line too long: 1048576 bytes",
-        "empty line",
+        "COMBINED: empty line",
     ];
     let mut lines = good.clone();
     for (i, b) in bad.drain(..).enumerate() {
@@ -277,6 +280,7 @@ async fn import_resumes_from_its_checkpoint() {
             pageviews::kafka::RAW_TOPIC,
         )),
         from_start: false,
+        format: Default::default(),
     };
     let pre = start_preprocessor(&c, Arc::new(PreprocessStats::default()));
     let (agg, _) = start_aggregator(&c, Duration::from_millis(300));

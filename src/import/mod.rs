@@ -10,6 +10,7 @@
 //! resumes after the last acknowledged line.
 
 pub mod checkpoint;
+pub mod format;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, IsTerminal, Read};
@@ -27,9 +28,10 @@ use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::headers;
+pub use crate::format::MAX_LINE_BYTES;
 use crate::kafka::{ClientRole, KafkaSettings, RAW_TOPIC};
-pub use crate::preprocess::parse::MAX_LINE_BYTES;
 use checkpoint::{CHECKPOINT_EVERY, Checkpoint, CheckpointDir, Consumed};
+use format::{FormatOptions, InputFormat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -99,6 +101,8 @@ pub fn expand_inputs(patterns: &[String]) -> Result<Vec<Input>, ImportError> {
 pub struct ImportSummary {
     /// Lines acknowledged by the broker.
     pub lines: u64,
+    /// W3C directive lines read (not sent: they set the format of the lines after them).
+    pub directives: u64,
     /// Of those, lines cut because they were longer than [`MAX_LINE_BYTES`].
     pub truncated: u64,
     /// Lines skipped because an earlier import had sent them (checkpoints).
@@ -192,9 +196,9 @@ impl LineSink {
         })
     }
 
-    /// Produces one line (already cut to size; `original_len` is its real length). Returns
-    /// false once shutdown was requested.
-    pub fn send(&mut self, line: &[u8], original_len: usize) -> bool {
+    /// Produces one line (already cut to size; `original_len` is its real length) of the
+    /// format whose header value is `format`. Returns false once shutdown was requested.
+    pub fn send(&mut self, line: &[u8], original_len: usize, format: &[u8]) -> bool {
         if self.shutdown.is_cancelled() {
             return false;
         }
@@ -205,14 +209,20 @@ impl LineSink {
             }
         }
         let len_text = original_len.to_string();
-        let mut record = BaseRecord::<(), [u8]>::to(RAW_TOPIC).payload(line);
+        let mut marks = OwnedHeaders::new_with_capacity(2).insert(Header {
+            key: headers::FORMAT,
+            value: Some(format),
+        });
         if original_len > line.len() {
             self.truncated += 1;
-            record = record.headers(OwnedHeaders::new().insert(Header {
+            marks = marks.insert(Header {
                 key: headers::TRUNCATED,
                 value: Some(&len_text),
-            }));
+            });
         }
+        let mut record = BaseRecord::<(), [u8]>::to(RAW_TOPIC)
+            .payload(line)
+            .headers(marks);
         loop {
             match self.producer.send(record) {
                 Ok(()) => break,
@@ -254,6 +264,7 @@ impl LineSink {
             lines,
             truncated: self.truncated,
             already_imported: 0,
+            directives: 0,
         })
     }
 }
@@ -271,6 +282,8 @@ pub struct ImportConfig {
     pub checkpoints: Option<CheckpointDir>,
     /// Import files from their first line even if checkpoints say they were imported.
     pub from_start: bool,
+    /// The log format of the inputs (default: detected per input).
+    pub format: FormatOptions,
 }
 
 /// Imports every input, then returns once all lines are acknowledged.
@@ -311,6 +324,7 @@ fn import_blocking(
     };
     let mut buf = Vec::with_capacity(1024);
     let mut already_imported = 0;
+    let mut directives = 0;
     for input in &config.inputs {
         let read_err = |source| ImportError::Read {
             path: input.name(),
@@ -319,7 +333,16 @@ fn import_blocking(
         if config.follow
             && let Input::File(path) = input
         {
-            follow_file(path, &shutdown, |line, len| sink.send(line, len)).map_err(read_err)?;
+            let sample = format::sample_file(path).map_err(read_err)?;
+            let mut fmt = InputFormat::resolve(&config.format, &sample, &input.name());
+            follow_file(path, &shutdown, |line, len| {
+                if fmt.directive(line) {
+                    directives += 1;
+                    return true;
+                }
+                sink.send(line, len, fmt.header())
+            })
+            .map_err(read_err)?;
             continue;
         }
         let reader: Box<dyn Read> = match input {
@@ -327,13 +350,34 @@ fn import_blocking(
             Input::File(path) => open_maybe_gzip(path, &bar).map_err(read_err)?,
         };
         let mut reader = BufReader::with_capacity(256 * 1024, reader);
+        // The first lines decide the format; stdin's are read here and sent first.
+        let (mut fmt, mut held) = match input {
+            Input::File(path) => {
+                let sample = format::sample_file(path).map_err(read_err)?;
+                let fmt = InputFormat::resolve(&config.format, &sample, &input.name());
+                (fmt, Vec::new())
+            }
+            Input::Stdin => {
+                let held = format::sample(&mut reader).map_err(read_err)?;
+                let sample: Vec<Vec<u8>> = held.iter().map(|(l, _)| l.clone()).collect();
+                let fmt = InputFormat::resolve(&config.format, &sample, &input.name());
+                (fmt, held)
+            }
+        };
         let checkpoint = match (input, &config.checkpoints) {
             (Input::File(path), Some(dir)) => {
                 let cp = dir.resume(path, config.from_start).map_err(read_err)?;
                 if cp.position > 0 {
-                    // Skip what an earlier import delivered (through the decoder for gzip).
-                    let skipped = io::copy(&mut (&mut reader).take(cp.position), &mut io::sink())
-                        .map_err(read_err)?;
+                    // Skip what an earlier import delivered (through the decoder for gzip),
+                    // reading the W3C directives on the way: they set the field list.
+                    let mut skip = (&mut reader).take(cp.position);
+                    while read_line_bounded(&mut skip, &mut buf, MAX_LINE_BYTES + 1)
+                        .map_err(read_err)?
+                        .is_some()
+                    {
+                        fmt.directive(&buf);
+                    }
+                    let skipped = cp.position - skip.limit();
                     if skipped < cp.position {
                         return Err(ImportError::Read {
                             path: input.name(),
@@ -359,10 +403,19 @@ fn import_blocking(
             sent_lines: 0,
             last_saved: Instant::now(),
         };
+        for (line, len) in held.drain(..) {
+            if fmt.directive(&line) {
+                directives += 1;
+            } else if !sink.send(&line, len, fmt.header()) {
+                break;
+            }
+        }
         while let Some(len) =
             read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES + 1).map_err(read_err)?
         {
-            if !sink.send(&buf, len) {
+            if fmt.directive(&buf) {
+                directives += 1;
+            } else if !sink.send(&buf, len, fmt.header()) {
                 break;
             }
             progress.sent_position = reader.position;
@@ -376,6 +429,7 @@ fn import_blocking(
     bar.finish_and_clear();
     let mut summary = sink.finish()?;
     summary.already_imported = already_imported;
+    summary.directives = directives;
     Ok(summary)
 }
 

@@ -5,10 +5,10 @@ use std::borrow::Cow;
 use chrono::SecondsFormat;
 
 use super::geo::GeoDb;
-use super::parse::{ParseError, parse_line};
 use super::useragent::UaParser;
 use crate::countries::CountryCode;
 use crate::event::PageView;
+use crate::format::{LogFormat, ParseError};
 
 /// Everything needed to turn a line into an event; one per preprocessor, shared by threads.
 pub struct Enricher {
@@ -33,14 +33,16 @@ impl Enricher {
         }
     }
 
-    /// Parses and enriches one raw line. The error's text is the dead-letter reason.
-    pub fn enrich(&self, raw: &[u8]) -> Result<Enriched, ParseError> {
-        let line = parse_line(raw)?;
-        let country = self.geo.country_of(line.host);
+    /// Parses and enriches one raw line of `format`. The error's text is the dead-letter
+    /// reason (after the format's name).
+    pub fn enrich(&self, raw: &[u8], format: &LogFormat) -> Result<Enriched, ParseError> {
+        let line = format.parse(raw)?;
+        let ip = format.client_ip(&line.host, line.forwarded_for.as_deref());
+        let country = self.geo.country_of(ip);
         let client = self.user_agents.classify(line.user_agent.as_deref());
         let view = PageView {
             time: Cow::Owned(line.time.to_rfc3339_opts(SecondsFormat::Secs, true)),
-            ip: Cow::Borrowed(line.host),
+            ip: Cow::Borrowed(ip),
             country_code: Cow::Borrowed(country.as_str()),
             browser: Cow::Borrowed(&client.browser),
             browser_version: Cow::Borrowed(&client.browser_version),
@@ -52,6 +54,8 @@ impl Enricher {
             status: line.status,
             bytes: line.bytes,
             referrer: line.referrer,
+            vhost: line.vhost,
+            request_time_us: line.request_time_us,
         };
         // Serializing plain strings and numbers into a Vec cannot fail.
         let json = serde_json::to_vec(&view).unwrap_or_default();
@@ -62,18 +66,23 @@ impl Enricher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::{FormatSpec, Preset};
+
+    fn combined() -> LogFormat {
+        LogFormat::compile(&FormatSpec::preset(Preset::Combined)).unwrap()
+    }
 
     #[test]
     fn enriches_to_the_documented_json() {
         let e = Enricher::new(GeoDb::bundled().unwrap());
         let line = br#"8.8.8.8 - - [10/Oct/2000:13:55:36 -0700] "GET /a?b=1 HTTP/1.1" 200 512 "https://ref.example/" "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)""#;
-        let out = e.enrich(line).unwrap();
+        let out = e.enrich(line, &combined()).unwrap();
         assert_eq!(out.country.as_str(), "US");
         assert_eq!(
             String::from_utf8(out.json).unwrap(),
             r#"{"time":"2000-10-10T20:55:36Z","ip":"8.8.8.8","country_code":"US","browser":"Googlebot","browser_version":"","os":"UNKNOWN","device":"bot","is_bot":true,"method":"GET","path":"/a?b=1","status":200,"bytes":512,"referrer":"https://ref.example/"}"#
         );
-        let json = e.enrich(line).unwrap().json;
+        let json = e.enrich(line, &combined()).unwrap().json;
         let back: PageView<'_> = serde_json::from_slice(&json).unwrap();
         assert_eq!(back.status, 200);
     }
@@ -82,11 +91,13 @@ mod tests {
     fn bad_lines_carry_a_reason() {
         let e = Enricher::new(GeoDb::bundled().unwrap());
         assert_eq!(
-            e.enrich(b"\x00\x01\x02").unwrap_err().to_string(),
+            e.enrich(b"\x00\x01\x02", &combined())
+                .unwrap_err()
+                .to_string(),
             "missing ident"
         );
         assert_eq!(
-            e.enrich(b"\xc3\x28").unwrap_err().to_string(),
+            e.enrich(b"\xc3\x28", &combined()).unwrap_err().to_string(),
             "invalid UTF-8 at byte 0"
         );
     }

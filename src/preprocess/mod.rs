@@ -13,7 +13,6 @@
 
 pub mod enrich;
 pub mod geo;
-pub mod parse;
 pub mod useragent;
 
 use std::collections::{HashMap, VecDeque};
@@ -29,11 +28,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::headers;
+use crate::format::{FormatCache, FormatSpec, LogFormat, ParseError};
 use crate::kafka::{
     ClientRole, DEAD_LETTER_TOPIC, EVENTS_TOPIC, KafkaSettings, PREPROCESS_GROUP, RAW_TOPIC,
 };
 use enrich::Enricher;
-use parse::ParseError;
 
 /// Lines handled per batch: offsets are stored once per batch, after its acknowledgements.
 const MAX_BATCH: usize = 5_000;
@@ -51,6 +50,9 @@ const BATCH_WAIT: Duration = Duration::from_millis(20);
 pub struct PreprocessConfig {
     pub kafka: KafkaSettings,
     pub enricher: Arc<Enricher>,
+    /// The format of lines without a format header (written by a producer other than
+    /// `pageviews import`); lines from the importer say their own.
+    pub format: FormatSpec,
 }
 
 /// Running totals for logs, summaries and tests.
@@ -68,6 +70,8 @@ pub struct PreprocessStats {
 pub enum PreprocessError {
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("{0}")]
+    Format(String),
     /// The producer gave up on a message (a fatal idempotence error: messages never time out).
     /// Producing it again would put it after later events and break the ordering the
     /// aggregator's replay detection relies on, so the preprocessor stops instead; its raw
@@ -148,6 +152,9 @@ pub async fn run(
         )
         .create()?;
     consumer.subscribe(&[RAW_TOPIC])?;
+    let mut formats = FormatCache::new(
+        LogFormat::compile(&config.format).map_err(|e| PreprocessError::Format(e.to_string()))?,
+    );
     let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
     let mut pending: VecDeque<Pending> = VecDeque::with_capacity(MAX_PENDING_BATCHES + 1);
     let mut result = Ok(());
@@ -188,7 +195,7 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        match send_batch(&config.enricher, &producer, &stats, &batch).await {
+        match send_batch(&config.enricher, &mut formats, &producer, &stats, &batch).await {
             Ok(sent) => pending.push_back(sent),
             Err(e) => {
                 result = Err(e);
@@ -285,6 +292,7 @@ fn store_offsets<C: Consumer<LoggingContext>>(consumer: &C, next_offsets: HashMa
 /// Enriches and produces a batch without waiting for its acknowledgements.
 async fn send_batch(
     enricher: &Enricher,
+    formats: &mut FormatCache,
     producer: &FutureProducer,
     stats: &PreprocessStats,
     batch: &[BorrowedMessage<'_>],
@@ -295,8 +303,14 @@ async fn send_batch(
         let raw = m.payload().unwrap_or(&[]);
         let truncated = m.headers().and_then(|h| header(h, headers::TRUNCATED));
         let result = match truncated.and_then(|t| std::str::from_utf8(t).ok()?.parse().ok()) {
-            Some(original_len) => Err(ParseError::TooLong(original_len)),
-            None => enricher.enrich(raw),
+            Some(original_len) => Err(ParseError::TooLong(original_len).to_string()),
+            None => formats
+                .get(m.headers().and_then(|h| header(h, headers::FORMAT)))
+                .and_then(|format| {
+                    enricher
+                        .enrich(raw, &format)
+                        .map_err(|e| format!("{}: {e}", format.name()))
+                }),
         };
         let partition = m.partition().to_string();
         let offset = m.offset().to_string();
@@ -315,13 +329,12 @@ async fn send_batch(
                 .payload(event.json.as_slice())
                 .headers(source),
             Err(reason) => {
-                let reason = reason.to_string();
                 tracing::debug!(partition = m.partition(), offset = m.offset(), %reason, "dead letter");
                 FutureRecord::to(DEAD_LETTER_TOPIC)
                     .payload(raw)
                     .headers(source.insert(Header {
                         key: headers::REASON,
-                        value: Some(&reason),
+                        value: Some(reason),
                     }))
             }
         };

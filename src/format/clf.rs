@@ -1,4 +1,4 @@
-//! Access-log line parser: Apache/nginx Common and Combined Log Format.
+//! The Common and Combined Log Format parser (presets COMBINED, COMMON, VCOMBINED, VCOMMON).
 //!
 //! Pure code, no I/O. Tolerant the way mature analyzers are: IPv4/IPv6 or host names, `-` for
 //! any field, `\"` inside quoted fields, missing referrer/user-agent (Common format), an
@@ -10,85 +10,25 @@ use std::borrow::Cow;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-/// One parsed access-log line; fields borrow from the input where no unescaping was needed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogLine<'a> {
-    /// `%h`: the client address (an IP address, or a host name with `HostnameLookups On`).
-    pub host: &'a str,
-    /// `%u`: the authenticated user, `None` for `-`.
-    pub user: Option<&'a str>,
-    /// `%t`, converted to UTC.
-    pub time: DateTime<Utc>,
-    /// First word of the request line (`GET`); empty for a request line like `-`.
-    pub method: Cow<'a, str>,
-    /// Second word of the request line (`/index.html`); the whole line if it has no spaces.
-    pub path: Cow<'a, str>,
-    /// `%>s`: the final status code.
-    pub status: u16,
-    /// `%b`: response size in bytes, 0 for `-`.
-    pub bytes: u64,
-    /// `Referer` header, `None` when absent or `-`.
-    pub referrer: Option<Cow<'a, str>>,
-    /// `User-Agent` header, `None` when absent or `-`.
-    pub user_agent: Option<Cow<'a, str>>,
-}
+use super::{LogLine, ParseError, bytes_of, present, split_request, status_of};
 
-/// Why a line is not an access-log line. The `Display` text is the dead-letter reason.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ParseError {
-    #[error("empty line")]
-    Empty,
-    #[error("invalid UTF-8 at byte {0}")]
-    InvalidUtf8(usize),
-    #[error("line too long: {0} bytes")]
-    TooLong(usize),
-    #[error("missing {0}")]
-    Missing(&'static str),
-    #[error("invalid timestamp {0:?}")]
-    BadTime(String),
-    #[error("invalid status {0:?}")]
-    BadStatus(String),
-    #[error("invalid byte count {0:?}")]
-    BadBytes(String),
-}
-
-/// Longest line accepted. Longer lines are dead-lettered (the importer truncates them to this
-/// size plus one byte so that no message ever exceeds the broker's limit).
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
-
-/// Parse one line (without its trailing newline; a trailing `\r` is ignored).
-pub fn parse_line(raw: &[u8]) -> Result<LogLine<'_>, ParseError> {
-    if raw.len() > MAX_LINE_BYTES {
-        return Err(ParseError::TooLong(raw.len()));
-    }
-    let line = std::str::from_utf8(raw).map_err(|e| ParseError::InvalidUtf8(e.valid_up_to()))?;
-    let line = line.trim_end_matches(['\r', '\n']);
-    if line.trim().is_empty() {
-        return Err(ParseError::Empty);
-    }
+/// Parses a Common or Combined line (`line` already checked by [`super::line_text`]).
+pub fn parse(line: &str) -> Result<LogLine<'_>, ParseError> {
     let mut c = Cursor { rest: line };
     let host = c.word().ok_or(ParseError::Missing("client address"))?;
     let _ident = c.word().ok_or(ParseError::Missing("ident"))?;
-    let user = c.word().ok_or(ParseError::Missing("user"))?;
+    let _user = c.word().ok_or(ParseError::Missing("user"))?;
     let time = c.bracketed().ok_or(ParseError::Missing("timestamp"))?;
     let time = parse_time(time).ok_or_else(|| ParseError::BadTime(time.to_owned()))?;
     let request = c.quoted().ok_or(ParseError::Missing("request line"))?;
     let status = c.word().ok_or(ParseError::Missing("status"))?;
-    let status = status
-        .parse::<u16>()
-        .ok()
-        .filter(|s| (100..=999).contains(s))
-        .ok_or_else(|| ParseError::BadStatus(status.to_owned()))?;
-    let bytes = match c.word() {
-        None | Some("-") => 0,
-        Some(b) => b.parse().map_err(|_| ParseError::BadBytes(b.to_owned()))?,
-    };
-    let referrer = c.quoted().filter(|r| !r.is_empty() && r != "-");
-    let user_agent = c.quoted().filter(|r| !r.is_empty() && r != "-");
+    let status = status_of(Some(status))?;
+    let bytes = bytes_of(c.word())?;
+    let referrer = c.quoted().and_then(present);
+    let user_agent = c.quoted().and_then(present);
     let (method, path) = split_request(request);
     Ok(LogLine {
-        host,
-        user: (user != "-").then_some(user),
+        host: Cow::Borrowed(host),
         time,
         method,
         path,
@@ -96,30 +36,29 @@ pub fn parse_line(raw: &[u8]) -> Result<LogLine<'_>, ParseError> {
         bytes,
         referrer,
         user_agent,
+        vhost: None,
+        forwarded_for: None,
+        request_time_us: None,
     })
 }
 
-/// Splits `GET /path HTTP/1.1` into method and path, keeping unescaped text borrowed.
-fn split_request(request: Cow<'_, str>) -> (Cow<'_, str>, Cow<'_, str>) {
-    fn split(r: &str) -> (&str, &str) {
-        let mut parts = r.splitn(3, ' ');
-        let first = parts.next().unwrap_or("");
-        match parts.next() {
-            Some(path) => (first, path),
-            None if first == "-" => ("", ""),
-            None => ("", first),
-        }
-    }
-    match request {
-        Cow::Borrowed(r) => {
-            let (m, p) = split(r);
-            (Cow::Borrowed(m), Cow::Borrowed(p))
-        }
-        Cow::Owned(r) => {
-            let (m, p) = split(&r);
-            (Cow::Owned(m.to_owned()), Cow::Owned(p.to_owned()))
-        }
-    }
+/// Parses a line of Apache's `vhost_combined`/`vhost_common` (`%v:%p ` before the Combined or
+/// Common fields; the port is optional).
+pub fn parse_vhost(line: &str) -> Result<LogLine<'_>, ParseError> {
+    let line = line.trim_start_matches([' ', '\t']);
+    let end = line
+        .find([' ', '\t'])
+        .ok_or(ParseError::Missing("client address"))?;
+    let (site, rest) = line.split_at(end);
+    // `host:port`, `[v6]:port` or a bare name.
+    let site = match site.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => site,
+    };
+    let site = site.trim_start_matches('[').trim_end_matches(']');
+    let mut parsed = parse(rest)?;
+    parsed.vhost = present(Cow::Borrowed(site));
+    Ok(parsed)
 }
 
 /// A forward-only reader over the fields of a line.
@@ -185,7 +124,7 @@ impl<'a> Cursor<'a> {
 }
 
 /// Undo the log writer's escaping of `"` and `\`; other escapes (`\xhh`) stay as written.
-fn unescape(field: &str) -> String {
+pub(crate) fn unescape(field: &str) -> String {
     let mut out = String::with_capacity(field.len());
     let mut chars = field.chars();
     while let Some(ch) = chars.next() {
@@ -250,6 +189,29 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::{MAX_LINE_BYTES, line_text};
+
+    fn parse_line(raw: &[u8]) -> Result<LogLine<'_>, ParseError> {
+        parse(line_text(raw)?)
+    }
+
+    #[test]
+    fn vhost_first() {
+        let text = format!("www.example.com:443 {COMBINED}");
+        let l = parse_vhost(&text).unwrap();
+        assert_eq!(l.vhost.as_deref(), Some("www.example.com"));
+        assert_eq!(l.host, "127.0.0.1");
+        let text = format!("[2001:db8::2]:80 {COMBINED}");
+        let l = parse_vhost(&text).unwrap();
+        assert_eq!(l.vhost.as_deref(), Some("2001:db8::2"));
+        let text = format!("site {COMBINED}");
+        let l = parse_vhost(&text).unwrap();
+        assert_eq!(l.vhost.as_deref(), Some("site"));
+        assert_eq!(
+            parse_vhost(COMBINED).unwrap_err(),
+            ParseError::Missing("timestamp")
+        );
+    }
 
     const COMBINED: &str = r#"127.0.0.1 - frank [10/Oct/2000:13:55:36 -0700] "GET /apache_pb.gif HTTP/1.0" 200 2326 "http://www.example.com/start.html" "Mozilla/4.08 [en] (Win98; I ;Nav)""#;
 
@@ -257,7 +219,6 @@ mod tests {
     fn combined_format() {
         let l = parse_line(COMBINED.as_bytes()).unwrap();
         assert_eq!(l.host, "127.0.0.1");
-        assert_eq!(l.user, Some("frank"));
         assert_eq!(l.time.to_rfc3339(), "2000-10-10T20:55:36+00:00");
         assert_eq!(l.method, "GET");
         assert_eq!(l.path, "/apache_pb.gif");
@@ -280,7 +241,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(l.host, "2001:db8::1");
-        assert_eq!(l.user, None);
         assert_eq!(l.bytes, 0);
         assert_eq!(l.status, 404);
         assert_eq!(l.referrer, None);
