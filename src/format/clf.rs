@@ -97,22 +97,7 @@ impl<'a> Cursor<'a> {
     fn quoted(&mut self) -> Option<Cow<'a, str>> {
         self.skip_spaces();
         let inner = self.rest.strip_prefix('"')?;
-        let bytes = inner.as_bytes();
-        let mut i = 0;
-        let mut escaped = false;
-        while i < bytes.len() {
-            match bytes[i] {
-                b'\\' if i + 1 < bytes.len() => {
-                    escaped = true;
-                    i += 2;
-                    continue;
-                }
-                b'"' => break,
-                _ => {}
-            }
-            i += 1;
-        }
-        let i = i.min(bytes.len());
+        let (i, escaped) = super::pattern::quoted_end(inner);
         let field = &inner[..i];
         self.rest = inner.get(i + 1..).unwrap_or("");
         Some(if escaped {

@@ -181,7 +181,7 @@ impl Pattern {
 
 /// Where a `"`-delimited field ends (an unescaped `"`, or the end of a truncated line), and
 /// whether it holds escapes.
-fn quoted_end(rest: &str) -> (usize, bool) {
+pub(crate) fn quoted_end(rest: &str) -> (usize, bool) {
     let b = rest.as_bytes();
     let (mut i, mut escaped) = (0, false);
     while i < b.len() {
