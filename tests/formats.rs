@@ -223,3 +223,84 @@ async fn every_preset_counts_what_goaccess_counts() {
     }
     assert_eq!(got.len(), expected.len());
 }
+
+/// A W3C log whose `#Fields:` changed part-way, imported, grown and imported again: the
+/// resumed import starts after its checkpoint, past the directive, and must still read the new
+/// lines with the field list in force there (read while skipping what was imported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resumed_w3c_import_keeps_the_fields_of_the_part_it_skipped() {
+    use pageviews::import::{self, ImportConfig, Input};
+    use pageviews::preprocess::PreprocessStats;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio_util::sync::CancellationToken;
+
+    let c = common::cluster(4).await;
+    let path = c.dir.path().join("u_ex240101.log");
+    let first = |i: usize| {
+        format!(
+            "2024-01-01 00:{:02}:{:02} 203.0.113.{} /a/{i} 200",
+            i / 60,
+            i % 60,
+            i % 250 + 1
+        )
+    };
+    let second = |i: usize| {
+        format!(
+            "2024-01-01 01:{:02}:{:02} /b/{i} 404 198.51.100.{}",
+            i / 60,
+            i % 60,
+            i % 250 + 1
+        )
+    };
+    let mut text = String::from(
+        "#Software: Microsoft Internet Information Services 10.0\n#Fields: date time c-ip cs-uri-stem sc-status\n",
+    );
+    (0..100).for_each(|i| text.push_str(&(first(i) + "\n")));
+    text.push_str("#Fields: date time cs-uri-stem sc-status c-ip\n");
+    (0..100).for_each(|i| text.push_str(&(second(i) + "\n")));
+    std::fs::write(&path, &text).unwrap();
+    let config = || ImportConfig {
+        kafka: c.kafka.clone(),
+        inputs: vec![Input::File(path.clone())],
+        follow: false,
+        rate: None,
+        checkpoints: Some(import::checkpoint::CheckpointDir::new(
+            c.dir.path().join("checkpoints"),
+            &c.kafka.brokers,
+            pageviews::kafka::RAW_TOPIC,
+        )),
+        from_start: false,
+        format: Default::default(),
+    };
+    let stats = Arc::new(PreprocessStats::default());
+    let pre = common::start_preprocessor(&c, Arc::clone(&stats));
+    let (agg, _) = common::start_aggregator(&c, Duration::from_millis(300));
+    let once = import::run(config(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((once.lines, once.directives), (200, 3));
+
+    let mut more = String::new();
+    (100..150).for_each(|i| more.push_str(&(second(i) + "\n")));
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, more.as_bytes()).unwrap();
+    drop(f);
+    let again = import::run(config(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((again.already_imported, again.lines), (200, 50));
+
+    common::wait_for(&c, 250, Duration::from_secs(60)).await;
+    assert_eq!(
+        stats.dead_letters.load(Relaxed),
+        0,
+        "every line read with its fields"
+    );
+    assert_eq!(stats.events.load(Relaxed), 250);
+    pre.stop().await;
+    agg.stop().await;
+}

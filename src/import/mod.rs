@@ -414,12 +414,14 @@ fn import_blocking(
             read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES + 1).map_err(read_err)?
         {
             if fmt.directive(&buf) {
+                // Not a request: moves the position, not the count of lines imported.
                 directives += 1;
-            } else if !sink.send(&buf, len, fmt.header()) {
+            } else if sink.send(&buf, len, fmt.header()) {
+                progress.sent_lines += 1;
+            } else {
                 break;
             }
             progress.sent_position = reader.position;
-            progress.sent_lines += 1;
             if progress.last_saved.elapsed() >= CHECKPOINT_EVERY {
                 progress.save(&sink, input)?;
             }
