@@ -77,7 +77,7 @@ impl<'a> Cursor<'a> {
         if self.rest.is_empty() {
             return None;
         }
-        let end = self.rest.find([' ', '\t']).unwrap_or(self.rest.len());
+        let end = memchr::memchr2(b' ', b'\t', self.rest.as_bytes()).unwrap_or(self.rest.len());
         let (w, rest) = self.rest.split_at(end);
         self.rest = rest;
         Some(w)
@@ -87,7 +87,7 @@ impl<'a> Cursor<'a> {
     fn bracketed(&mut self) -> Option<&'a str> {
         self.skip_spaces();
         let inner = self.rest.strip_prefix('[')?;
-        let end = inner.find(']')?;
+        let end = memchr::memchr(b']', inner.as_bytes())?;
         self.rest = &inner[end + 1..];
         Some(&inner[..end])
     }

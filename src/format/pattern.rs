@@ -184,16 +184,17 @@ impl Pattern {
 pub(crate) fn quoted_end(rest: &str) -> (usize, bool) {
     let b = rest.as_bytes();
     let (mut i, mut escaped) = (0, false);
-    while i < b.len() {
-        match b[i] {
-            b'\\' if i + 1 < b.len() => {
-                escaped = true;
-                i += 2;
-                continue;
-            }
-            b'"' => return (i, escaped),
-            _ => i += 1,
+    // memchr2 jumps to the next quote or backslash (this runs on every quoted field).
+    while let Some(at) = memchr::memchr2(b'"', b'\\', &b[i..]) {
+        i += at;
+        if b[i] == b'"' {
+            return (i, escaped);
         }
+        if i + 1 >= b.len() {
+            break;
+        }
+        escaped = true;
+        i += 2;
     }
     (b.len(), escaped)
 }

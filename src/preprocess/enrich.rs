@@ -2,12 +2,10 @@
 
 use std::borrow::Cow;
 
-use chrono::SecondsFormat;
-
 use super::geo::GeoDb;
 use super::useragent::UaParser;
 use crate::countries::CountryCode;
-use crate::event::PageView;
+use crate::event::{PageView, rfc3339_seconds};
 use crate::format::{LogFormat, ParseError};
 
 /// Everything needed to turn a line into an event; one per preprocessor, shared by threads.
@@ -36,12 +34,27 @@ impl Enricher {
     /// Parses and enriches one raw line of `format`. The error's text is the dead-letter
     /// reason (after the format's name).
     pub fn enrich(&self, raw: &[u8], format: &LogFormat) -> Result<Enriched, ParseError> {
+        let mut json = Vec::new();
+        let country = self.enrich_into(raw, format, &mut json)?;
+        Ok(Enriched { country, json })
+    }
+
+    /// [`Enricher::enrich`] into `json` (cleared first), for a caller that reuses one buffer
+    /// for every line (the producer copies the payload): no allocation per event.
+    pub fn enrich_into(
+        &self,
+        raw: &[u8],
+        format: &LogFormat,
+        json: &mut Vec<u8>,
+    ) -> Result<CountryCode, ParseError> {
+        json.clear();
         let line = format.parse(raw)?;
         let ip = format.client_ip(&line.host, line.forwarded_for.as_deref());
         let country = self.geo.country_of(ip);
         let client = self.user_agents.classify(line.user_agent.as_deref());
+        let stamp = rfc3339_seconds(line.time);
         let view = PageView {
-            time: Cow::Owned(line.time.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            time: Cow::Borrowed(stamp.as_str()),
             ip: Cow::Borrowed(ip),
             country_code: Cow::Borrowed(country.as_str()),
             browser: Cow::Borrowed(&client.browser),
@@ -57,9 +70,8 @@ impl Enricher {
             vhost: line.vhost,
             request_time_us: line.request_time_us,
         };
-        // Serializing plain strings and numbers into a Vec cannot fail.
-        let json = serde_json::to_vec(&view).unwrap_or_default();
-        Ok(Enriched { country, json })
+        view.write_json(json);
+        Ok(country)
     }
 }
 

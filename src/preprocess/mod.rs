@@ -299,6 +299,8 @@ async fn send_batch(
 ) -> Result<Pending, PreprocessError> {
     let mut in_flight: VecDeque<DeliveryFuture> = VecDeque::with_capacity(batch.len());
     let mut next_offsets = HashMap::new();
+    // One event buffer for the batch: the producer copies each payload.
+    let mut json = Vec::with_capacity(512);
     for m in batch {
         let raw = m.payload().unwrap_or(&[]);
         let truncated = m.headers().and_then(|h| header(h, headers::TRUNCATED));
@@ -308,7 +310,7 @@ async fn send_batch(
                 .get(m.headers().and_then(|h| header(h, headers::FORMAT)))
                 .and_then(|format| {
                     enricher
-                        .enrich(raw, &format)
+                        .enrich_into(raw, &format, &mut json)
                         .map_err(|e| format!("{}: {e}", format.name()))
                 }),
         };
@@ -324,9 +326,9 @@ async fn send_batch(
                 value: Some(&offset),
             });
         let record = match &result {
-            Ok(event) => FutureRecord::to(EVENTS_TOPIC)
-                .key(event.country.as_str().as_bytes())
-                .payload(event.json.as_slice())
+            Ok(country) => FutureRecord::to(EVENTS_TOPIC)
+                .key(country.as_str().as_bytes())
+                .payload(json.as_slice())
                 .headers(source),
             Err(reason) => {
                 tracing::debug!(partition = m.partition(), offset = m.offset(), %reason, "dead letter");
