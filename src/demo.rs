@@ -197,11 +197,10 @@ pub async fn run(
             tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
                 let mut sink = LineSink::new(&kafka, Some(rate), stop)?;
                 let mut generator = LineGenerator::live(seed);
-                let combined = FormatSpec::preset(Preset::Combined).header();
                 let mut n = 0u64;
                 while limit.is_none_or(|l| n < l) {
                     let line = generator.next_line();
-                    if !sink.send(line.as_bytes(), line.len(), &combined) {
+                    if !sink.send(line.as_bytes(), line.len(), None) {
                         break;
                     }
                     n += 1;

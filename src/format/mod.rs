@@ -267,8 +267,9 @@ fn is_default(c: &ClientIp) -> bool {
     *c == ClientIp::Host
 }
 
-/// Raw message header carrying the line's [`FormatSpec`]. Messages without it (written by
-/// another producer) are read with the preprocessor's `--log-format` (default COMBINED).
+/// Raw message header carrying the line's [`FormatSpec`]. Lines without it (plain COMBINED
+/// from `pageviews import`, which leaves the common case unmarked, and lines from other
+/// producers) are read with the preprocessor's `--log-format` (default COMBINED).
 pub const FORMAT_HEADER: &str = "pv-format";
 
 impl FormatSpec {

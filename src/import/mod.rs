@@ -197,8 +197,9 @@ impl LineSink {
     }
 
     /// Produces one line (already cut to size; `original_len` is its real length) of the
-    /// format whose header value is `format`. Returns false once shutdown was requested.
-    pub fn send(&mut self, line: &[u8], original_len: usize, format: &[u8]) -> bool {
+    /// format whose header value is `format` (`None`: unmarked, COMBINED). Returns false once
+    /// shutdown was requested.
+    pub fn send(&mut self, line: &[u8], original_len: usize, format: Option<&[u8]>) -> bool {
         if self.shutdown.is_cancelled() {
             return false;
         }
@@ -209,20 +210,25 @@ impl LineSink {
             }
         }
         let len_text = original_len.to_string();
-        let mut marks = OwnedHeaders::new_with_capacity(2).insert(Header {
-            key: headers::FORMAT,
-            value: Some(format),
-        });
-        if original_len > line.len() {
-            self.truncated += 1;
-            marks = marks.insert(Header {
-                key: headers::TRUNCATED,
-                value: Some(&len_text),
-            });
+        let mut record = BaseRecord::<(), [u8]>::to(RAW_TOPIC).payload(line);
+        let truncated = original_len > line.len();
+        if format.is_some() || truncated {
+            let mut marks = OwnedHeaders::new_with_capacity(2);
+            if let Some(format) = format {
+                marks = marks.insert(Header {
+                    key: headers::FORMAT,
+                    value: Some(format),
+                });
+            }
+            if truncated {
+                self.truncated += 1;
+                marks = marks.insert(Header {
+                    key: headers::TRUNCATED,
+                    value: Some(&len_text),
+                });
+            }
+            record = record.headers(marks);
         }
-        let mut record = BaseRecord::<(), [u8]>::to(RAW_TOPIC)
-            .payload(line)
-            .headers(marks);
         loop {
             match self.producer.send(record) {
                 Ok(()) => break,
