@@ -128,8 +128,6 @@ pub enum Command {
         /// Country database (.mmdb, DB-IP or MaxMind GeoLite2/GeoIP2 Country or City layout).
         #[arg(long, env = "PAGEVIEWS_GEOIP")]
         geoip: Option<PathBuf>,
-        #[command(flatten)]
-        format: FormatArgs,
     },
     /// Run an aggregator (consumer group `aggregators`).
     Aggregate {
@@ -298,18 +296,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Preprocess { geoip, format } => {
-            let format = format.headerless()?;
+        Command::Preprocess { geoip } => {
             let enricher = Arc::new(Enricher::new(open_geo(geoip.as_deref())?));
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             let stats = Arc::new(PreprocessStats::default());
             preprocess::run(
-                PreprocessConfig {
-                    kafka,
-                    enricher,
-                    format,
-                },
+                PreprocessConfig { kafka, enricher },
                 stats,
                 shutdown_on_signal(),
             )

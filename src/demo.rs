@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use crate::aggregate::{self, AggregateConfig, AggregateStats};
 use crate::broker::{BrokerStorage, EmbeddedBroker};
 use crate::cli::{Common, open_geo};
-use crate::format::{FormatSpec, Preset};
 use crate::generate::LineGenerator;
 use crate::import::format::FormatArgs;
 use crate::import::{self, ImportConfig, LineSink};
@@ -150,8 +149,6 @@ pub async fn run(
         let config = PreprocessConfig {
             kafka: kafka.clone(),
             enricher,
-            // Every line the demo imports says its format; others are read as COMBINED.
-            format: FormatSpec::preset(Preset::Combined),
         };
         let (stats, stop) = (Arc::clone(&pre_stats), stop_stages.clone());
         stages.spawn("preprocess", async move {

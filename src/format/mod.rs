@@ -267,9 +267,9 @@ fn is_default(c: &ClientIp) -> bool {
     *c == ClientIp::Host
 }
 
-/// Raw message header carrying the line's [`FormatSpec`]. Lines without it (plain COMBINED
-/// from `pageviews import`, which leaves the common case unmarked, and lines from other
-/// producers) are read with the preprocessor's `--log-format` (default COMBINED).
+/// Raw message header carrying the line's [`FormatSpec`] (a preset name, or the spec as JSON).
+/// A line without it is COMBINED: `pageviews import` leaves that common case unmarked, and
+/// another producer writing to the raw topic sets the header for any other format.
 pub const FORMAT_HEADER: &str = "pv-format";
 
 impl FormatSpec {
@@ -516,7 +516,7 @@ impl LogFormat {
 /// not per line. Bounded, because the header comes from the raw topic (any producer can write
 /// there): past [`FormatCache::MAX`] distinct values it starts over.
 pub struct FormatCache {
-    /// For lines without a format header (written by another producer).
+    /// For lines without a format header (COMBINED).
     default: std::sync::Arc<LogFormat>,
     known: std::collections::HashMap<Vec<u8>, Result<std::sync::Arc<LogFormat>, String>>,
 }

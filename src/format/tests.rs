@@ -107,6 +107,16 @@ fn header_round_trip() {
         assert_eq!(back, spec, "{name}");
     }
     assert_eq!(FormatSpec::preset(Preset::Awss3).header(), b"AWSS3");
+    // The README's example of a header another producer can set.
+    let spec = FormatSpec::from_header(
+        br#"{"kind":{"nginx":"$remote_addr [$time_local] \"$request\" $status"}}"#,
+    )
+    .unwrap();
+    let line = LogFormat::compile(&spec)
+        .unwrap()
+        .parse(br#"192.0.2.1 [10/Oct/2000:13:55:36 -0700] "GET /x HTTP/1.1" 200"#)
+        .unwrap();
+    assert_eq!((line.path.as_ref(), line.status), ("/x", 200));
     assert_eq!(
         FormatSpec::from_header(b"NOPE").unwrap_err(),
         "unknown format \"NOPE\" in the format header"

@@ -10,15 +10,13 @@ use std::path::Path;
 use crate::format::detect::{self, SAMPLE_LINES};
 use crate::format::{ClientIp, FormatKind, FormatSpec, MAX_LINE_BYTES, Preset, w3c};
 
-/// The log-format options, flattened into `import`, `demo` and `preprocess`.
+/// The log-format options, flattened into `import` and `demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FormatArgs {
     /// The inputs' log format: auto (detected per input from its first lines), a preset
     /// (COMBINED, VCOMBINED, COMMON, VCOMMON, W3C, CLOUDFRONT, CLOUDSTORAGE, AWSALB, AWSELB,
     /// AWSS3, SQUID, CADDY, TRAEFIKCLF), JSON, a GoAccess format string ('%h %^[%d:%t %^] "%r"
     /// %s %b') or an nginx log_format ('$remote_addr - $remote_user [$time_local] ...').
-    /// For `preprocess`: the format of lines that arrive without a format header (auto:
-    /// COMBINED).
     #[arg(long, default_value = "auto")]
     pub log_format: String,
     /// With a GoAccess format string: how %d reads (GoAccess's --date-format).
@@ -79,16 +77,6 @@ impl FormatArgs {
             spec.client_ip = self.client_ip;
         }
         Ok(options)
-    }
-
-    /// The format of lines without a header, for a preprocessor (auto: COMBINED).
-    pub fn headerless(&self) -> Result<FormatSpec, crate::format::FormatError> {
-        let options = self.options()?;
-        let mut spec = options
-            .format
-            .unwrap_or_else(|| FormatSpec::preset(Preset::Combined));
-        spec.client_ip = options.client_ip;
-        Ok(spec)
     }
 }
 
@@ -167,8 +155,8 @@ impl InputFormat {
         &self.spec
     }
 
-    /// The `pv-format` header value for the next line; `None` for plain COMBINED (the
-    /// default, and what a preprocessor reads unmarked lines as unless told otherwise). On
+    /// The `pv-format` header value for the next line; `None` for plain COMBINED (what a
+    /// line without the header is, by definition of the raw topic's format). On
     /// the embedded broker's SQLite storage every header is a row of its own: a header on
     /// every line halved the import rate of the common case (`BENCH_ONLY=import`).
     pub fn header(&self) -> Option<&[u8]> {

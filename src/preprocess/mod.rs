@@ -28,7 +28,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::headers;
-use crate::format::{FormatCache, FormatSpec, LogFormat, ParseError};
+use crate::format::{FormatCache, FormatSpec, LogFormat, ParseError, Preset};
 use crate::kafka::{
     ClientRole, DEAD_LETTER_TOPIC, EVENTS_TOPIC, KafkaSettings, PREPROCESS_GROUP, RAW_TOPIC,
 };
@@ -50,9 +50,6 @@ const BATCH_WAIT: Duration = Duration::from_millis(20);
 pub struct PreprocessConfig {
     pub kafka: KafkaSettings,
     pub enricher: Arc<Enricher>,
-    /// The format of lines without a format header (written by a producer other than
-    /// `pageviews import`); lines from the importer say their own.
-    pub format: FormatSpec,
 }
 
 /// Running totals for logs, summaries and tests.
@@ -152,8 +149,10 @@ pub async fn run(
         )
         .create()?;
     consumer.subscribe(&[RAW_TOPIC])?;
+    // A line without a `pv-format` header is COMBINED.
     let mut formats = FormatCache::new(
-        LogFormat::compile(&config.format).map_err(|e| PreprocessError::Format(e.to_string()))?,
+        LogFormat::compile(&FormatSpec::preset(Preset::Combined))
+            .map_err(|e| PreprocessError::Format(e.to_string()))?,
     );
     let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
     let mut pending: VecDeque<Pending> = VecDeque::with_capacity(MAX_PENDING_BATCHES + 1);

@@ -90,7 +90,6 @@ pub fn start_preprocessor(c: &Cluster, stats: Arc<PreprocessStats>) -> Stage {
     let config = PreprocessConfig {
         kafka: c.kafka.clone(),
         enricher,
-        format: pageviews::format::FormatSpec::preset(pageviews::format::Preset::Combined),
     };
     let stop = CancellationToken::new();
     let s = stop.clone();
