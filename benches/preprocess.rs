@@ -22,7 +22,7 @@ fn main() {
     let n = env("BENCH_LINES", 1_000_000);
     let lines: Vec<String> = LineGenerator::new(1).take(n).collect();
     let enricher = Enricher::new(GeoDb::bundled().expect("bundled GeoIP database"));
-    let combined = LogFormat::compile(&FormatSpec::preset(Preset::Combined)).expect("preset");
+    let combined = LogFormat::combined();
 
     let (parse, _) = measure(&combined, None, &lines);
     report("parse only", n, parse);

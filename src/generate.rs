@@ -299,7 +299,7 @@ mod tests {
     /// Every rendering reads back, through its preset, as the line it came from.
     #[test]
     fn renderings_read_back_in_every_preset() {
-        let combined = LogFormat::compile(&FormatSpec::preset(Preset::Combined)).unwrap();
+        let combined = LogFormat::combined();
         for line in LineGenerator::new(3).take(300) {
             let want = combined.parse(line.as_bytes()).unwrap();
             for preset in Preset::ALL {
@@ -346,7 +346,7 @@ mod tests {
         let b: Vec<String> = LineGenerator::new(7).take(2_000).collect();
         assert_eq!(a, b);
         assert_ne!(a, LineGenerator::new(8).take(2_000).collect::<Vec<_>>());
-        let combined = LogFormat::compile(&FormatSpec::preset(Preset::Combined)).unwrap();
+        let combined = LogFormat::combined();
         for line in &a {
             combined
                 .parse(line.as_bytes())

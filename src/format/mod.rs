@@ -453,6 +453,15 @@ impl LogFormat {
         })
     }
 
+    /// COMBINED: the default, and what a raw line without a format header is.
+    pub fn combined() -> LogFormat {
+        LogFormat {
+            name: Preset::Combined.name().to_owned(),
+            parser: Parser::Clf { vhost: false },
+            client_ip: ClientIp::Host,
+        }
+    }
+
     /// The format's name, as in dead-letter reasons.
     pub fn name(&self) -> &str {
         &self.name

@@ -211,7 +211,7 @@ fn client_ip_from_forwarded_for() {
 
 #[test]
 fn absolute_urls_become_paths() {
-    let f = LogFormat::compile(&FormatSpec::preset(Preset::Combined)).unwrap();
+    let f = LogFormat::combined();
     let line = |req: &str| {
         format!(r#"1.2.3.4 - - [01/Jan/2024:00:00:00 +0000] "GET {req} HTTP/1.1" 200 1"#)
     };

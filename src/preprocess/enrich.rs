@@ -78,10 +78,9 @@ impl Enricher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{FormatSpec, Preset};
 
     fn combined() -> LogFormat {
-        LogFormat::compile(&FormatSpec::preset(Preset::Combined)).unwrap()
+        LogFormat::combined()
     }
 
     #[test]

@@ -28,7 +28,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::headers;
-use crate::format::{FormatCache, FormatSpec, LogFormat, ParseError, Preset};
+use crate::format::{FormatCache, LogFormat, ParseError};
 use crate::kafka::{
     ClientRole, DEAD_LETTER_TOPIC, EVENTS_TOPIC, KafkaSettings, PREPROCESS_GROUP, RAW_TOPIC,
 };
@@ -67,8 +67,6 @@ pub struct PreprocessStats {
 pub enum PreprocessError {
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("{0}")]
-    Format(String),
     /// The producer gave up on a message (a fatal idempotence error: messages never time out).
     /// Producing it again would put it after later events and break the ordering the
     /// aggregator's replay detection relies on, so the preprocessor stops instead; its raw
@@ -150,10 +148,7 @@ pub async fn run(
         .create()?;
     consumer.subscribe(&[RAW_TOPIC])?;
     // A line without a `pv-format` header is COMBINED.
-    let mut formats = FormatCache::new(
-        LogFormat::compile(&FormatSpec::preset(Preset::Combined))
-            .map_err(|e| PreprocessError::Format(e.to_string()))?,
-    );
+    let mut formats = FormatCache::new(LogFormat::combined());
     let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
     let mut pending: VecDeque<Pending> = VecDeque::with_capacity(MAX_PENDING_BATCHES + 1);
     let mut result = Ok(());
