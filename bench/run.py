@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -207,18 +208,24 @@ def demo(work, path, storage, lines):
             "--broker-storage", storage, "--listen", f"127.0.0.1:{port}"]
     t = time.monotonic()
     p = Proc(f"demo-{storage}", args, work, stdout=subprocess.PIPE)
+    out_lines = []
+    reader = threading.Thread(target=lambda: out_lines.extend(p.popen.stdout), daemon=True)
+    reader.start()
     polls = failures = 0
     while p.popen.poll() is None:
         time.sleep(1.0)
         if p.popen.poll() is None and time.monotonic() - t > 3:
             answered = api_total(port) is not None
-            # A poll that overlapped the demo's own exit does not count.
-            if not answered and p.popen.poll() is None:
+            # A poll that overlapped the demo's own exit (it stops its server once it has
+            # printed "drained:") does not count.
+            drained = any(b"drained:" in line for line in list(out_lines))
+            if not answered and p.popen.poll() is None and not drained:
                 failures += 1
                 log(f"  /api/countries did not answer within 2 s at {time.monotonic() - t:.1f} s")
             polls += answered or p.popen.poll() is None
     secs = time.monotonic() - t
-    out = p.popen.stdout.read().decode()
+    reader.join(timeout=5)
+    out = b"".join(out_lines).decode()
     procs.remove(p)
     m = re.search(r"counted (\d+)", out)
     counted = int(m.group(1)) if m else -1

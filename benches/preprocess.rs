@@ -84,11 +84,18 @@ fn measure(format: &LogFormat, enricher: Option<&Enricher>, lines: &[String]) ->
     let (mut ok, mut bytes) = (0usize, 0usize);
     // As the preprocessor does: one event buffer, reused (the producer copies each payload).
     let mut json = Vec::with_capacity(512);
-    for l in lines {
+    for (i, l) in lines.iter().enumerate() {
         match enricher {
             None => ok += usize::from(format.parse(l.as_bytes()).is_ok()),
             Some(e) => {
-                if e.enrich_into(l.as_bytes(), format, &mut json).is_ok() {
+                // The event carries its raw line's place, as in the preprocessor.
+                let source = pageviews::event::Source {
+                    partition: (i % 16) as i32,
+                    offset: 1_000_000 + i as i64,
+                };
+                if e.enrich_into(l.as_bytes(), format, Some(source), &mut json)
+                    .is_ok()
+                {
                     ok += 1;
                     bytes += json.len();
                 }

@@ -43,6 +43,53 @@ pub struct PageView<'a> {
     /// Time taken to serve the request in microseconds, when the log format has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_time_us: Option<u64>,
+    /// The raw line the event was made from, so that a replay of the same line (after a
+    /// preprocessor crash) is recognised downstream; set by the preprocessor. Last, so the
+    /// aggregator finds it without parsing the event ([`source_of_event`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+}
+
+/// Where an event's line came from: partition and offset on the raw topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Source {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The `source` of an event's JSON. The preprocessor writes it as the event's last field, read
+/// here from the end without parsing the rest (the aggregator does this for every event, and
+/// otherwise reads only the key). In JSON text every quote inside a string is escaped, so an
+/// event ending in `,"source":{"partition":P,"offset":O}}` can only end with the field itself.
+/// Events written otherwise (another producer, another field order) are parsed in full.
+pub fn source_of_event(json: &[u8]) -> Option<Source> {
+    // `<number><tag>`, taken off the end of `rest`.
+    fn number_before<'a, T: std::str::FromStr>(
+        rest: &'a [u8],
+        tag: &[u8],
+    ) -> Option<(&'a [u8], T)> {
+        let digits = rest
+            .iter()
+            .rev()
+            .take_while(|b| b.is_ascii_digit() || **b == b'-')
+            .count();
+        let (rest, number) = rest.split_at(rest.len() - digits);
+        let value = std::str::from_utf8(number).ok()?.parse().ok()?;
+        Some((rest.strip_suffix(tag)?, value))
+    }
+    let fast = || {
+        let rest = json.strip_suffix(b"}}")?;
+        let (rest, offset) = number_before(rest, b",\"offset\":")?;
+        let (_, partition) = number_before(rest, b",\"source\":{\"partition\":")?;
+        Some(Source { partition, offset })
+    };
+    fast().or_else(|| {
+        #[derive(Deserialize)]
+        struct Partial {
+            source: Option<Source>,
+        }
+        serde_json::from_slice::<Partial>(json).ok()?.source
+    })
 }
 
 impl PageView<'_> {
@@ -90,6 +137,13 @@ impl PageView<'_> {
         if let Some(t) = self.request_time_us {
             out.extend_from_slice(b",\"request_time_us\":");
             out.extend_from_slice(itoa::Buffer::new().format(t).as_bytes());
+        }
+        if let Some(source) = self.source {
+            out.extend_from_slice(b",\"source\":{\"partition\":");
+            out.extend_from_slice(itoa::Buffer::new().format(source.partition).as_bytes());
+            out.extend_from_slice(b",\"offset\":");
+            out.extend_from_slice(itoa::Buffer::new().format(source.offset).as_bytes());
+            out.extend_from_slice(b"}");
         }
         out.push(b'}');
     }
@@ -175,12 +229,13 @@ impl Stamp {
     }
 }
 
-/// Event headers that let a consumer trace an event back to its raw line: the raw topic's
-/// partition and offset. Replays of the same raw line carry the same pair.
+/// Message headers between the stages.
 pub mod headers {
-    /// Partition of the raw line on the raw topic (decimal text).
+    /// On a dead letter: partition of the raw line on the raw topic (decimal text). Events
+    /// carry their source in the JSON instead ([`super::PageView::source`]), and were read
+    /// with these headers when written by earlier versions.
     pub const SOURCE_PARTITION: &str = "pv-source-partition";
-    /// Offset of the raw line on the raw topic (decimal text).
+    /// On a dead letter: offset of the raw line on the raw topic (decimal text).
     pub const SOURCE_OFFSET: &str = "pv-source-offset";
     /// On a dead letter: why the line could not be parsed.
     pub const REASON: &str = "pv-reason";
@@ -211,6 +266,10 @@ mod tests {
             referrer: referrer.map(Cow::Borrowed),
             vhost: extra.then_some(Cow::Borrowed(text)),
             request_time_us: extra.then_some(1234),
+            source: extra.then_some(Source {
+                partition: 7,
+                offset: i64::MAX,
+            }),
         }
     }
 
@@ -232,6 +291,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_source_is_read_back_from_any_event() {
+        for text in ["", "a,\"source\":{\"partition\":1,\"offset\":2}}", "\"}}"] {
+            let mut json = Vec::new();
+            view(text, Some(text), true).write_json(&mut json);
+            let expected = Some(Source {
+                partition: 7,
+                offset: i64::MAX,
+            });
+            assert_eq!(
+                source_of_event(&json),
+                expected,
+                "{}",
+                String::from_utf8_lossy(&json)
+            );
+            json.clear();
+            view(text, Some(text), false).write_json(&mut json);
+            assert_eq!(source_of_event(&json), None);
+        }
+        // Another writer's field order, and spaces.
+        let other = br#"{"source": {"offset": 5, "partition": 2}, "time": "x"}"#;
+        assert_eq!(
+            source_of_event(other),
+            Some(Source {
+                partition: 2,
+                offset: 5
+            })
+        );
+        assert_eq!(source_of_event(b"not json"), None);
+        assert_eq!(source_of_event(br#"{"source":{"partition":-1}}"#), None);
     }
 
     #[test]

@@ -55,6 +55,13 @@ pub enum ClientRole {
     Admin,
 }
 
+/// Every consumer of the pipeline sets this: how long librdkafka waits before it fetches a
+/// partition again once its prefetch queue is over `queued.max.messages.kbytes`. Its default,
+/// 1 s, left a consumer that works through its queue faster than that idle for the rest of the
+/// second, every time: the in-memory demo took 11.0 s for 1M lines with it, 5.3 s with 0 (same
+/// build, back to back). 10 ms keeps the memory bound and costs nothing measurable.
+pub const FETCH_QUEUE_BACKOFF: (&str, &str) = ("fetch.queue.backoff.ms", "10");
+
 /// librdkafka's consumer-only properties (`C` in its CONFIGURATION.md, 2.12.1, global and
 /// topic level).
 const CONSUMER_ONLY: &[&str] = &[

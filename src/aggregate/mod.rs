@@ -213,6 +213,7 @@ pub async fn run(
                 ("auto.offset.reset", "earliest"),
                 ("session.timeout.ms", "45000"),
                 ("heartbeat.interval.ms", "3000"),
+                crate::kafka::FETCH_QUEUE_BACKOFF,
             ],
         )
         .create_with_context(AggregatorContext {
@@ -244,7 +245,10 @@ pub async fn run(
             msg = consumer.recv() => match msg {
                 Ok(m) => {
                     let country = country_of(m.key(), m.payload());
-                    let source = source_of(m.headers());
+                    let source = m
+                        .payload()
+                        .and_then(crate::event::source_of_event)
+                        .or_else(|| source_of(m.headers()));
                     if shared.tally().record(m.partition(), m.offset(), country, source)
                         == Recorded::DuplicateSource
                     {
@@ -288,7 +292,8 @@ async fn sleep_until(at: Option<std::time::Instant>) {
     }
 }
 
-/// The raw partition and offset an event was made from, if its headers say so.
+/// The raw partition and offset an event was made from, if its headers say so (events written
+/// before the source moved into the event).
 fn source_of(headers: Option<&BorrowedHeaders>) -> Option<Source> {
     let headers = headers?;
     let (mut partition, mut offset) = (None, None);

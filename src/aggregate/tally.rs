@@ -29,12 +29,7 @@ use std::collections::HashMap;
 use crate::countries::CountryCode;
 use crate::store::{FlushBatch, OffsetUpdate, TopicIdentity, WatermarkUpdate};
 
-/// Where an event's line came from: partition and offset on the raw topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Source {
-    pub partition: i32,
-    pub offset: i64,
-}
+pub use crate::event::Source;
 
 /// What [`Tally::record`] did with a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

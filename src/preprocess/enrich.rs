@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use super::geo::GeoDb;
 use super::useragent::UaParser;
 use crate::countries::CountryCode;
-use crate::event::{PageView, rfc3339_seconds};
+use crate::event::{PageView, Source, rfc3339_seconds};
 use crate::format::{LogFormat, ParseError};
 
 /// Everything needed to turn a line into an event; one per preprocessor, shared by threads.
@@ -35,16 +35,18 @@ impl Enricher {
     /// reason (after the format's name).
     pub fn enrich(&self, raw: &[u8], format: &LogFormat) -> Result<Enriched, ParseError> {
         let mut json = Vec::new();
-        let country = self.enrich_into(raw, format, &mut json)?;
+        let country = self.enrich_into(raw, format, None, &mut json)?;
         Ok(Enriched { country, json })
     }
 
     /// [`Enricher::enrich`] into `json` (cleared first), for a caller that reuses one buffer
-    /// for every line (the producer copies the payload): no allocation per event.
+    /// for every line (the producer copies the payload): no allocation per event. `source` is
+    /// where the line was read (see [`PageView::source`]).
     pub fn enrich_into(
         &self,
         raw: &[u8],
         format: &LogFormat,
+        source: Option<Source>,
         json: &mut Vec<u8>,
     ) -> Result<CountryCode, ParseError> {
         json.clear();
@@ -69,6 +71,7 @@ impl Enricher {
             referrer: line.referrer,
             vhost: line.vhost,
             request_time_us: line.request_time_us,
+            source,
         };
         view.write_json(json);
         Ok(country)
