@@ -1,29 +1,27 @@
-//! The command line: one `Common` set of options shared by every command, one enum of
-//! commands, each dispatched to its stage's `run`.
+//! The command line: one enum of commands, each dispatched to its stage's `run`. The options
+//! themselves are declared in [`crate::args`], shared with `demo`.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::aggregate::{self, AggregateConfig, AggregateStats};
-use crate::broker::{BrokerStorage, EmbeddedBroker};
+use crate::aggregate::{self, AggregateStats};
+pub use crate::args::Common;
+use crate::args::{AggregateArgs, BrokerStorageArgs, PreprocessArgs, ServeArgs, TopicArgs};
+use crate::broker::EmbeddedBroker;
 use crate::demo::{self, DemoArgs};
 use crate::format::Preset;
 use crate::generate::{LineGenerator, render};
 use crate::import::checkpoint::CheckpointDir;
 use crate::import::format::FormatArgs;
 use crate::import::{self, ImportConfig};
-use crate::kafka::{self, KafkaSettings};
-use crate::preprocess::enrich::Enricher;
-use crate::preprocess::geo::GeoDb;
-use crate::preprocess::{self, PreprocessConfig, PreprocessStats};
+use crate::kafka;
+use crate::preprocess::{self, PreprocessStats};
 use crate::serve;
-use crate::store::Store;
 
 /// Live visitor statistics from web-server access logs, through Kafka.
 #[derive(Debug, Parser)]
@@ -33,57 +31,6 @@ pub struct Cli {
     pub common: Common,
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Options every command takes.
-#[derive(Debug, Clone, Args)]
-pub struct Common {
-    /// Kafka bootstrap servers, HOST:PORT[,…]. `demo` starts an embedded broker without it;
-    /// other commands default to 127.0.0.1:9092 (where `pageviews broker` listens).
-    #[arg(long, env = "PAGEVIEWS_BROKERS", global = true)]
-    pub brokers: Option<String>,
-    /// Statistics database: sqlite://PATH (default sqlite://<data-dir>/pageviews.db).
-    #[arg(long, env = "PAGEVIEWS_DATABASE", global = true)]
-    pub database: Option<String>,
-    /// Where the embedded broker and the default database keep their files.
-    #[arg(
-        long,
-        env = "PAGEVIEWS_DATA_DIR",
-        default_value = "pageviews-data",
-        global = true
-    )]
-    pub data_dir: PathBuf,
-    /// librdkafka property for every Kafka client, passed unchanged (repeatable), e.g.
-    /// -X security.protocol=SASL_SSL.
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = kafka::parse_override, global = true)]
-    pub kafka_config: Vec<(String, String)>,
-}
-
-impl Common {
-    /// Kafka settings for `brokers` (the embedded broker's address in `demo`).
-    pub fn kafka(&self, brokers: &str) -> KafkaSettings {
-        KafkaSettings {
-            brokers: brokers.to_owned(),
-            overrides: self.kafka_config.clone(),
-        }
-    }
-
-    /// The `--brokers` value, or the standalone broker's default address.
-    pub fn brokers_or_default(&self) -> String {
-        self.brokers
-            .clone()
-            .unwrap_or_else(|| "127.0.0.1:9092".to_owned())
-    }
-
-    pub fn database_url(&self) -> String {
-        self.database
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("pageviews.db").display()))
-    }
-
-    pub async fn open_store(&self) -> anyhow::Result<Store> {
-        Ok(Store::open(&self.database_url()).await?)
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,15 +43,11 @@ pub enum Command {
         /// Address to listen on (and advertise to clients).
         #[arg(long, default_value = "127.0.0.1:9092")]
         listen: SocketAddr,
-        /// sqlite: durable file <data-dir>/broker.db; memory: lost at exit.
-        #[arg(long, value_enum, default_value_t = BrokerStorage::Sqlite)]
-        broker_storage: BrokerStorage,
+        #[command(flatten)]
+        storage: BrokerStorageArgs,
     },
     /// Create the topics if missing (idempotent).
-    Topics {
-        #[arg(long, default_value_t = kafka::DEFAULT_PARTITIONS)]
-        partitions: i32,
-    },
+    Topics(TopicArgs),
     /// Send access-log lines to the raw topic, one message per line.
     Import {
         /// Files, glob patterns (quote them) or - for stdin; gzip is detected.
@@ -124,22 +67,11 @@ pub enum Command {
         format: FormatArgs,
     },
     /// Run a preprocessor (consumer group `preprocessors`).
-    Preprocess {
-        /// Country database (.mmdb, DB-IP or MaxMind GeoLite2/GeoIP2 Country or City layout).
-        #[arg(long, env = "PAGEVIEWS_GEOIP")]
-        geoip: Option<PathBuf>,
-    },
+    Preprocess(PreprocessArgs),
     /// Run an aggregator (consumer group `aggregators`).
-    Aggregate {
-        /// Time between flushes; each flush is one transaction (e.g. 5s, 500ms).
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        flush_interval: Duration,
-    },
+    Aggregate(AggregateArgs),
     /// Serve the dashboard and the JSON API.
-    Serve {
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-    },
+    Serve(ServeArgs),
     /// Write N log lines to stdout, deterministic for a seed, in any preset's layout.
     Generate {
         #[arg(long)]
@@ -210,22 +142,12 @@ pub fn import_checkpoints(common: &Common, brokers: &str) -> CheckpointDir {
     )
 }
 
-/// Opens `--geoip`, or the bundled DB-IP database.
-pub fn open_geo(geoip: Option<&std::path::Path>) -> anyhow::Result<GeoDb> {
-    Ok(match geoip {
-        Some(p) => GeoDb::open(p)?,
-        None => GeoDb::bundled()?,
-    })
-}
-
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let common = cli.common;
     match cli.command {
         Command::Demo(args) => demo::run(&common, args, shutdown_on_signal()).await,
-        Command::Broker {
-            listen,
-            broker_storage,
-        } => {
+        Command::Broker { listen, storage } => {
+            let broker_storage = storage.broker_storage;
             let broker = EmbeddedBroker::start(listen, broker_storage, &common.data_dir).await?;
             println!(
                 "broker listening on {} (storage: {broker_storage:?})",
@@ -235,7 +157,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             broker.stop();
             Ok(())
         }
-        Command::Topics { partitions } => {
+        Command::Topics(TopicArgs { partitions }) => {
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             kafka.create_topics(partitions).await?;
@@ -296,38 +218,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Preprocess { geoip } => {
-            let enricher = Arc::new(Enricher::new(open_geo(geoip.as_deref())?));
+        Command::Preprocess(args) => {
+            let enricher = args.enricher()?;
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             let stats = Arc::new(PreprocessStats::default());
             preprocess::run(
-                PreprocessConfig { kafka, enricher },
+                PreprocessArgs::config(&kafka, &enricher),
                 stats,
                 shutdown_on_signal(),
             )
             .await?;
             Ok(())
         }
-        Command::Aggregate { flush_interval } => {
+        Command::Aggregate(args) => {
             let store = common.open_store().await?;
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             let stats = Arc::new(AggregateStats::default());
             aggregate::run(
-                AggregateConfig {
-                    kafka,
-                    store,
-                    flush_interval,
-                    flush_now: None,
-                },
+                args.config(&kafka, &store, None),
                 stats,
                 shutdown_on_signal(),
             )
             .await?;
             Ok(())
         }
-        Command::Serve { listen } => {
+        Command::Serve(ServeArgs { listen }) => {
             let store = common.open_store().await?;
             let listener = serve::bind(listen).await?;
             println!("dashboard: http://{}", listener.local_addr()?);

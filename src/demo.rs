@@ -1,8 +1,6 @@
 //! `pageviews demo`: the whole pipeline in one process, against the embedded broker (or
 //! `--brokers`), with the generator or `--input` files as the source.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -12,15 +10,13 @@ use clap::Args;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::aggregate::{self, AggregateConfig, AggregateStats};
-use crate::broker::{BrokerStorage, EmbeddedBroker};
-use crate::cli::{Common, open_geo};
+use crate::aggregate::{self, AggregateStats};
+use crate::args::{AggregateArgs, BrokerStorageArgs, Common, PreprocessArgs, ServeArgs, TopicArgs};
+use crate::broker::EmbeddedBroker;
 use crate::generate::LineGenerator;
 use crate::import::format::FormatArgs;
 use crate::import::{self, ImportConfig, LineSink};
-use crate::kafka;
-use crate::preprocess::enrich::Enricher;
-use crate::preprocess::{self, PreprocessConfig, PreprocessStats};
+use crate::preprocess::{self, PreprocessStats};
 use crate::serve;
 use crate::store::Store;
 
@@ -38,24 +34,9 @@ pub struct DemoArgs {
     /// Generator seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Dashboard address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
     /// Exit 0 once every input line is counted and flushed, printing a summary.
     #[arg(long)]
     pub exit_when_drained: bool,
-    /// Embedded broker storage: sqlite (durable, in the data dir) or memory.
-    #[arg(long, value_enum, default_value_t = BrokerStorage::Sqlite)]
-    pub broker_storage: BrokerStorage,
-    /// Country database (.mmdb); default: the bundled DB-IP Lite database.
-    #[arg(long, env = "PAGEVIEWS_GEOIP")]
-    pub geoip: Option<PathBuf>,
-    /// Partitions per topic when the topics are created.
-    #[arg(long, default_value_t = kafka::DEFAULT_PARTITIONS)]
-    pub partitions: i32,
-    /// Aggregator flush interval.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub flush_interval: Duration,
     /// Preprocessors in this process: members of one consumer group that share the raw
     /// partitions, for machines with cores to spare (on 2 cores a second one measured no
     /// faster, and its joining the group costs a rebalance at start).
@@ -63,6 +44,16 @@ pub struct DemoArgs {
     pub preprocessors: u16,
     #[command(flatten)]
     pub format: FormatArgs,
+    #[command(flatten)]
+    pub broker: BrokerStorageArgs,
+    #[command(flatten)]
+    pub topics: TopicArgs,
+    #[command(flatten)]
+    pub preprocess: PreprocessArgs,
+    #[command(flatten)]
+    pub aggregate: AggregateArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 /// Visits in the database.
@@ -124,7 +115,7 @@ pub async fn run(
         None => Some(
             EmbeddedBroker::start(
                 "127.0.0.1:0".parse()?,
-                args.broker_storage,
+                args.broker.broker_storage,
                 &common.data_dir,
             )
             .await?,
@@ -135,10 +126,10 @@ pub async fn run(
         .map_or_else(|| common.brokers_or_default(), |b| b.bootstrap());
     let kafka = common.kafka(&bootstrap);
     kafka.wait_until_reachable(Duration::from_secs(30)).await?;
-    kafka.create_topics(args.partitions).await?;
+    kafka.create_topics(args.topics.partitions).await?;
     let store = common.open_store().await?;
-    let enricher = Arc::new(Enricher::new(open_geo(args.geoip.as_deref())?));
-    let listener = serve::bind(args.listen).await?;
+    let enricher = args.preprocess.enricher()?;
+    let listener = serve::bind(args.serve.listen).await?;
     println!("dashboard: http://{}", listener.local_addr()?);
 
     // The stages stop once the work below is done, which Ctrl-C ends through the input. Not a
@@ -152,10 +143,7 @@ pub async fn run(
     let flush_now = Arc::new(Notify::new());
     let mut stages = Stages::default();
     for _ in 0..args.preprocessors {
-        let config = PreprocessConfig {
-            kafka: kafka.clone(),
-            enricher: Arc::clone(&enricher),
-        };
+        let config = PreprocessArgs::config(&kafka, &enricher);
         let (stats, stop) = (Arc::clone(&pre_stats), stop_stages.clone());
         stages.spawn("preprocess", async move {
             preprocess::run(config, stats, stop)
@@ -164,12 +152,9 @@ pub async fn run(
         });
     }
     {
-        let config = AggregateConfig {
-            kafka: kafka.clone(),
-            store: store.clone(),
-            flush_interval: args.flush_interval,
-            flush_now: Some(Arc::clone(&flush_now)),
-        };
+        let config = args
+            .aggregate
+            .config(&kafka, &store, Some(Arc::clone(&flush_now)));
         let (stats, stop) = (Arc::clone(&agg_stats), stop_stages.clone());
         stages.spawn("aggregate", async move {
             aggregate::run(config, stats, stop)

@@ -30,9 +30,11 @@
 //! - [`kafka`]: the one place that knows topic/group names and client settings;
 //!   [`broker`]: the embedded Kafka-compatible broker (tansu) for one machine.
 //! - [`generate`]: deterministic realistic log lines; [`demo`]: everything in one process.
-//! - [`cli`]: the command line, shared by all commands.
+//! - [`cli`]: the command line; [`args`]: its options, one struct per stage, flattened into
+//!   the stage's command and into `demo`.
 
 pub mod aggregate;
+pub mod args;
 pub mod broker;
 pub mod cli;
 pub mod countries;
