@@ -1,5 +1,6 @@
-//! `PageView`: the structured event on the `page-views` topic, shared by preprocess (writer)
-//! and aggregate and the alerting consumers (readers).
+//! The message format between the stages, in one place: `PageView`, the structured event on
+//! the `page-views` topic (written by preprocess, read by aggregate and any other consumer),
+//! its `source`, the headers of raw lines and dead letters, and the raw line limit.
 
 use std::borrow::Cow;
 
@@ -229,6 +230,11 @@ impl Stamp {
     }
 }
 
+/// Longest raw line accepted. Longer lines are dead-lettered: the importer cuts them to this
+/// size plus one byte and says so in [`headers::TRUNCATED`], so that no message ever exceeds the
+/// broker's limit and the line is still counted downstream.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
 /// Message headers between the stages.
 pub mod headers {
     /// On a dead letter: partition of the raw line on the raw topic (decimal text). Events
@@ -242,7 +248,7 @@ pub mod headers {
     /// Set by the importer when it cut an over-long line; the value is the original length.
     pub const TRUNCATED: &str = "pv-truncated-from";
     /// Set by the importer on every raw line: its log format ([`crate::format::FormatSpec`]).
-    pub const FORMAT: &str = crate::format::FORMAT_HEADER;
+    pub const FORMAT: &str = "pv-format";
 }
 
 #[cfg(test)]
@@ -286,9 +292,12 @@ mod tests {
                 let mut ours = Vec::new();
                 v.write_json(&mut ours);
                 assert_eq!(
-                    String::from_utf8(ours).unwrap(),
+                    String::from_utf8(ours.clone()).unwrap(),
                     serde_json::to_string(&v).unwrap()
                 );
+                // And back: a reader gets the event that was written, source included.
+                let back: PageView<'_> = serde_json::from_slice(&ours).unwrap();
+                assert_eq!(back, v);
             }
         }
     }

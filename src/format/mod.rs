@@ -82,9 +82,7 @@ pub enum ParseError {
     Directive,
 }
 
-/// Longest line accepted. Longer lines are dead-lettered (the importer truncates them to this
-/// size plus one byte so that no message ever exceeds the broker's limit).
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
+pub use crate::event::MAX_LINE_BYTES;
 
 /// The raw line as text: length and UTF-8 checked, line end and blank lines refused.
 pub fn line_text(raw: &[u8]) -> Result<&str, ParseError> {
@@ -270,7 +268,7 @@ fn is_default(c: &ClientIp) -> bool {
 /// Raw message header carrying the line's [`FormatSpec`] (a preset name, or the spec as JSON).
 /// A line without it is COMBINED: `pageviews import` leaves that common case unmarked, and
 /// another producer writing to the raw topic sets the header for any other format.
-pub const FORMAT_HEADER: &str = "pv-format";
+pub const FORMAT_HEADER: &str = crate::event::headers::FORMAT;
 
 impl FormatSpec {
     pub fn preset(p: Preset) -> FormatSpec {
