@@ -187,8 +187,8 @@ pub async fn run(
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            // While waiting for lines, the oldest batch's acknowledgements (cancel-safe: each
-            // acknowledgement is taken off once it arrived).
+            // While waiting for lines, the oldest batch's acknowledgements (cancel-safe: they
+            // are counted in the batch's `BatchAcks`, not in the wait).
             outcome = settle(pending.front(), settled), if !pending.is_empty() => {
                 match outcome {
                     Ok(()) => {
