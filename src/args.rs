@@ -12,6 +12,7 @@ use clap::Args;
 use tokio::sync::Notify;
 
 use crate::aggregate::AggregateConfig;
+use crate::aggregate::dimensions::{self, DEFAULT_TOP_K, Dimension};
 use crate::broker::BrokerStorage;
 use crate::kafka::{self, KafkaSettings};
 use crate::preprocess::PreprocessConfig;
@@ -120,6 +121,28 @@ pub struct AggregateArgs {
     /// Time between flushes; each flush is one transaction (e.g. 5s, 500ms).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub flush_interval: Duration,
+    /// What to count besides countries, comma-separated: country, continent, browser, os,
+    /// device, visitor_type, path, static_path, not_found, referrer, status, status_class,
+    /// hour, vhost, host; `default` is all but host (client addresses are personal data),
+    /// `all` includes it.
+    #[arg(long, default_value = "default", value_parser = parse_dimension_list)]
+    pub dimensions: DimensionList,
+    /// Distinct values kept per dimension, partition and flush interval; the rest is counted
+    /// as "(other)" (each value's count is then low by at most events/top-k per interval).
+    #[arg(long, default_value_t = DEFAULT_TOP_K)]
+    pub top_k: usize,
+    /// How long visits per minute are kept, before the newest minute counted (event time);
+    /// 0 keeps them forever.
+    #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+    pub timeseries_retention: Duration,
+}
+
+/// The dimensions `--dimensions` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DimensionList(pub Vec<Dimension>);
+
+fn parse_dimension_list(s: &str) -> Result<DimensionList, String> {
+    dimensions::parse_dimensions(s).map(DimensionList)
 }
 
 impl AggregateArgs {
@@ -135,6 +158,9 @@ impl AggregateArgs {
             store: store.clone(),
             flush_interval: self.flush_interval,
             flush_now,
+            dimensions: self.dimensions.0.clone(),
+            top_k: self.top_k,
+            minute_retention: Some(self.timeseries_retention).filter(|r| !r.is_zero()),
         }
     }
 }

@@ -248,7 +248,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = common.open_store().await?;
             let listener = serve::bind(listen).await?;
             println!("dashboard: http://{}", listener.local_addr()?);
-            serve::run(listener, store, shutdown_on_signal()).await?;
+            // The pipeline's health reads the brokers (default: the standalone broker's).
+            let kafka = common.kafka(&common.brokers_or_default());
+            serve::run(listener, store, Some(kafka), shutdown_on_signal()).await?;
             Ok(())
         }
         Command::Generate {

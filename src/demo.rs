@@ -163,9 +163,9 @@ pub async fn run(
         });
     }
     {
-        let (store, stop) = (store.clone(), stop_stages.clone());
+        let (store, stop, kafka) = (store.clone(), stop_stages.clone(), kafka.clone());
         stages.spawn("serve", async move {
-            serve::run(listener, store, stop)
+            serve::run(listener, store, Some(kafka), stop)
                 .await
                 .map_err(anyhow::Error::from)
         });

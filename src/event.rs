@@ -44,6 +44,11 @@ pub struct PageView<'a> {
     /// Time taken to serve the request in microseconds, when the log format has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_time_us: Option<u64>,
+    /// The visitor as GoAccess counts unique visitors (same client address, day and
+    /// User-Agent), as [`visitor_id`] in 16 hex digits: the aggregator's unique-visitor
+    /// sketches need the User-Agent, which the event does not carry otherwise.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub visitor: Option<Cow<'a, str>>,
     /// The raw line the event was made from, so that a replay of the same line (after a
     /// preprocessor crash) is recognised downstream; set by the preprocessor. Last, so the
     /// aggregator finds it without parsing the event ([`source_of_event`]).
@@ -139,6 +144,10 @@ impl PageView<'_> {
             out.extend_from_slice(b",\"request_time_us\":");
             out.extend_from_slice(itoa::Buffer::new().format(t).as_bytes());
         }
+        if let Some(v) = &self.visitor {
+            out.extend_from_slice(b",\"visitor\":");
+            json_str(out, v);
+        }
         if let Some(source) = self.source {
             out.extend_from_slice(b",\"source\":{\"partition\":");
             out.extend_from_slice(itoa::Buffer::new().format(source.partition).as_bytes());
@@ -148,6 +157,29 @@ impl PageView<'_> {
         }
         out.push(b'}');
     }
+}
+
+/// The id of a visitor as GoAccess defines one: same client address, same day
+/// (`YYYY-MM-DD`), same User-Agent. SipHash-1-3 with fixed keys: stable across versions and
+/// machines, so sketches written by different processes and releases merge.
+pub fn visitor_id(ip: &str, day: &str, user_agent: &str) -> u64 {
+    use std::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x7061_6765_7669_6577, 0x7576_6973);
+    for part in [ip, day, user_agent] {
+        h.write(part.as_bytes());
+        h.write_u8(0xff);
+    }
+    h.finish()
+}
+
+/// [`visitor_id`] as the event writes it: 16 lower-case hex digits.
+pub fn visitor_hex(id: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = HEX[((id >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 /// A JSON string, escaped as serde_json escapes (`\"`, `\\`, `\n`-style short forms and
@@ -272,11 +304,28 @@ mod tests {
             referrer: referrer.map(Cow::Borrowed),
             vhost: extra.then_some(Cow::Borrowed(text)),
             request_time_us: extra.then_some(1234),
+            visitor: extra.then_some(Cow::Borrowed("00ff00ff00ff00ff")),
             source: extra.then_some(Source {
                 partition: 7,
                 offset: i64::MAX,
             }),
         }
+    }
+
+    #[test]
+    fn visitor_ids_are_stable_and_written_in_hex() {
+        let id = visitor_id("1.2.3.4", "2026-01-01", "curl/8");
+        assert_eq!(id, visitor_id("1.2.3.4", "2026-01-01", "curl/8"));
+        assert_ne!(id, visitor_id("1.2.3.5", "2026-01-01", "curl/8"));
+        assert_ne!(id, visitor_id("1.2.3.4", "2026-01-02", "curl/8"));
+        assert_ne!(id, visitor_id("1.2.3.4", "2026-01-01", "curl/9"));
+        // Field boundaries count: ("ab", "c") is not ("a", "bc").
+        assert_ne!(visitor_id("ab", "c", ""), visitor_id("a", "bc", ""));
+        assert_eq!(&visitor_hex(0x0123_4567_89ab_cdef), b"0123456789abcdef");
+        assert_eq!(
+            u64::from_str_radix(std::str::from_utf8(&visitor_hex(id)).unwrap(), 16).unwrap(),
+            id
+        );
     }
 
     #[test]

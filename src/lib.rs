@@ -46,4 +46,5 @@ pub mod import;
 pub mod kafka;
 pub mod preprocess;
 pub mod serve;
+pub mod sketch;
 pub mod store;

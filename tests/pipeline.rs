@@ -11,7 +11,11 @@ use pageviews::generate::LineGenerator;
 use pageviews::import::{self, ImportConfig, Input};
 use pageviews::kafka::DEAD_LETTER_TOPIC;
 use pageviews::preprocess::PreprocessStats;
-use pageviews::serve::CountriesResponse;
+use pageviews::serve::pipeline::PipelineResponse;
+use pageviews::serve::{
+    CountriesResponse, Dashboard, DimensionResponse, HistogramResponse, TimeseriesResponse,
+    UniquesResponse,
+};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
@@ -55,6 +59,11 @@ async fn counts_100k_lines_exactly_and_serves_them() {
     let counted = db_counts(&c.store).await;
     assert_eq!(counted, expected);
     assert_eq!(counted.values().sum::<u64>(), 100_000);
+    // Every dimension, exactly (top-K is large enough here to hold every value).
+    assert_eq!(
+        db_dimensions(&c.store).await,
+        expected_dimensions(lines.iter().map(Vec::as_slice))
+    );
     assert!(agg_stats.flushes.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 
     // The API and dashboard over real HTTP.
@@ -66,6 +75,7 @@ async fn counts_100k_lines_exactly_and_serves_them() {
     let server = tokio::spawn(pageviews::serve::run(
         listener,
         c.store.clone(),
+        Some(c.kafka.clone()),
         stop.clone(),
     ));
     let (status, headers, body) =
@@ -100,6 +110,167 @@ async fn counts_100k_lines_exactly_and_serves_them() {
         .find(|c| c.country_code == "US")
         .unwrap();
     assert_eq!(us.country_name, "United States");
+    // A dimension's panel: the top values, sorted, with the dimension's totals.
+    let want = expected_dimensions(lines.iter().map(Vec::as_slice));
+    let (status, _, body) =
+        tokio::task::spawn_blocking(move || http_get(addr, "/api/dimensions/status?limit=3"))
+            .await
+            .unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let panel: DimensionResponse = serde_json::from_slice(&body).unwrap();
+    let mut top: Vec<(u64, String)> = want["status"]
+        .iter()
+        .map(|(v, (n, _, _))| (u64::MAX - n, v.clone()))
+        .collect();
+    top.sort();
+    let top: Vec<(String, u64)> = top
+        .into_iter()
+        .take(3)
+        .map(|(n, v)| (v, u64::MAX - n))
+        .collect();
+    let got: Vec<(String, u64)> = panel
+        .values
+        .iter()
+        .map(|v| (v.value.clone(), v.visits))
+        .collect();
+    assert_eq!(got, top);
+    assert_eq!(panel.total_visits, 100_000);
+    assert_eq!(panel.distinct, want["status"].len() as u64);
+    let (status, _, body) =
+        tokio::task::spawn_blocking(move || http_get(addr, "/api/dimensions/colour"))
+            .await
+            .unwrap();
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    assert!(
+        String::from_utf8(body)
+            .unwrap()
+            .contains("known: country, continent")
+    );
+    // The time series: every visit in some minute; a bounded range has one point a minute.
+    let (_, _, body) =
+        tokio::task::spawn_blocking(move || http_get(addr, "/api/timeseries?minutes=all"))
+            .await
+            .unwrap();
+    let all: TimeseriesResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(all.points.iter().map(|p| p.visits).sum::<u64>(), 100_000);
+    let (_, _, body) =
+        tokio::task::spawn_blocking(move || http_get(addr, "/api/timeseries?minutes=5&country=us"))
+            .await
+            .unwrap();
+    let five: TimeseriesResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(five.points.len(), 5);
+    assert_eq!(five.country.as_deref(), Some("US"));
+    assert_eq!(five.points.last().map(|p| p.time.clone()), all.latest);
+    // Unique visitors per day, within the sketch's documented error (3 standard errors) of
+    // the exact distinct (address, day, User-Agent) count.
+    let (_, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/api/uniques"))
+        .await
+        .unwrap();
+    let uniques: UniquesResponse = serde_json::from_slice(&body).unwrap();
+    let exact = exact_daily_visitors(lines.iter().map(Vec::as_slice));
+    assert_eq!(uniques.days.len(), exact.len());
+    for d in &uniques.days {
+        let want = exact[&d.day] as f64;
+        assert!(
+            (d.visitors as f64 - want).abs() <= 3.0 * uniques.standard_error * want + 1.0,
+            "{}: estimated {} of {want}",
+            d.day,
+            d.visitors
+        );
+    }
+    assert_eq!(
+        uniques.total,
+        uniques.days.iter().map(|d| d.visitors).sum::<u64>()
+    );
+    // Response sizes: percentiles within 1/32 of the exact ones.
+    let (_, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/api/histograms/bytes"))
+        .await
+        .unwrap();
+    let sizes: HistogramResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(sizes.visits, 100_000);
+    let mut all_bytes: Vec<u64> = Vec::new();
+    for line in &lines {
+        let text = std::str::from_utf8(line).unwrap();
+        let tail = text.split('"').nth(2).unwrap();
+        all_bytes.push(tail.split_whitespace().nth(1).unwrap().parse().unwrap());
+    }
+    all_bytes.sort_unstable();
+    for (q, got) in [(0.5, sizes.p50), (0.95, sizes.p95), (0.99, sizes.p99)] {
+        let rank = ((q * all_bytes.len() as f64).ceil() as usize).max(1);
+        let exact = all_bytes[rank - 1];
+        let got = got.unwrap();
+        assert!(
+            got.abs_diff(exact) <= exact / 32 + 1,
+            "p{q}: {got} vs {exact}"
+        );
+    }
+    // Pipeline health from the broker and the database.
+    let (_, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/api/pipeline"))
+        .await
+        .unwrap();
+    let health: PipelineResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(health.kafka_error, None);
+    let topic = |name: &str| {
+        health
+            .topics
+            .iter()
+            .find(|t| t.topic == name)
+            .unwrap()
+            .messages
+    };
+    assert_eq!(topic("raw-page-views"), 100_000);
+    assert_eq!(topic("page-views"), 100_000);
+    let aggregators = health
+        .groups
+        .iter()
+        .find(|g| g.group == "aggregators")
+        .unwrap();
+    assert_eq!(aggregators.partitions.len(), c.partitions as usize);
+    assert_eq!(aggregators.lag, 0, "{aggregators:?}");
+    assert!(health.last_flush.is_some());
+    let (status, headers, body) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        headers.contains("content-type: text/plain; version=0.0.4"),
+        "{headers}"
+    );
+    let metrics = String::from_utf8(body).unwrap();
+    for line in [
+        "pageviews_lines_imported_total 100000".to_owned(),
+        "pageviews_events_produced_total 100000".to_owned(),
+        format!(
+            "pageviews_visits_total{{country=\"US\"}} {}",
+            expected["US"]
+        ),
+        "pageviews_consumer_lag{group=\"aggregators\",topic=\"page-views\",partition=\"0\"} 0"
+            .to_owned(),
+        "# TYPE pageviews_flush_duration_seconds histogram".to_owned(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("pageviews_flushes_total{group=\"aggregators\"}"));
+    // The push channel sends a snapshot at once.
+    let (headers, data) =
+        tokio::task::spawn_blocking(move || sse_first_update(addr, "/api/events"))
+            .await
+            .unwrap();
+    assert!(
+        headers.contains("content-type: text/event-stream"),
+        "{headers}"
+    );
+    let snapshot: Dashboard = serde_json::from_str(&data).unwrap();
+    assert_eq!(snapshot.totals.visits, 100_000);
+    assert_eq!(
+        snapshot.totals.humans,
+        want["visitor_type"].get("human").map_or(0, |h| h.0)
+    );
+    assert_eq!(snapshot.countries.len(), expected.len());
+    assert!(snapshot.dimensions.iter().any(|d| d.name == "referrer"));
     let (status, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/"))
         .await
         .unwrap();
@@ -159,6 +330,11 @@ async fn exact_counts_across_aggregator_crash_and_rebalance() {
     wait_for(&c, 100_000, Duration::from_secs(300)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(db_counts(&c.store).await, expected);
+    assert_eq!(
+        db_dimensions(&c.store).await,
+        expected_dimensions(lines.iter().map(Vec::as_slice)),
+        "every dimension exact across the crash and rebalances"
+    );
     assert!(
         third_stats
             .flushes

@@ -6,6 +6,7 @@
 //! stored offsets; on revocation un-flushed counts are dropped. Counts are therefore exact
 //! across crashes and rebalances (see [`crate::store`] for how a stale owner is fenced off).
 
+pub mod dimensions;
 pub mod positions;
 pub mod tally;
 
@@ -27,9 +28,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::countries::CountryCode;
-use crate::event::headers as event_headers;
+use crate::event::{PageView, headers as event_headers};
 use crate::kafka::{AGGREGATE_GROUP, ClientRole, EVENTS_TOPIC, KafkaSettings, RAW_TOPIC};
 use crate::store::{FlushOutcome, Store, StoreError, StoredPositions, TopicIdentity};
+use dimensions::{Counts, Dimension};
 use positions::{Awaiting, Notice};
 use tally::{Pending, Recorded, Source, Tally};
 
@@ -56,6 +58,14 @@ pub struct AggregateConfig {
     /// --exit-when-drained` once every line of its finite input was preprocessed: the last
     /// counts are then written at once instead of up to a whole interval later).
     pub flush_now: Option<Arc<Notify>>,
+    /// What is counted besides the per-country table ([`dimensions`]).
+    pub dimensions: Vec<Dimension>,
+    /// Distinct values kept per dimension, partition and flush interval (the rest is counted
+    /// as `(other)`; see [`dimensions`] for the error bound).
+    pub top_k: usize,
+    /// Visits per minute older than this (before the newest minute written) are deleted;
+    /// `None` keeps them all.
+    pub minute_retention: Option<Duration>,
 }
 
 /// Running totals for logs, summaries and tests.
@@ -72,6 +82,8 @@ pub struct AggregateStats {
     /// Partitions whose stored positions referred to a topic that was deleted and created
     /// again (or a broker that started over): counted from the new topic's start.
     pub recreated_topics_seen: AtomicU64,
+    /// Flushed events whose JSON could not be read: counted for their country (the key) only.
+    pub unreadable_events: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +95,7 @@ pub enum AggregateError {
 /// Shared between the consume loop and the rebalance callback (both run on the task that
 /// polls the consumer, so the locks are never contended).
 struct Shared {
-    tally: Mutex<Tally>,
+    tally: Mutex<Tally<Counts>>,
     /// Partitions assigned (or fenced off) and not yet positioned; paused meanwhile.
     awaiting: Mutex<Awaiting>,
     /// Wakes the loop when the rebalance callback added partitions to `awaiting` (the
@@ -92,7 +104,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn tally(&self) -> MutexGuard<'_, Tally> {
+    fn tally(&self) -> MutexGuard<'_, Tally<Counts>> {
         // A poisoned lock only means a panic elsewhere; the tally itself stays consistent.
         self.tally.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -198,7 +210,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AggregateError> {
     let shared = Arc::new(Shared {
-        tally: Mutex::new(Tally::default()),
+        tally: Mutex::new(Tally::new(Counts::new(&config.dimensions, config.top_k))),
         awaiting: Mutex::new(Awaiting::default()),
         wake: Notify::new(),
     });
@@ -228,7 +240,12 @@ pub async fn run(
         shutdown: &shutdown,
         identity: TopicIdentity::default(),
         failures: 0,
+        retention: config
+            .minute_retention
+            .map(|r| i64::try_from(r.as_secs()).unwrap_or(i64::MAX)),
     };
+    // Values of a dimension that are not a slice of the event, built here without allocating.
+    let mut buf = String::new();
     let next_flush = tokio::time::sleep(config.flush_interval);
     tokio::pin!(next_flush);
     loop {
@@ -249,7 +266,15 @@ pub async fn run(
                         .payload()
                         .and_then(crate::event::source_of_event)
                         .or_else(|| source_of(m.headers()));
-                    if shared.tally().record(m.partition(), m.offset(), country, source)
+                    let count = |counts: &mut Counts| {
+                        // Parsed only when counted (not for replays); an unreadable event still
+                        // counts for its country, and in `unreadable_events`.
+                        let event = m
+                            .payload()
+                            .and_then(|p| serde_json::from_slice::<PageView<'_>>(p).ok());
+                        counts.add(country, event.as_ref(), &mut buf);
+                    };
+                    if shared.tally().record(m.partition(), m.offset(), source, count)
                         == Recorded::DuplicateSource
                     {
                         stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
@@ -344,6 +369,8 @@ struct Aggregator<'a> {
     identity: TopicIdentity,
     /// Consecutive failed flushes, for the backoff.
     failures: u32,
+    /// [`AggregateConfig::minute_retention`] in seconds.
+    retention: Option<i64>,
 }
 
 /// Why positioning could not be done now (it is retried).
@@ -501,13 +528,16 @@ impl Aggregator<'_> {
     async fn flush(&mut self, timeout: Duration) -> bool {
         // A conflict leaves the other partitions' counts in place: flush those right away.
         for _ in 0..3 {
-            let pending =
+            let mut pending =
                 self.shared
                     .tally()
                     .take_pending(AGGREGATE_GROUP, EVENTS_TOPIC, &self.identity);
             if pending.batch.offsets.is_empty() {
                 return true;
             }
+            let mut batch = std::mem::take(&mut pending.batch);
+            dimensions::fill_batch(&mut batch, pending.counts(), self.retention);
+            pending.batch = batch;
             let write = tokio::time::timeout(timeout, self.store.flush(&pending.batch));
             let outcome = tokio::select! {
                 r = write => r.unwrap_or(Err(StoreError::Timeout(timeout))),
@@ -535,8 +565,18 @@ impl Aggregator<'_> {
         false
     }
 
-    fn committed(&mut self, pending: &Pending) {
+    fn committed(&mut self, pending: &Pending<Counts>) {
         self.shared.tally().committed(pending);
+        let unreadable: u64 = pending.counts().map(|c| c.unreadable).sum();
+        if unreadable > 0 {
+            tracing::warn!(
+                unreadable,
+                "events whose JSON could not be read were counted for their country only"
+            );
+            self.stats
+                .unreadable_events
+                .fetch_add(unreadable, Ordering::Relaxed);
+        }
         let visits: u64 = pending.batch.increments.iter().map(|(_, n)| n).sum();
         self.stats
             .flushed_visits
@@ -555,7 +595,7 @@ impl Aggregator<'_> {
         );
     }
 
-    fn failed(&mut self, pending: Pending, err: &StoreError) {
+    fn failed(&mut self, pending: Pending<Counts>, err: &StoreError) {
         self.shared.tally().restore(pending);
         self.failures += 1;
         self.stats.failed_flushes.fetch_add(1, Ordering::Relaxed);

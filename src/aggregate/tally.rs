@@ -26,10 +26,32 @@
 
 use std::collections::HashMap;
 
-use crate::countries::CountryCode;
 use crate::store::{FlushBatch, OffsetUpdate, TopicIdentity, WatermarkUpdate};
 
 pub use crate::event::Source;
+
+/// What a consumer group accumulates per partition between two flushes (the aggregator's
+/// [`crate::aggregate::dimensions::Counts`]). The tally keeps one per owned partition, so a
+/// revoked partition's un-flushed share is dropped exactly.
+pub trait Accumulator {
+    /// The same configuration, nothing accumulated.
+    fn empty_like(&self) -> Self;
+    fn is_empty(&self) -> bool;
+    /// Adds back what a failed flush took out.
+    fn merge(&mut self, other: Self);
+}
+
+impl Accumulator for crate::aggregate::dimensions::Counts {
+    fn empty_like(&self) -> Self {
+        self.empty_like()
+    }
+    fn is_empty(&self) -> bool {
+        self.is_empty()
+    }
+    fn merge(&mut self, other: Self) {
+        self.merge(other)
+    }
+}
 
 /// What [`Tally::record`] did with a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,10 +94,10 @@ impl Start {
 }
 
 /// What this aggregator knows about one partition it owns.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PartitionTally {
-    /// Visits counted since the last flush.
-    pub counts: HashMap<CountryCode, u64>,
+#[derive(Debug, Clone)]
+pub struct PartitionTally<A> {
+    /// What was counted since the last flush.
+    pub counts: A,
     /// Next offset to read: one past the last counted message.
     pub next_offset: i64,
     /// The offset stored in the database, as this owner last read or wrote it.
@@ -92,19 +114,37 @@ pub struct PartitionTally {
 }
 
 /// All partitions this aggregator owns.
-#[derive(Debug, Default)]
-pub struct Tally {
-    partitions: HashMap<i32, PartitionTally>,
+#[derive(Debug)]
+pub struct Tally<A> {
+    partitions: HashMap<i32, PartitionTally<A>>,
+    /// Empty counts, copied for each newly owned partition.
+    template: A,
 }
 
-/// Counts taken out for a flush; give them back with [`Tally::restore`] if it fails.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pending {
+/// Counts taken out for a flush; give them back with [`Tally::restore`] if it fails. The
+/// batch holds the positions; the caller adds what it writes from [`Pending::counts`].
+#[derive(Debug, Clone)]
+pub struct Pending<A> {
     pub batch: FlushBatch,
-    per_partition: Vec<(i32, HashMap<CountryCode, u64>)>,
+    per_partition: Vec<(i32, A)>,
 }
 
-impl Tally {
+impl<A> Pending<A> {
+    /// What each flushed partition counted.
+    pub fn counts(&self) -> impl Iterator<Item = &A> {
+        self.per_partition.iter().map(|(_, a)| a)
+    }
+}
+
+impl<A: Accumulator> Tally<A> {
+    /// No partitions yet; each one owned later starts from `template`'s configuration.
+    pub fn new(template: A) -> Tally<A> {
+        Tally {
+            partitions: HashMap::new(),
+            template,
+        }
+    }
+
     /// Takes ownership of `partition`, starting at the stored offset (`None`: from the start)
     /// with the stored source watermarks.
     pub fn assign(&mut self, partition: i32, stored: Option<i64>, sources: HashMap<i32, i64>) {
@@ -117,7 +157,7 @@ impl Tally {
         self.partitions.insert(
             partition,
             PartitionTally {
-                counts: HashMap::new(),
+                counts: self.template.empty_like(),
                 next_offset: start.from,
                 stored: start.expected,
                 stored_sources: if start.reset_sources {
@@ -141,14 +181,15 @@ impl Tally {
         self.partitions.contains_key(&partition)
     }
 
-    /// Counts one visit at `offset` of `partition`, unless its raw line was counted already
-    /// (see the module docs). Events without a source are always counted.
+    /// Counts the message at `offset` of `partition` (`count` adds it to the partition's
+    /// counts), unless its raw line was counted already (see the module docs). Events without
+    /// a source are always counted.
     pub fn record(
         &mut self,
         partition: i32,
         offset: i64,
-        country: CountryCode,
         source: Option<Source>,
+        count: impl FnOnce(&mut A),
     ) -> Recorded {
         let Some(p) = self.partitions.get_mut(&partition) else {
             return Recorded::NotOwned;
@@ -166,7 +207,7 @@ impl Tally {
                 }
             }
         }
-        *p.counts.entry(country).or_insert(0) += 1;
+        count(&mut p.counts);
         Recorded::Counted
     }
 
@@ -179,8 +220,7 @@ impl Tally {
         consumer_group: &str,
         topic: &str,
         identity: &TopicIdentity,
-    ) -> Pending {
-        let mut totals: HashMap<CountryCode, u64> = HashMap::new();
+    ) -> Pending<A> {
         let mut offsets = Vec::new();
         let mut watermarks = Vec::new();
         let mut reset_watermarks = Vec::new();
@@ -194,10 +234,7 @@ impl Tally {
             if p.reset_sources {
                 reset_watermarks.push(partition);
             }
-            let counts = std::mem::take(&mut p.counts);
-            for (&c, &n) in &counts {
-                *totals.entry(c).or_insert(0) += n;
-            }
+            let counts = std::mem::replace(&mut p.counts, self.template.empty_like());
             offsets.push(OffsetUpdate {
                 partition,
                 expected: p.stored,
@@ -217,27 +254,22 @@ impl Tally {
         offsets.sort_by_key(|o| o.partition);
         watermarks.sort();
         reset_watermarks.sort_unstable();
-        let mut increments: Vec<(String, u64)> = totals
-            .into_iter()
-            .map(|(c, n)| (c.as_str().to_owned(), n))
-            .collect();
-        increments.sort();
         Pending {
             batch: FlushBatch {
                 consumer_group: consumer_group.to_owned(),
                 topic: topic.to_owned(),
-                increments,
                 offsets,
                 watermarks,
                 reset_watermarks,
                 identity: identity.clone(),
+                ..FlushBatch::default()
             },
             per_partition,
         }
     }
 
     /// The flush committed: the stored offsets are now the flushed ones.
-    pub fn committed(&mut self, pending: &Pending) {
+    pub fn committed(&mut self, pending: &Pending<A>) {
         for o in &pending.batch.offsets {
             if let Some(p) = self.partitions.get_mut(&o.partition) {
                 p.stored = Some(o.next);
@@ -254,12 +286,10 @@ impl Tally {
 
     /// The flush failed without writing: put the counts back for partitions still owned.
     /// (Source watermarks were never taken out: the next flush writes them.)
-    pub fn restore(&mut self, pending: Pending) {
+    pub fn restore(&mut self, pending: Pending<A>) {
         for (partition, counts) in pending.per_partition {
             if let Some(p) = self.partitions.get_mut(&partition) {
-                for (c, n) in counts {
-                    *p.counts.entry(c).or_insert(0) += n;
-                }
+                p.counts.merge(counts);
             }
         }
     }
@@ -284,8 +314,54 @@ impl Tally {
 mod tests {
     use super::*;
 
-    fn cc(s: &str) -> CountryCode {
-        CountryCode::parse(s).unwrap()
+    use crate::countries::CountryCode;
+
+    /// Counts of the countries only.
+    #[derive(Debug, Default)]
+    struct Countries(HashMap<CountryCode, u64>);
+
+    impl Accumulator for Countries {
+        fn empty_like(&self) -> Self {
+            Countries::default()
+        }
+        fn is_empty(&self) -> bool {
+            self.0.is_empty()
+        }
+        fn merge(&mut self, other: Self) {
+            for (c, n) in other.0 {
+                *self.0.entry(c).or_insert(0) += n;
+            }
+        }
+    }
+
+    fn tally() -> Tally<Countries> {
+        Tally::new(Countries::default())
+    }
+
+    fn rec(
+        t: &mut Tally<Countries>,
+        p: i32,
+        offset: i64,
+        country: &str,
+        source: Option<Source>,
+    ) -> Recorded {
+        let c = CountryCode::parse(country).unwrap();
+        t.record(p, offset, source, |counts| {
+            *counts.0.entry(c).or_insert(0) += 1
+        })
+    }
+
+    /// The flush's visits per country, sorted.
+    fn increments(p: &Pending<Countries>) -> Vec<(String, u64)> {
+        let mut totals: HashMap<String, u64> = HashMap::new();
+        for counts in p.counts() {
+            for (c, n) in &counts.0 {
+                *totals.entry(c.as_str().to_owned()).or_insert(0) += n;
+            }
+        }
+        let mut v: Vec<_> = totals.into_iter().collect();
+        v.sort();
+        v
     }
 
     fn src(partition: i32, offset: i64) -> Option<Source> {
@@ -294,20 +370,20 @@ mod tests {
 
     #[test]
     fn counts_flushes_and_skips_replays() {
-        let mut t = Tally::default();
+        let mut t = tally();
         t.assign(0, None, HashMap::new());
         t.assign(1, Some(10), HashMap::new());
-        assert_eq!(t.record(0, 0, cc("NL"), None), Recorded::Counted);
-        assert_eq!(t.record(0, 1, cc("NL"), None), Recorded::Counted);
-        assert_eq!(t.record(1, 10, cc("US"), None), Recorded::Counted);
+        assert_eq!(rec(&mut t, 0, 0, "NL", None), Recorded::Counted);
+        assert_eq!(rec(&mut t, 0, 1, "NL", None), Recorded::Counted);
+        assert_eq!(rec(&mut t, 1, 10, "US", None), Recorded::Counted);
         assert_eq!(
-            t.record(1, 9, cc("US"), None),
+            rec(&mut t, 1, 9, "US", None),
             Recorded::SeenOffset,
             "offset before the stored one is a replay"
         );
-        assert_eq!(t.record(2, 0, cc("US"), None), Recorded::NotOwned);
+        assert_eq!(rec(&mut t, 2, 0, "US", None), Recorded::NotOwned);
         let p = t.take_pending("g", "t", &TopicIdentity::default());
-        assert_eq!(p.batch.increments, vec![("NL".into(), 2), ("US".into(), 1)]);
+        assert_eq!(increments(&p), vec![("NL".into(), 2), ("US".into(), 1)]);
         assert_eq!(
             p.batch.offsets,
             vec![
@@ -325,24 +401,24 @@ mod tests {
         );
         t.committed(&p);
         let again = t.take_pending("g", "t", &TopicIdentity::default());
-        assert!(again.batch.offsets.is_empty() && again.batch.increments.is_empty());
+        assert!(again.batch.offsets.is_empty() && increments(&again).is_empty());
     }
 
     #[test]
     fn revoke_drops_and_restore_returns_counts() {
-        let mut t = Tally::default();
+        let mut t = tally();
         t.assign(0, None, HashMap::new());
         t.assign(1, None, HashMap::new());
-        t.record(0, 0, cc("NL"), None);
-        t.record(1, 0, cc("DE"), None);
+        rec(&mut t, 0, 0, "NL", None);
+        rec(&mut t, 1, 0, "DE", None);
         let p = t.take_pending("g", "t", &TopicIdentity::default());
         t.revoke(1);
         t.restore(p);
         let p = t.take_pending("g", "t", &TopicIdentity::default());
-        assert_eq!(p.batch.increments, vec![("NL".into(), 1)]);
+        assert_eq!(increments(&p), vec![("NL".into(), 1)]);
         t.reset(0, Some(5), HashMap::new());
-        assert_eq!(t.record(0, 4, cc("NL"), None), Recorded::SeenOffset);
-        assert_eq!(t.record(0, 5, cc("NL"), None), Recorded::Counted);
+        assert_eq!(rec(&mut t, 0, 4, "NL", None), Recorded::SeenOffset);
+        assert_eq!(rec(&mut t, 0, 5, "NL", None), Recorded::Counted);
     }
 
     /// A preprocessor crashed after producing raw offsets 100..=104 of raw partition 3 but
@@ -350,11 +426,11 @@ mod tests {
     /// its successor, which replays from 102. Every raw line is counted exactly once.
     #[test]
     fn zombie_and_successor_replays_count_each_line_once() {
-        let mut t = Tally::default();
+        let mut t = tally();
         t.assign(0, None, HashMap::new());
         let mut offset = 0;
-        let mut feed = |t: &mut Tally, raw: i64| {
-            let r = t.record(0, offset, cc("NL"), src(3, raw));
+        let mut feed = |t: &mut Tally<Countries>, raw: i64| {
+            let r = rec(t, 0, offset, "NL", src(3, raw));
             offset += 1;
             r
         };
@@ -370,10 +446,10 @@ mod tests {
         }
         assert_eq!(feed(&mut t, 106), Recorded::Counted);
         // Another raw partition has its own watermark.
-        assert_eq!(t.record(0, offset, cc("DE"), src(4, 0)), Recorded::Counted);
+        assert_eq!(rec(&mut t, 0, offset, "DE", src(4, 0)), Recorded::Counted);
 
         let p = t.take_pending("g", "t", &TopicIdentity::default());
-        assert_eq!(p.batch.increments, vec![("DE".into(), 1), ("NL".into(), 7)]);
+        assert_eq!(increments(&p), vec![("DE".into(), 1), ("NL".into(), 7)]);
         assert_eq!(
             p.batch.offsets[0].next,
             offset + 1,
@@ -387,7 +463,7 @@ mod tests {
         assert_eq!(p.batch.watermarks, vec![wm(3, 106), wm(4, 0)]);
         t.committed(&p);
         // Only watermarks that moved are written again.
-        t.record(0, offset + 1, cc("NL"), src(3, 107));
+        rec(&mut t, 0, offset + 1, "NL", src(3, 107));
         let p = t.take_pending("g", "t", &TopicIdentity::default());
         assert_eq!(p.batch.watermarks, vec![wm(3, 107)]);
     }
@@ -398,7 +474,7 @@ mod tests {
     /// when the new offset happens to equal the old one.
     #[test]
     fn a_recreated_topic_is_counted_from_its_start() {
-        let mut t = Tally::default();
+        let mut t = tally();
         t.start(
             0,
             Start {
@@ -410,7 +486,7 @@ mod tests {
         );
         for offset in 0..3 {
             assert_eq!(
-                t.record(0, offset, cc("NL"), src(7, offset)),
+                rec(&mut t, 0, offset, "NL", src(7, offset)),
                 Recorded::Counted
             );
         }
@@ -419,7 +495,7 @@ mod tests {
             source_topic_id: Some("raw".into()),
         };
         let p = t.take_pending("g", "t", &ids);
-        assert_eq!(p.batch.increments, vec![("NL".into(), 3)]);
+        assert_eq!(increments(&p), vec![("NL".into(), 3)]);
         assert_eq!(
             p.batch.offsets,
             vec![OffsetUpdate {
@@ -439,14 +515,14 @@ mod tests {
     /// still dropped.
     #[test]
     fn stored_watermarks_survive_reassignment() {
-        let mut t = Tally::default();
+        let mut t = tally();
         t.assign(0, Some(50), HashMap::from([(3, 104)]));
         assert_eq!(
-            t.record(0, 50, cc("NL"), src(3, 104)),
+            rec(&mut t, 0, 50, "NL", src(3, 104)),
             Recorded::DuplicateSource
         );
-        assert_eq!(t.record(0, 51, cc("NL"), src(3, 105)), Recorded::Counted);
+        assert_eq!(rec(&mut t, 0, 51, "NL", src(3, 105)), Recorded::Counted);
         let p = t.take_pending("g", "t", &TopicIdentity::default());
-        assert_eq!(p.batch.increments, vec![("NL".into(), 1)]);
+        assert_eq!(increments(&p), vec![("NL".into(), 1)]);
     }
 }

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use super::geo::GeoDb;
 use super::useragent::UaParser;
 use crate::countries::CountryCode;
-use crate::event::{PageView, Source, rfc3339_seconds};
+use crate::event::{PageView, Source, rfc3339_seconds, visitor_hex, visitor_id};
 use crate::format::{LogFormat, ParseError};
 
 /// Everything needed to turn a line into an event; one per preprocessor, shared by threads.
@@ -55,6 +55,12 @@ impl Enricher {
         let country = self.geo.country_of(ip);
         let client = self.user_agents.classify(line.user_agent.as_deref());
         let stamp = rfc3339_seconds(line.time);
+        let day = stamp.as_str().get(..10).unwrap_or("");
+        let visitor = visitor_hex(visitor_id(
+            ip,
+            day,
+            line.user_agent.as_deref().unwrap_or(""),
+        ));
         let view = PageView {
             time: Cow::Borrowed(stamp.as_str()),
             ip: Cow::Borrowed(ip),
@@ -71,6 +77,8 @@ impl Enricher {
             referrer: line.referrer,
             vhost: line.vhost,
             request_time_us: line.request_time_us,
+            // Hex digits only.
+            visitor: std::str::from_utf8(&visitor).ok().map(Cow::Borrowed),
             source,
         };
         view.write_json(json);
@@ -94,7 +102,19 @@ mod tests {
         assert_eq!(out.country.as_str(), "US");
         assert_eq!(
             String::from_utf8(out.json).unwrap(),
-            r#"{"time":"2000-10-10T20:55:36Z","ip":"8.8.8.8","country_code":"US","browser":"Googlebot","browser_version":"","os":"UNKNOWN","device":"bot","is_bot":true,"method":"GET","path":"/a?b=1","status":200,"bytes":512,"referrer":"https://ref.example/"}"#
+            r#"{"time":"2000-10-10T20:55:36Z","ip":"8.8.8.8","country_code":"US","browser":"Googlebot","browser_version":"","os":"UNKNOWN","device":"bot","is_bot":true,"method":"GET","path":"/a?b=1","status":200,"bytes":512,"referrer":"https://ref.example/","visitor":"b77d20ad7e342e0c"}"#
+        );
+        // The visitor id: address, day and User-Agent as logged.
+        assert_eq!(
+            format!(
+                "{:016x}",
+                crate::event::visitor_id(
+                    "8.8.8.8",
+                    "2000-10-10",
+                    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+                )
+            ),
+            "b77d20ad7e342e0c"
         );
         let json = e.enrich(line, &combined()).unwrap().json;
         let back: PageView<'_> = serde_json::from_slice(&json).unwrap();

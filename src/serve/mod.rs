@@ -1,18 +1,30 @@
 //! Serve stage: the dashboard and the JSON API, read from the statistics database.
+//!
+//! - [`api`]: one JSON handler per panel, and the snapshot of everything the page shows;
+//! - [`live`]: the push channel (Server-Sent Events after each flush);
+//! - [`pipeline`]: pipeline health from the brokers and the database, and `/metrics`;
+//! - this module: the routes, the static page, binding and shutdown.
+
+pub mod api;
+pub mod live;
+pub mod pipeline;
 
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Json, Response};
+use axum::response::Html;
 use axum::routing::get;
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::countries::country_name;
+use crate::kafka::KafkaSettings;
 use crate::store::Store;
+use std::sync::Arc;
+
+pub use api::{
+    CountriesResponse, CountryVisits, Dashboard, DimensionResponse, HistogramResponse,
+    TimeseriesResponse, UniquesResponse,
+};
 
 /// The dashboard page: static HTML whose script polls `/api/countries`. Every value is put
 /// into the page with `textContent`, never as HTML, so nothing from a log line can inject markup.
@@ -29,31 +41,47 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// `GET /api/countries`.
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct CountriesResponse {
-    /// Sum of all visits.
-    pub total: u64,
-    /// The largest count (the full-width bar).
-    pub max: u64,
-    /// Most visits first, ties by code.
-    pub countries: Vec<CountryVisits>,
+/// What every handler reads.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    store: Store,
+    /// The latest snapshot, for the push channel.
+    live: live::Latest,
+    /// Ends the push streams, so that open pages do not hold a graceful shutdown up.
+    shutdown: CancellationToken,
+    health: Arc<pipeline::Health>,
+    dead_letter_reasons: Arc<pipeline::ReasonTally>,
 }
 
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct CountryVisits {
-    pub country_code: String,
-    pub country_name: String,
-    pub visits: u64,
-}
-
-/// The HTTP routes, for the server and for tests.
-pub fn router(store: Store) -> Router {
+/// The HTTP routes, for the server and for tests; watches the database for flushes (and,
+/// with `kafka`, the dead-letter topic) until `shutdown`. Without `kafka` the pipeline's
+/// health says so and everything else works.
+pub fn router(store: Store, kafka: Option<KafkaSettings>, shutdown: CancellationToken) -> Router {
+    let reasons = Arc::new(pipeline::ReasonTally::default());
+    if let Some(k) = &kafka {
+        reasons.start(k.clone(), shutdown.clone());
+    }
+    let state = AppState {
+        live: live::start(store.clone(), shutdown.clone()),
+        store,
+        shutdown,
+        health: Arc::new(pipeline::Health::new(kafka)),
+        dead_letter_reasons: reasons,
+    };
     Router::new()
         .route("/", get(dashboard))
-        .route("/api/countries", get(countries))
+        .route("/api/countries", get(api::countries))
+        .route("/api/dimensions", get(api::dimension_list))
+        .route("/api/dimensions/{name}", get(api::dimension))
+        .route("/api/timeseries", get(api::timeseries))
+        .route("/api/uniques", get(api::uniques))
+        .route("/api/histograms/{metric}", get(api::histogram))
+        .route("/api/dashboard", get(api::dashboard_json))
+        .route("/api/events", get(live::events))
+        .route("/api/pipeline", get(pipeline::pipeline))
+        .route("/metrics", get(pipeline::metrics))
         .route("/healthz", get(healthz))
-        .with_state(store)
+        .with_state(state)
 }
 
 /// Binds `listen` and serves until `shutdown`. Returns the bound address through `bound`
@@ -70,9 +98,10 @@ pub async fn bind(listen: SocketAddr) -> Result<TcpListener, ServeError> {
 pub async fn run(
     listener: TcpListener,
     store: Store,
+    kafka: Option<KafkaSettings>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    axum::serve(listener, router(store))
+    axum::serve(listener, router(store, kafka, shutdown.clone()))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     Ok(())
@@ -84,40 +113,4 @@ async fn dashboard() -> Html<&'static str> {
 
 async fn healthz() -> &'static str {
     "ok\n"
-}
-
-async fn countries(State(store): State<Store>) -> Response {
-    match store.country_counts().await {
-        Ok(rows) => {
-            let total = rows.iter().map(|r| r.visits).sum();
-            let max = rows.iter().map(|r| r.visits).max().unwrap_or(0);
-            let countries = rows
-                .into_iter()
-                .map(|r| CountryVisits {
-                    country_name: country_name(&r.country_code),
-                    country_code: r.country_code,
-                    visits: r.visits,
-                })
-                .collect();
-            let mut resp = Json(CountriesResponse {
-                total,
-                max,
-                countries,
-            })
-            .into_response();
-            resp.headers_mut().insert(
-                header::CACHE_CONTROL,
-                header::HeaderValue::from_static("no-store"),
-            );
-            resp
-        }
-        Err(err) => {
-            tracing::warn!(%err, "cannot read counts");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("database unavailable: {err}\n"),
-            )
-                .into_response()
-        }
-    }
 }

@@ -51,6 +51,48 @@ const MIGRATIONS: &[&str] = &[
         topic_id TEXT,
         source_topic_id TEXT,
         PRIMARY KEY (consumer_group, topic, \"partition\"))",
+    // Every dimension's counts (crate::aggregate::dimensions): a new dimension is new rows,
+    // not a new table.
+    "CREATE TABLE IF NOT EXISTS dimension_counts (
+        dimension TEXT NOT NULL,
+        value TEXT NOT NULL,
+        visits BIGINT NOT NULL,
+        bytes BIGINT NOT NULL,
+        humans BIGINT NOT NULL,
+        PRIMARY KEY (dimension, value))",
+    // Visits per minute (event time, seconds since the epoch) and country: the time series.
+    "CREATE TABLE IF NOT EXISTS minute_counts (
+        minute BIGINT NOT NULL,
+        country_code TEXT NOT NULL,
+        visits BIGINT NOT NULL,
+        bytes BIGINT NOT NULL,
+        humans BIGINT NOT NULL,
+        PRIMARY KEY (minute, country_code))",
+    // Unique visitors per day and country (`*`: all): HyperLogLog registers (crate::sketch),
+    // merged at each flush, and their estimate. BYTEA is a blob to SQLite as well.
+    "CREATE TABLE IF NOT EXISTS unique_visitors (
+        day TEXT NOT NULL,
+        country_code TEXT NOT NULL,
+        registers BYTEA NOT NULL,
+        estimate BIGINT NOT NULL,
+        PRIMARY KEY (day, country_code))",
+    // Histograms (crate::sketch::bucket_of) of response sizes and request times, per country
+    // and for all (`*`).
+    "CREATE TABLE IF NOT EXISTS histogram_buckets (
+        metric TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        visits BIGINT NOT NULL,
+        PRIMARY KEY (metric, scope, bucket))",
+    // Flushes per consumer group by duration (start to commit), a histogram for /metrics:
+    // each flush adds one to the row of its bucket (`le_ms`: upper bound in milliseconds) and
+    // its duration to the row's total.
+    "CREATE TABLE IF NOT EXISTS flush_stats (
+        consumer_group TEXT NOT NULL,
+        le_ms BIGINT NOT NULL,
+        flushes BIGINT NOT NULL,
+        total_ms BIGINT NOT NULL,
+        PRIMARY KEY (consumer_group, le_ms))",
 ];
 
 /// The columns (and SQL types) the statements rely on, checked at open so that a table of the
@@ -93,13 +135,116 @@ const EXPECTED_COLUMNS: &[(&str, &[(&str, SqlType)])] = &[
             ("source_topic_id", SqlType::Text),
         ],
     ),
+    (
+        "dimension_counts",
+        &[
+            ("dimension", SqlType::Text),
+            ("value", SqlType::Text),
+            ("visits", SqlType::BigInt),
+            ("bytes", SqlType::BigInt),
+            ("humans", SqlType::BigInt),
+        ],
+    ),
+    (
+        "minute_counts",
+        &[
+            ("minute", SqlType::BigInt),
+            ("country_code", SqlType::Text),
+            ("visits", SqlType::BigInt),
+            ("bytes", SqlType::BigInt),
+            ("humans", SqlType::BigInt),
+        ],
+    ),
+    (
+        "unique_visitors",
+        &[
+            ("day", SqlType::Text),
+            ("country_code", SqlType::Text),
+            ("registers", SqlType::Bytes),
+            ("estimate", SqlType::BigInt),
+        ],
+    ),
+    (
+        "histogram_buckets",
+        &[
+            ("metric", SqlType::Text),
+            ("scope", SqlType::Text),
+            ("bucket", SqlType::Integer),
+            ("visits", SqlType::BigInt),
+        ],
+    ),
+    (
+        "flush_stats",
+        &[
+            ("consumer_group", SqlType::Text),
+            ("le_ms", SqlType::BigInt),
+            ("flushes", SqlType::BigInt),
+            ("total_ms", SqlType::BigInt),
+        ],
+    ),
 ];
+
+/// Upper bounds (ms) of the flush duration buckets; the last is +Inf.
+pub const FLUSH_BUCKETS_MS: &[i64] = &[
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10_000,
+    30_000,
+    i64::MAX,
+];
+
+/// The bucket of a flush that took `elapsed`, and its milliseconds.
+fn flush_bucket(elapsed: Duration) -> (i64, i64) {
+    let ms = i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX);
+    let le = FLUSH_BUCKETS_MS
+        .iter()
+        .copied()
+        .find(|&le| ms <= le)
+        .unwrap_or(i64::MAX);
+    (le, ms)
+}
+
+/// A consumer group's flushes by duration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlushDurations {
+    pub count: u64,
+    pub sum_ms: u64,
+    /// (upper bound in ms, flushes in that bucket only), every bucket of
+    /// [`FLUSH_BUCKETS_MS`] in order.
+    pub buckets: Vec<(i64, u64)>,
+}
+
+impl FlushDurations {
+    /// From stored rows (le_ms, flushes, total_ms).
+    fn from_rows(rows: &[(i64, u64, u64)]) -> FlushDurations {
+        FlushDurations {
+            count: rows.iter().map(|r| r.1).sum(),
+            sum_ms: rows.iter().map(|r| r.2).sum(),
+            buckets: FLUSH_BUCKETS_MS
+                .iter()
+                .map(|&le| {
+                    let n = rows.iter().filter(|r| r.0 == le).map(|r| r.1).sum();
+                    (le, n)
+                })
+                .collect(),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SqlType {
     Text,
     BigInt,
     Integer,
+    Bytes,
 }
 
 impl SqlType {
@@ -109,6 +254,7 @@ impl SqlType {
             SqlType::Text => "TEXT",
             SqlType::BigInt => "BIGINT",
             SqlType::Integer => "INTEGER",
+            SqlType::Bytes => "BYTEA",
         }
     }
     /// The type's name in PostgreSQL's `information_schema.columns.data_type`.
@@ -117,6 +263,7 @@ impl SqlType {
             SqlType::Text => "text",
             SqlType::BigInt => "bigint",
             SqlType::Integer => "integer",
+            SqlType::Bytes => "bytea",
         }
     }
 }
@@ -238,6 +385,154 @@ pub struct FlushBatch {
     pub reset_watermarks: Vec<i32>,
     /// The topics the written positions refer to, recorded for every partition in `offsets`.
     pub identity: TopicIdentity,
+    /// Visits and bytes to add per (dimension, value).
+    pub dimensions: Vec<DimensionIncrement>,
+    /// Visits and bytes to add per (minute, country).
+    pub minutes: Vec<MinuteIncrement>,
+    /// Minutes before this one (seconds since the epoch) are deleted: the time series'
+    /// retention.
+    pub prune_minutes_before: Option<i64>,
+    /// Unique-visitor sketches to merge into the stored ones.
+    pub uniques: Vec<UniqueSketch>,
+    /// Histogram bucket counts to add.
+    pub histograms: Vec<HistogramIncrement>,
+}
+
+/// A unique-visitor sketch of one day and country (or `*`: all countries), merged into the
+/// stored one by a flush (a union: replays cannot change it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UniqueSketch {
+    /// `YYYY-MM-DD` (event time, UTC).
+    pub day: String,
+    pub country_code: String,
+    pub sketch: crate::sketch::Hll,
+}
+
+/// Visits to add to one bucket of one histogram.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HistogramIncrement {
+    /// `bytes` or `request_time_us`.
+    pub metric: String,
+    /// A country code, or `*` for all.
+    pub scope: String,
+    /// [`crate::sketch::bucket_of`] of the value.
+    pub bucket: i32,
+    pub count: u64,
+}
+
+/// Unique visitors of one day and country, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UniqueCount {
+    pub day: String,
+    pub country_code: String,
+    /// The sketch's estimate (see [`crate::sketch`] for its error).
+    pub visitors: u64,
+}
+
+/// What is added up per value: visits, their bytes, and how many of them were not bots (the
+/// dashboard's "hide bots" toggle).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Amount {
+    pub visits: u64,
+    pub bytes: u64,
+    pub humans: u64,
+}
+
+impl Amount {
+    /// One visit of `bytes` bytes.
+    pub fn visit(bytes: u64, is_bot: bool) -> Amount {
+        Amount {
+            visits: 1,
+            bytes,
+            humans: u64::from(!is_bot),
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.visits == 0
+    }
+}
+
+impl std::ops::AddAssign for Amount {
+    fn add_assign(&mut self, o: Amount) {
+        self.visits += o.visits;
+        self.bytes += o.bytes;
+        self.humans += o.humans;
+    }
+}
+
+/// What to add to one value of one dimension.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DimensionIncrement {
+    pub dimension: String,
+    pub value: String,
+    pub amount: Amount,
+}
+
+/// What to add to one minute of one country.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MinuteIncrement {
+    /// Start of the minute, seconds since the epoch (event time).
+    pub minute: i64,
+    pub country_code: String,
+    pub amount: Amount,
+}
+
+/// One value of a dimension as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ValueCount {
+    pub value: String,
+    pub visits: u64,
+    pub bytes: u64,
+    /// Visits that were not bots.
+    pub humans: u64,
+}
+
+/// The values of a dimension with the most visits, and the dimension's totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DimensionCounts {
+    /// Most visits first, ties by value.
+    pub values: Vec<ValueCount>,
+    /// Over all values, not only those returned.
+    pub total_visits: u64,
+    pub total_bytes: u64,
+    pub total_humans: u64,
+    /// Distinct values stored.
+    pub distinct: u64,
+}
+
+/// Visits in one minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MinutePoint {
+    /// Start of the minute, seconds since the epoch.
+    pub minute: i64,
+    pub visits: u64,
+    pub bytes: u64,
+    pub humans: u64,
+}
+
+/// Merges a stored sketch into `sketch`; one that is not ours (another size) is replaced,
+/// with a warning.
+fn merge_stored(sketch: &mut crate::sketch::Hll, stored: &[u8], u: &UniqueSketch) {
+    match crate::sketch::Hll::from_bytes(stored) {
+        Some(h) => sketch.merge(&h),
+        None => tracing::warn!(
+            day = %u.day,
+            country = %u.country_code,
+            bytes = stored.len(),
+            "stored unique-visitor sketch is not readable; replaced"
+        ),
+    }
+}
+
+/// A stored count read back (never negative; a corrupt row reads as 0).
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A count to add, as SQL's BIGINT.
+fn sql_count(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// What a consumer group stored for a topic: next offsets and source watermarks per partition.
@@ -322,6 +617,104 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.country_counts().await,
             Store::Postgres(s) => s.country_counts().await,
+        }
+    }
+
+    /// The `limit` values of `dimension` with the most visits, and its totals.
+    pub async fn dimension_counts(
+        &self,
+        dimension: &str,
+        limit: u32,
+    ) -> Result<DimensionCounts, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.dimension_counts(dimension, limit).await,
+            Store::Postgres(s) => s.dimension_counts(dimension, limit).await,
+        }
+    }
+
+    /// Visits per minute from `since` (seconds since the epoch) on, of one country or all.
+    pub async fn minutes(
+        &self,
+        since: i64,
+        country: Option<&str>,
+    ) -> Result<Vec<MinutePoint>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.minutes(since, country).await,
+            Store::Postgres(s) => s.minutes(since, country).await,
+        }
+    }
+
+    /// Unique visitors per day of `country` (`*`: all), newest day first, at most `days`.
+    pub async fn unique_days(
+        &self,
+        country: &str,
+        days: u32,
+    ) -> Result<Vec<UniqueCount>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.unique_days(country, days).await,
+            Store::Postgres(s) => s.unique_days(country, days).await,
+        }
+    }
+
+    /// Unique visitors of every country on `day`, most first.
+    pub async fn unique_countries(&self, day: &str) -> Result<Vec<UniqueCount>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.unique_countries(day).await,
+            Store::Postgres(s) => s.unique_countries(day).await,
+        }
+    }
+
+    /// The buckets of one histogram: (bucket, visits).
+    pub async fn histogram(
+        &self,
+        metric: &str,
+        scope: &str,
+    ) -> Result<Vec<(i32, u64)>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.histogram(metric, scope).await,
+            Store::Postgres(s) => s.histogram(metric, scope).await,
+        }
+    }
+
+    /// When the last flush committed (RFC 3339), if any.
+    pub async fn last_flush(&self) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.last_flush().await,
+            Store::Postgres(s) => s.last_flush().await,
+        }
+    }
+
+    /// Every consumer group's flushes by duration.
+    pub async fn flush_durations(&self) -> Result<Vec<(String, FlushDurations)>, StoreError> {
+        let rows = match self {
+            Store::Sqlite(s) => s.flush_stats().await?,
+            Store::Postgres(s) => s.flush_stats().await?,
+        };
+        let mut groups: std::collections::BTreeMap<String, Vec<(i64, u64, u64)>> =
+            Default::default();
+        for (g, le, n, ms) in rows {
+            groups.entry(g).or_default().push((le, n, ms));
+        }
+        Ok(groups
+            .into_iter()
+            .map(|(g, rows)| (g, FlushDurations::from_rows(&rows)))
+            .collect())
+    }
+
+    /// A number that changes with every committed flush that moved an offset (the sum of
+    /// the stored next offsets): the live page is pushed a new snapshot when it changes.
+    pub async fn flush_version(&self) -> Result<i64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.flush_version().await,
+            Store::Postgres(s) => s.flush_version().await,
+        }
+    }
+
+    /// The newest minute with visits (event time), if any.
+    pub async fn latest_minute(&self) -> Result<Option<i64>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.latest_minute().await,
+            Store::Postgres(s) => s.latest_minute().await,
         }
     }
 }
@@ -470,6 +863,189 @@ mod tests {
         drop(store);
         let store = Store::open(url).await.unwrap();
         assert_eq!(store.load_positions("g", "t").await.unwrap(), expected);
+    }
+
+    /// Dimension and minute counts add up across flushes, are fenced with the offsets, and
+    /// read back sorted with their totals; old minutes are pruned.
+    async fn dimensions_and_minutes_add_up(url: &str) {
+        let store = Store::open(url).await.unwrap();
+        let amount = |visits, bytes, humans| Amount {
+            visits,
+            bytes,
+            humans,
+        };
+        let dim = |d: &str, v: &str, a: Amount| DimensionIncrement {
+            dimension: d.into(),
+            value: v.into(),
+            amount: a,
+        };
+        let minute = |m: i64, c: &str, a: Amount| MinuteIncrement {
+            minute: m,
+            country_code: c.into(),
+            amount: a,
+        };
+        let mut first = batch(&[("NL", 3)], &[(0, None, 3)]);
+        first.dimensions = vec![
+            dim("path", "/a", amount(2, 20, 1)),
+            dim("path", "/b", amount(1, 5, 1)),
+            dim("status", "200", amount(3, 25, 2)),
+        ];
+        first.minutes = vec![
+            minute(60, "NL", amount(2, 20, 1)),
+            minute(120, "NL", amount(1, 5, 1)),
+        ];
+        assert_eq!(store.flush(&first).await.unwrap(), FlushOutcome::Committed);
+        let mut second = batch(&[("NL", 2)], &[(0, Some(3), 5)]);
+        second.dimensions = vec![
+            dim("path", "/b", amount(2, 10, 0)),
+            dim("path", "(other)", amount(1, 1, 1)),
+        ];
+        second.minutes = vec![minute(180, "US", amount(2, 11, 1))];
+        second.prune_minutes_before = Some(120);
+        assert_eq!(store.flush(&second).await.unwrap(), FlushOutcome::Committed);
+        // A fenced-off flush adds nothing.
+        let mut zombie = batch(&[("NL", 9)], &[(0, Some(3), 9)]);
+        zombie.dimensions = vec![dim("path", "/a", amount(9, 9, 9))];
+        zombie.minutes = vec![minute(180, "US", amount(9, 9, 9))];
+        assert_eq!(
+            store.flush(&zombie).await.unwrap(),
+            FlushOutcome::Conflict(vec![0])
+        );
+        let path = store.dimension_counts("path", 2).await.unwrap();
+        let value = |v: &str, visits, bytes, humans| ValueCount {
+            value: v.into(),
+            visits,
+            bytes,
+            humans,
+        };
+        assert_eq!(
+            path,
+            DimensionCounts {
+                values: vec![value("/b", 3, 15, 1), value("/a", 2, 20, 1)],
+                total_visits: 6,
+                total_bytes: 36,
+                total_humans: 3,
+                distinct: 3,
+            }
+        );
+        assert_eq!(
+            store.dimension_counts("nothing", 5).await.unwrap(),
+            DimensionCounts::default()
+        );
+        let point = |minute, visits, bytes, humans| MinutePoint {
+            minute,
+            visits,
+            bytes,
+            humans,
+        };
+        assert_eq!(
+            store.minutes(0, None).await.unwrap(),
+            vec![point(120, 1, 5, 1), point(180, 2, 11, 1)],
+            "minute 60 pruned"
+        );
+        assert_eq!(
+            store.minutes(150, Some("US")).await.unwrap(),
+            vec![point(180, 2, 11, 1)]
+        );
+        assert!(store.minutes(0, Some("DE")).await.unwrap().is_empty());
+        assert_eq!(store.latest_minute().await.unwrap(), Some(180));
+        assert_eq!(store.flush_version().await.unwrap(), 5);
+        // Two committed flushes (the fenced one is not counted), with their durations.
+        let durations = store.flush_durations().await.unwrap();
+        assert_eq!(durations.len(), 1);
+        assert_eq!(durations[0].0, "g");
+        assert_eq!(durations[0].1.count, 2);
+        assert_eq!(durations[0].1.buckets.len(), FLUSH_BUCKETS_MS.len());
+        assert_eq!(durations[0].1.buckets.iter().map(|b| b.1).sum::<u64>(), 2);
+        assert!(store.last_flush().await.unwrap().is_some());
+    }
+
+    /// Unique-visitor sketches merge with what is stored (a union: sending the same visitors
+    /// again changes nothing); histogram buckets add up.
+    async fn sketches_merge(url: &str) {
+        use crate::sketch::Hll;
+        let store = Store::open(url).await.unwrap();
+        let sketch = |from: u64, to: u64| {
+            let mut h = Hll::default();
+            for i in from..to {
+                h.add(crate::event::visitor_id(&i.to_string(), "d", "u"));
+            }
+            h
+        };
+        let unique = |day: &str, c: &str, h: Hll| UniqueSketch {
+            day: day.into(),
+            country_code: c.into(),
+            sketch: h,
+        };
+        let hist = |scope: &str, bucket, count| HistogramIncrement {
+            metric: "bytes".into(),
+            scope: scope.into(),
+            bucket,
+            count,
+        };
+        let mut first = batch(&[("NL", 1)], &[(0, None, 1)]);
+        first.uniques = vec![
+            unique("2026-01-01", "NL", sketch(0, 600)),
+            unique("2026-01-01", "*", sketch(0, 600)),
+            unique("2026-01-02", "*", sketch(0, 10)),
+        ];
+        first.histograms = vec![hist("*", 3, 2), hist("NL", 3, 2)];
+        assert_eq!(store.flush(&first).await.unwrap(), FlushOutcome::Committed);
+        let mut second = batch(&[("NL", 1)], &[(0, Some(1), 2)]);
+        second.uniques = vec![
+            unique("2026-01-01", "NL", sketch(300, 1000)),
+            unique("2026-01-01", "*", sketch(300, 1000)),
+            unique("2026-01-01", "DE", sketch(5000, 5100)),
+        ];
+        second.histograms = vec![hist("*", 3, 1), hist("*", 40, 5)];
+        assert_eq!(store.flush(&second).await.unwrap(), FlushOutcome::Committed);
+        let days = store.unique_days("*", 10).await.unwrap();
+        assert_eq!(
+            days.iter().map(|d| d.day.as_str()).collect::<Vec<_>>(),
+            vec!["2026-01-02", "2026-01-01"]
+        );
+        assert_eq!(days[0].visitors, 10);
+        let within = |got: u64, exact: f64| (got as f64 - exact).abs() <= exact * 0.025;
+        assert!(within(days[1].visitors, 1000.0), "{days:?}");
+        let countries = store.unique_countries("2026-01-01").await.unwrap();
+        assert_eq!(countries.len(), 2, "{countries:?}");
+        assert_eq!(countries[0].country_code, "NL");
+        assert!(within(countries[0].visitors, 1000.0), "{countries:?}");
+        assert_eq!(countries[1].visitors, 100);
+        assert_eq!(
+            store.histogram("bytes", "*").await.unwrap(),
+            vec![(3, 3), (40, 5)]
+        );
+        assert_eq!(store.histogram("bytes", "NL").await.unwrap(), vec![(3, 2)]);
+        assert!(
+            store
+                .histogram("request_time_us", "*")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn sqlite_sketches_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        sketches_merge(&format!("sqlite://{}/s.db", dir.path().display())).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_sketches_merge() {
+        sketches_merge(&testing::fresh_postgres_url().await).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_dimensions_and_minutes_add_up() {
+        let dir = tempfile::tempdir().unwrap();
+        dimensions_and_minutes_add_up(&format!("sqlite://{}/s.db", dir.path().display())).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_dimensions_and_minutes_add_up() {
+        dimensions_and_minutes_add_up(&testing::fresh_postgres_url().await).await;
     }
 
     #[tokio::test]

@@ -12,8 +12,9 @@ use tokio_postgres::NoTls;
 use std::collections::HashMap;
 
 use super::{
-    CountryCount, EXPECTED_COLUMNS, FlushBatch, FlushOutcome, MIGRATIONS, SqlType, StoreError,
-    StoredPositions, TopicIdentity, schema_problem,
+    CountryCount, DimensionCounts, EXPECTED_COLUMNS, FlushBatch, FlushOutcome, MIGRATIONS,
+    MinutePoint, SqlType, StoreError, StoredPositions, TopicIdentity, UniqueCount, ValueCount,
+    count, flush_bucket, schema_problem, sql_count,
 };
 
 /// Offsets compare-and-set: returns the partitions whose offset moved (or was created).
@@ -49,6 +50,47 @@ const UPSERT_COUNTS: &str = "INSERT INTO country_stats (country_code, visit_coun
      SELECT c, n, $3 FROM unnest($1::text[], $2::int8[]) AS u(c, n)
      ON CONFLICT (country_code) DO UPDATE
      SET visit_count = country_stats.visit_count + excluded.visit_count, updated_at = excluded.updated_at";
+
+const UPSERT_DIMENSIONS: &str = "INSERT INTO dimension_counts (dimension, value, visits, bytes, humans)
+     SELECT d, v, n, b, h FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS u(d, v, n, b, h)
+     ON CONFLICT (dimension, value) DO UPDATE
+     SET visits = dimension_counts.visits + excluded.visits,
+         bytes = dimension_counts.bytes + excluded.bytes,
+         humans = dimension_counts.humans + excluded.humans";
+
+const UPSERT_MINUTES: &str = "INSERT INTO minute_counts (minute, country_code, visits, bytes, humans)
+     SELECT m, c, n, b, h FROM unnest($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS u(m, c, n, b, h)
+     ON CONFLICT (minute, country_code) DO UPDATE
+     SET visits = minute_counts.visits + excluded.visits,
+         bytes = minute_counts.bytes + excluded.bytes,
+         humans = minute_counts.humans + excluded.humans";
+
+const UPSERT_HISTOGRAMS: &str = "INSERT INTO histogram_buckets (metric, scope, bucket, visits)
+     SELECT m, s, b, n FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[]) AS u(m, s, b, n)
+     ON CONFLICT (metric, scope, bucket) DO UPDATE
+     SET visits = histogram_buckets.visits + excluded.visits";
+
+/// Serializes the read-merge-write of unique-visitor sketches between aggregators (two of
+/// them may both add a day's first `*` sketch; without the lock the second would overwrite
+/// the first's registers). Held until the transaction ends.
+const LOCK_UNIQUES: &str = "SELECT pg_advisory_xact_lock(7061676576)";
+
+const READ_UNIQUES: &str = "SELECT u.day, u.country_code, u.registers FROM unique_visitors u
+     JOIN unnest($1::text[], $2::text[]) AS k(d, c) ON u.day = k.d AND u.country_code = k.c";
+
+const UPSERT_UNIQUES: &str = "INSERT INTO unique_visitors (day, country_code, registers, estimate)
+     SELECT d, c, r, e FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS u(d, c, r, e)
+     ON CONFLICT (day, country_code) DO UPDATE
+     SET registers = excluded.registers, estimate = excluded.estimate";
+
+const UPSERT_FLUSH_STATS: &str =
+    "INSERT INTO flush_stats (consumer_group, le_ms, flushes, total_ms)
+     VALUES ($1, $2, 1, $3)
+     ON CONFLICT (consumer_group, le_ms) DO UPDATE
+     SET flushes = flush_stats.flushes + 1, total_ms = flush_stats.total_ms + excluded.total_ms";
+
+/// `$1` NULL deletes nothing.
+const PRUNE_MINUTES: &str = "DELETE FROM minute_counts WHERE minute < $1::int8";
 
 /// A connection pool to one PostgreSQL database (and schema, via `options=-csearch_path=…`).
 #[derive(Clone)]
@@ -174,6 +216,7 @@ impl PostgresStore {
     }
 
     pub async fn flush(&self, batch: &FlushBatch) -> Result<FlushOutcome, StoreError> {
+        let started = std::time::Instant::now();
         let (mut moved_p, mut moved_expected, mut moved_next) =
             (Vec::new(), Vec::new(), Vec::new());
         let (mut new_p, mut new_next) = (Vec::new(), Vec::new());
@@ -224,12 +267,17 @@ impl PostgresStore {
         // The statements go out together (tokio-postgres pipelines concurrent queries on one
         // connection, in order, so the watermark reset runs before the upsert); statements are
         // prepared once per pooled connection.
-        let (reset_stmt, wm_stmt, ids_stmt, count_stmt) = futures::try_join!(
-            tx.prepare_cached(RESET_WATERMARKS),
-            tx.prepare_cached(UPSERT_WATERMARKS),
-            tx.prepare_cached(UPSERT_TOPIC_IDS),
-            tx.prepare_cached(UPSERT_COUNTS)
-        )?;
+        let (reset_stmt, wm_stmt, ids_stmt, count_stmt, dim_stmt, min_stmt, prune_stmt, hist_stmt) =
+            futures::try_join!(
+                tx.prepare_cached(RESET_WATERMARKS),
+                tx.prepare_cached(UPSERT_WATERMARKS),
+                tx.prepare_cached(UPSERT_TOPIC_IDS),
+                tx.prepare_cached(UPSERT_COUNTS),
+                tx.prepare_cached(UPSERT_DIMENSIONS),
+                tx.prepare_cached(UPSERT_MINUTES),
+                tx.prepare_cached(PRUNE_MINUTES),
+                tx.prepare_cached(UPSERT_HISTOGRAMS)
+            )?;
         let all_partitions: Vec<i32> = batch.offsets.iter().map(|o| o.partition).collect();
         let parts: Vec<i32> = batch.watermarks.iter().map(|w| w.partition).collect();
         let sources: Vec<i32> = batch
@@ -242,8 +290,20 @@ impl PostgresStore {
         let counts: Vec<i64> = batch
             .increments
             .iter()
-            .map(|(_, n)| i64::try_from(*n).unwrap_or(i64::MAX))
+            .map(|(_, n)| sql_count(*n))
             .collect();
+        let dims = &batch.dimensions;
+        let dim_names: Vec<&str> = dims.iter().map(|d| d.dimension.as_str()).collect();
+        let dim_values: Vec<&str> = dims.iter().map(|d| d.value.as_str()).collect();
+        let dim_visits: Vec<i64> = dims.iter().map(|d| sql_count(d.amount.visits)).collect();
+        let dim_bytes: Vec<i64> = dims.iter().map(|d| sql_count(d.amount.bytes)).collect();
+        let dim_humans: Vec<i64> = dims.iter().map(|d| sql_count(d.amount.humans)).collect();
+        let mins = &batch.minutes;
+        let min_starts: Vec<i64> = mins.iter().map(|m| m.minute).collect();
+        let min_countries: Vec<&str> = mins.iter().map(|m| m.country_code.as_str()).collect();
+        let min_visits: Vec<i64> = mins.iter().map(|m| sql_count(m.amount.visits)).collect();
+        let min_bytes: Vec<i64> = mins.iter().map(|m| sql_count(m.amount.bytes)).collect();
+        let min_humans: Vec<i64> = mins.iter().map(|m| sql_count(m.amount.humans)).collect();
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let wm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
             &batch.consumer_group,
@@ -262,14 +322,216 @@ impl PostgresStore {
             &batch.identity.topic_id,
             &batch.identity.source_topic_id,
         ];
+        let dim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &dim_names,
+            &dim_values,
+            &dim_visits,
+            &dim_bytes,
+            &dim_humans,
+        ];
+        let min_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &min_starts,
+            &min_countries,
+            &min_visits,
+            &min_bytes,
+            &min_humans,
+        ];
+        let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] =
+            [&batch.prune_minutes_before];
+        let hs = &batch.histograms;
+        let hist_metrics: Vec<&str> = hs.iter().map(|h| h.metric.as_str()).collect();
+        let hist_scopes: Vec<&str> = hs.iter().map(|h| h.scope.as_str()).collect();
+        let hist_buckets: Vec<i32> = hs.iter().map(|h| h.bucket).collect();
+        let hist_counts: Vec<i64> = hs.iter().map(|h| sql_count(h.count)).collect();
+        let hist_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&hist_metrics, &hist_scopes, &hist_buckets, &hist_counts];
         futures::try_join!(
             tx.execute(&reset_stmt, &reset_params),
             tx.execute(&wm_stmt, &wm_params),
             tx.execute(&ids_stmt, &ids_params),
             tx.execute(&count_stmt, &count_params),
+            tx.execute(&dim_stmt, &dim_params),
+            tx.execute(&min_stmt, &min_params),
+            tx.execute(&prune_stmt, &prune_params),
+            tx.execute(&hist_stmt, &hist_params),
         )?;
+        if !batch.uniques.is_empty() {
+            merge_uniques(&tx, &batch.uniques).await?;
+        }
+        let (le, ms) = flush_bucket(started.elapsed());
+        let stats = tx.prepare_cached(UPSERT_FLUSH_STATS).await?;
+        tx.execute(&stats, &[&batch.consumer_group, &le, &ms])
+            .await?;
         tx.commit().await?;
         Ok(FlushOutcome::Committed)
+    }
+
+    pub async fn dimension_counts(
+        &self,
+        dimension: &str,
+        limit: u32,
+    ) -> Result<DimensionCounts, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT value, visits, bytes, humans FROM dimension_counts WHERE dimension = $1
+                 ORDER BY visits DESC, value LIMIT $2",
+                &[&dimension, &i64::from(limit)],
+            )
+            .await?;
+        let mut out = DimensionCounts::default();
+        for r in &rows {
+            out.values.push(ValueCount {
+                value: r.try_get(0)?,
+                visits: count(r.try_get(1)?),
+                bytes: count(r.try_get(2)?),
+                humans: count(r.try_get(3)?),
+            });
+        }
+        let row = client
+            .query_one(
+                "SELECT CAST(COALESCE(SUM(visits), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT),
+                        CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(*)
+                 FROM dimension_counts WHERE dimension = $1",
+                &[&dimension],
+            )
+            .await?;
+        out.total_visits = count(row.try_get(0)?);
+        out.total_bytes = count(row.try_get(1)?);
+        out.total_humans = count(row.try_get(2)?);
+        out.distinct = count(row.try_get(3)?);
+        Ok(out)
+    }
+
+    pub async fn minutes(
+        &self,
+        since: i64,
+        country: Option<&str>,
+    ) -> Result<Vec<MinutePoint>, StoreError> {
+        let client = self.client().await?;
+        let rows =
+            match country {
+                Some(c) => {
+                    client
+                        .query(
+                            "SELECT minute, visits, bytes, humans FROM minute_counts
+                         WHERE minute >= $1 AND country_code = $2 ORDER BY minute",
+                            &[&since, &c],
+                        )
+                        .await?
+                }
+                None => client
+                    .query(
+                        "SELECT minute, CAST(SUM(visits) AS BIGINT), CAST(SUM(bytes) AS BIGINT),
+                                CAST(SUM(humans) AS BIGINT)
+                         FROM minute_counts WHERE minute >= $1 GROUP BY minute ORDER BY minute",
+                        &[&since],
+                    )
+                    .await?,
+            };
+        rows.iter()
+            .map(|r| {
+                Ok(MinutePoint {
+                    minute: r.try_get(0)?,
+                    visits: count(r.try_get(1)?),
+                    bytes: count(r.try_get(2)?),
+                    humans: count(r.try_get(3)?),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn unique_days(
+        &self,
+        country: &str,
+        days: u32,
+    ) -> Result<Vec<UniqueCount>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT day, country_code, estimate FROM unique_visitors
+                 WHERE country_code = $1 ORDER BY day DESC LIMIT $2",
+                &[&country, &i64::from(days)],
+            )
+            .await?;
+        unique_rows(&rows)
+    }
+
+    pub async fn unique_countries(&self, day: &str) -> Result<Vec<UniqueCount>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT day, country_code, estimate FROM unique_visitors
+                 WHERE day = $1 AND country_code <> '*' ORDER BY estimate DESC, country_code",
+                &[&day],
+            )
+            .await?;
+        unique_rows(&rows)
+    }
+
+    pub async fn histogram(
+        &self,
+        metric: &str,
+        scope: &str,
+    ) -> Result<Vec<(i32, u64)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT bucket, visits FROM histogram_buckets
+                 WHERE metric = $1 AND scope = $2 ORDER BY bucket",
+                &[&metric, &scope],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, count(r.try_get(1)?))))
+            .collect()
+    }
+
+    pub async fn last_flush(&self) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT MAX(updated_at) FROM country_stats", &[])
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    pub async fn flush_stats(&self) -> Result<Vec<(String, i64, u64, u64)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT consumer_group, le_ms, flushes, total_ms FROM flush_stats",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    count(r.try_get(2)?),
+                    count(r.try_get(3)?),
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn flush_version(&self) -> Result<i64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT CAST(COALESCE(SUM(next_offset), 0) AS BIGINT) FROM consumer_offsets",
+                &[],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    pub async fn latest_minute(&self) -> Result<Option<i64>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT MAX(minute) FROM minute_counts", &[])
+            .await?;
+        Ok(row.try_get(0)?)
     }
 
     pub async fn country_counts(&self) -> Result<Vec<CountryCount>, StoreError> {
@@ -290,6 +552,47 @@ impl PostgresStore {
             })
             .collect()
     }
+}
+
+fn unique_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<UniqueCount>, StoreError> {
+    rows.iter()
+        .map(|r| {
+            Ok(UniqueCount {
+                day: r.try_get(0)?,
+                country_code: r.try_get(1)?,
+                visitors: count(r.try_get(2)?),
+            })
+        })
+        .collect()
+}
+
+/// Merges a flush's unique-visitor sketches into the stored ones (under [`LOCK_UNIQUES`]).
+async fn merge_uniques(
+    tx: &deadpool_postgres::Transaction<'_>,
+    uniques: &[super::UniqueSketch],
+) -> Result<(), StoreError> {
+    tx.execute(LOCK_UNIQUES, &[]).await?;
+    let days: Vec<&str> = uniques.iter().map(|u| u.day.as_str()).collect();
+    let countries: Vec<&str> = uniques.iter().map(|u| u.country_code.as_str()).collect();
+    let read = tx.prepare_cached(READ_UNIQUES).await?;
+    let mut stored: HashMap<(String, String), Vec<u8>> = HashMap::new();
+    for r in tx.query(&read, &[&days, &countries]).await? {
+        stored.insert((r.try_get(0)?, r.try_get(1)?), r.try_get(2)?);
+    }
+    let mut registers = Vec::with_capacity(uniques.len());
+    let mut estimates = Vec::with_capacity(uniques.len());
+    for u in uniques {
+        let mut sketch = u.sketch.clone();
+        if let Some(bytes) = stored.get(&(u.day.clone(), u.country_code.clone())) {
+            super::merge_stored(&mut sketch, bytes, u);
+        }
+        estimates.push(sketch.estimate().round() as i64);
+        registers.push(sketch.as_bytes().to_vec());
+    }
+    let upsert = tx.prepare_cached(UPSERT_UNIQUES).await?;
+    tx.execute(&upsert, &[&days, &countries, &registers, &estimates])
+        .await?;
+    Ok(())
 }
 
 /// The URL without its password, for error messages.

@@ -15,8 +15,9 @@ use std::time::Duration;
 use libsql::{Connection, TransactionBehavior, params};
 
 use super::{
-    CountryCount, EXPECTED_COLUMNS, FlushBatch, FlushOutcome, MIGRATIONS, SqlType, StoreError,
-    StoredPositions, TopicIdentity, schema_problem,
+    CountryCount, DimensionCounts, EXPECTED_COLUMNS, FlushBatch, FlushOutcome, MIGRATIONS,
+    MinutePoint, SqlType, StoreError, StoredPositions, TopicIdentity, UniqueCount, ValueCount,
+    count, flush_bucket, schema_problem, sql_count,
 };
 
 /// How long a statement waits for another writer (another process's flush) to finish.
@@ -199,6 +200,179 @@ impl SqliteStore {
             .await
     }
 
+    pub async fn dimension_counts(
+        &self,
+        dimension: &str,
+        limit: u32,
+    ) -> Result<DimensionCounts, StoreError> {
+        let dimension = dimension.to_owned();
+        self.with_conn(
+            move |conn| async move { dimension_counts_on(&conn, &dimension, limit).await },
+        )
+        .await
+    }
+
+    pub async fn minutes(
+        &self,
+        since: i64,
+        country: Option<&str>,
+    ) -> Result<Vec<MinutePoint>, StoreError> {
+        let country = country.map(str::to_owned);
+        self.with_conn(move |conn| async move {
+            let mut rows = match &country {
+                Some(c) => {
+                    conn.query(
+                        "SELECT minute, visits, bytes, humans FROM minute_counts
+                         WHERE minute >= ?1 AND country_code = ?2 ORDER BY minute",
+                        params![since, c.as_str()],
+                    )
+                    .await?
+                }
+                None => {
+                    conn.query(
+                        "SELECT minute, CAST(SUM(visits) AS BIGINT), CAST(SUM(bytes) AS BIGINT),
+                                CAST(SUM(humans) AS BIGINT)
+                         FROM minute_counts WHERE minute >= ?1 GROUP BY minute ORDER BY minute",
+                        params![since],
+                    )
+                    .await?
+                }
+            };
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().await? {
+                out.push(MinutePoint {
+                    minute: row.get::<i64>(0)?,
+                    visits: count(row.get::<i64>(1)?),
+                    bytes: count(row.get::<i64>(2)?),
+                    humans: count(row.get::<i64>(3)?),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn unique_days(
+        &self,
+        country: &str,
+        days: u32,
+    ) -> Result<Vec<UniqueCount>, StoreError> {
+        let country = country.to_owned();
+        self.with_conn(move |conn| async move {
+            let rows = conn
+                .query(
+                    "SELECT day, country_code, estimate FROM unique_visitors
+                     WHERE country_code = ?1 ORDER BY day DESC LIMIT ?2",
+                    params![country.as_str(), i64::from(days)],
+                )
+                .await?;
+            unique_rows(rows).await
+        })
+        .await
+    }
+
+    pub async fn unique_countries(&self, day: &str) -> Result<Vec<UniqueCount>, StoreError> {
+        let day = day.to_owned();
+        self.with_conn(move |conn| async move {
+            let rows = conn
+                .query(
+                    "SELECT day, country_code, estimate FROM unique_visitors
+                     WHERE day = ?1 AND country_code <> '*' ORDER BY estimate DESC, country_code",
+                    params![day.as_str()],
+                )
+                .await?;
+            unique_rows(rows).await
+        })
+        .await
+    }
+
+    pub async fn histogram(
+        &self,
+        metric: &str,
+        scope: &str,
+    ) -> Result<Vec<(i32, u64)>, StoreError> {
+        let (metric, scope) = (metric.to_owned(), scope.to_owned());
+        self.with_conn(move |conn| async move {
+            let mut rows = conn
+                .query(
+                    "SELECT bucket, visits FROM histogram_buckets
+                     WHERE metric = ?1 AND scope = ?2 ORDER BY bucket",
+                    params![metric.as_str(), scope.as_str()],
+                )
+                .await?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().await? {
+                out.push((int32(row.get::<i64>(0)?), count(row.get::<i64>(1)?)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn last_flush(&self) -> Result<Option<String>, StoreError> {
+        self.with_conn(|conn| async move {
+            let mut rows = conn
+                .query("SELECT MAX(updated_at) FROM country_stats", ())
+                .await?;
+            match rows.next().await? {
+                Some(row) => Ok(row.get::<Option<String>>(0)?),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    pub async fn flush_stats(&self) -> Result<Vec<(String, i64, u64, u64)>, StoreError> {
+        self.with_conn(|conn| async move {
+            let mut rows = conn
+                .query(
+                    "SELECT consumer_group, le_ms, flushes, total_ms FROM flush_stats",
+                    (),
+                )
+                .await?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().await? {
+                out.push((
+                    row.get::<String>(0)?,
+                    row.get::<i64>(1)?,
+                    count(row.get::<i64>(2)?),
+                    count(row.get::<i64>(3)?),
+                ));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn flush_version(&self) -> Result<i64, StoreError> {
+        self.with_conn(|conn| async move {
+            let mut rows = conn
+                .query(
+                    "SELECT CAST(COALESCE(SUM(next_offset), 0) AS BIGINT) FROM consumer_offsets",
+                    (),
+                )
+                .await?;
+            match rows.next().await? {
+                Some(row) => Ok(row.get::<i64>(0)?),
+                None => Ok(0),
+            }
+        })
+        .await
+    }
+
+    pub async fn latest_minute(&self) -> Result<Option<i64>, StoreError> {
+        self.with_conn(|conn| async move {
+            let mut rows = conn
+                .query("SELECT MAX(minute) FROM minute_counts", ())
+                .await?;
+            match rows.next().await? {
+                Some(row) => Ok(row.get::<Option<i64>>(0)?),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
     pub async fn country_counts(&self) -> Result<Vec<CountryCount>, StoreError> {
         self.with_conn(|conn| async move {
             let mut rows = conn
@@ -221,9 +395,61 @@ impl SqliteStore {
     }
 }
 
+async fn unique_rows(mut rows: libsql::Rows) -> Result<Vec<UniqueCount>, StoreError> {
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().await? {
+        out.push(UniqueCount {
+            day: row.get::<String>(0)?,
+            country_code: row.get::<String>(1)?,
+            visitors: count(row.get::<i64>(2)?),
+        });
+    }
+    Ok(out)
+}
+
+/// The `limit` values of `dimension` with the most visits, and its totals.
+async fn dimension_counts_on(
+    conn: &Connection,
+    dimension: &str,
+    limit: u32,
+) -> Result<DimensionCounts, StoreError> {
+    let mut out = DimensionCounts::default();
+    let mut rows = conn
+        .query(
+            "SELECT value, visits, bytes, humans FROM dimension_counts WHERE dimension = ?1
+             ORDER BY visits DESC, value LIMIT ?2",
+            params![dimension, i64::from(limit)],
+        )
+        .await?;
+    while let Some(row) = rows.next().await? {
+        out.values.push(ValueCount {
+            value: row.get::<String>(0)?,
+            visits: count(row.get::<i64>(1)?),
+            bytes: count(row.get::<i64>(2)?),
+            humans: count(row.get::<i64>(3)?),
+        });
+    }
+    let mut rows = conn
+        .query(
+            "SELECT CAST(COALESCE(SUM(visits), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(*)
+             FROM dimension_counts WHERE dimension = ?1",
+            params![dimension],
+        )
+        .await?;
+    if let Some(row) = rows.next().await? {
+        out.total_visits = count(row.get::<i64>(0)?);
+        out.total_bytes = count(row.get::<i64>(1)?);
+        out.total_humans = count(row.get::<i64>(2)?);
+        out.distinct = count(row.get::<i64>(3)?);
+    }
+    Ok(out)
+}
+
 /// One flush on one connection: compare-and-set of the offsets, then watermarks, topic ids
 /// and counts, in one immediate (write-locked) transaction.
 async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome, StoreError> {
+    let started = std::time::Instant::now();
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .await?;
@@ -302,10 +528,118 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
             "INSERT INTO country_stats (country_code, visit_count, updated_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (country_code) DO UPDATE
              SET visit_count = country_stats.visit_count + excluded.visit_count, updated_at = excluded.updated_at",
-            params![code.as_str(), i64::try_from(*n).unwrap_or(i64::MAX), now.as_str()],
+            params![code.as_str(), sql_count(*n), now.as_str()],
         )
         .await?;
     }
+    // One statement prepared per flush, run once per row.
+    if !batch.dimensions.is_empty() {
+        let stmt = tx
+            .prepare(
+                "INSERT INTO dimension_counts (dimension, value, visits, bytes, humans)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (dimension, value) DO UPDATE
+                 SET visits = dimension_counts.visits + excluded.visits,
+                     bytes = dimension_counts.bytes + excluded.bytes,
+                     humans = dimension_counts.humans + excluded.humans",
+            )
+            .await?;
+        for d in &batch.dimensions {
+            stmt.execute(params![
+                d.dimension.as_str(),
+                d.value.as_str(),
+                sql_count(d.amount.visits),
+                sql_count(d.amount.bytes),
+                sql_count(d.amount.humans)
+            ])
+            .await?;
+            stmt.reset();
+        }
+    }
+    if !batch.minutes.is_empty() {
+        let stmt = tx
+            .prepare(
+                "INSERT INTO minute_counts (minute, country_code, visits, bytes, humans)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (minute, country_code) DO UPDATE
+                 SET visits = minute_counts.visits + excluded.visits,
+                     bytes = minute_counts.bytes + excluded.bytes,
+                     humans = minute_counts.humans + excluded.humans",
+            )
+            .await?;
+        for m in &batch.minutes {
+            stmt.execute(params![
+                m.minute,
+                m.country_code.as_str(),
+                sql_count(m.amount.visits),
+                sql_count(m.amount.bytes),
+                sql_count(m.amount.humans)
+            ])
+            .await?;
+            stmt.reset();
+        }
+    }
+    if !batch.histograms.is_empty() {
+        let stmt = tx
+            .prepare(
+                "INSERT INTO histogram_buckets (metric, scope, bucket, visits) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (metric, scope, bucket) DO UPDATE
+                 SET visits = histogram_buckets.visits + excluded.visits",
+            )
+            .await?;
+        for h in &batch.histograms {
+            stmt.execute(params![
+                h.metric.as_str(),
+                h.scope.as_str(),
+                i64::from(h.bucket),
+                sql_count(h.count)
+            ])
+            .await?;
+            stmt.reset();
+        }
+    }
+    // Sketches merge with what is stored (read, union, write: this transaction holds the
+    // write lock, so no other flush interleaves).
+    for u in &batch.uniques {
+        let mut sketch = u.sketch.clone();
+        let mut rows = tx
+            .query(
+                "SELECT registers FROM unique_visitors WHERE day = ?1 AND country_code = ?2",
+                params![u.day.as_str(), u.country_code.as_str()],
+            )
+            .await?;
+        if let Some(row) = rows.next().await? {
+            super::merge_stored(&mut sketch, &row.get::<Vec<u8>>(0)?, u);
+        }
+        drop(rows);
+        tx.execute(
+            "INSERT INTO unique_visitors (day, country_code, registers, estimate) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (day, country_code) DO UPDATE
+             SET registers = excluded.registers, estimate = excluded.estimate",
+            params![
+                u.day.as_str(),
+                u.country_code.as_str(),
+                sketch.as_bytes().to_vec(),
+                sketch.estimate().round() as i64
+            ],
+        )
+        .await?;
+    }
+    if let Some(before) = batch.prune_minutes_before {
+        tx.execute(
+            "DELETE FROM minute_counts WHERE minute < ?1",
+            params![before],
+        )
+        .await?;
+    }
+    let (le, ms) = flush_bucket(started.elapsed());
+    tx.execute(
+        "INSERT INTO flush_stats (consumer_group, le_ms, flushes, total_ms) VALUES (?1, ?2, 1, ?3)
+         ON CONFLICT (consumer_group, le_ms) DO UPDATE
+         SET flushes = flush_stats.flushes + 1, total_ms = flush_stats.total_ms + excluded.total_ms",
+        params![group, le, ms],
+    )
+    .await?;
     tx.commit().await?;
     Ok(FlushOutcome::Committed)
 }

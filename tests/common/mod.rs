@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pageviews::aggregate::dimensions::Dimension;
 use pageviews::aggregate::{self, AggregateConfig, AggregateStats};
 use pageviews::broker::{BrokerStorage, EmbeddedBroker};
 use pageviews::kafka::KafkaSettings;
@@ -103,6 +104,10 @@ pub fn start_aggregator(c: &Cluster, flush: Duration) -> (Stage, Arc<AggregateSt
         store: c.store.clone(),
         flush_interval: flush,
         flush_now: None,
+        dimensions: Dimension::ALL.to_vec(),
+        // Large enough that every count of these tests is exact (the bound is unit-tested).
+        top_k: 1 << 20,
+        minute_retention: None,
     };
     let stats = Arc::new(AggregateStats::default());
     let (st, stop) = (Arc::clone(&stats), CancellationToken::new());
@@ -132,6 +137,121 @@ pub fn expected_counts<'a>(lines: impl Iterator<Item = &'a [u8]>) -> BTreeMap<St
             .and_then(|r| r.country_code)
             .unwrap_or_else(|| "ZZ".to_owned());
         *out.entry(code).or_insert(0) += 1;
+    }
+    out
+}
+
+/// Per dimension, value → (visits, bytes, human visits).
+pub type DimensionTable = BTreeMap<String, BTreeMap<String, (u64, u64, u64)>>;
+
+/// Every dimension's counts for generated Combined lines, computed from the line text (the
+/// country as in [`expected_counts`]; the User-Agent through the preprocessor's classifier,
+/// which has its own tests): what the pipeline must have counted.
+pub fn expected_dimensions<'a>(lines: impl Iterator<Item = &'a [u8]>) -> DimensionTable {
+    let lines: Vec<&[u8]> = lines.collect();
+    let countries: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            expected_counts(std::iter::once(*l))
+                .into_keys()
+                .next()
+                .unwrap()
+        })
+        .collect();
+    let ua = pageviews::preprocess::useragent::UaParser::new(1 << 20);
+    let mut out = DimensionTable::new();
+    for (line, country) in lines.iter().zip(countries) {
+        let text = std::str::from_utf8(line).unwrap();
+        // ip - - [dd/Mon/yyyy:HH:MM:SS +0000] "METHOD PATH PROTO" STATUS BYTES "REF" "UA"
+        let quoted: Vec<&str> = text.split('"').collect();
+        let ip = text.split(' ').next().unwrap();
+        let hour = &text[text.find('[').unwrap() + 13..][..2];
+        let path = quoted[1].split(' ').nth(1).unwrap();
+        let path = path.split('?').next().unwrap();
+        let mut tail = quoted[2].split_whitespace();
+        let status: u16 = tail.next().unwrap().parse().unwrap();
+        let bytes: u64 = tail.next().unwrap().parse().unwrap();
+        let referrer = quoted[3];
+        let client = ua.classify(Some(quoted[5]));
+        let human = u64::from(!client.is_bot);
+        let major = client.browser_version.split('.').next().unwrap_or("");
+        let browser = if major.is_empty() {
+            client.browser.clone()
+        } else {
+            format!("{} {major}", client.browser)
+        };
+        let is_static = [".js", ".css", ".ico", ".txt"]
+            .iter()
+            .any(|e| path.ends_with(e));
+        let mut add = |d: &str, v: String| {
+            let e = out.entry(d.to_owned()).or_default().entry(v).or_default();
+            e.0 += 1;
+            e.1 += bytes;
+            e.2 += human;
+        };
+        add(
+            "continent",
+            pageviews::countries::continent_of(&country).to_owned(),
+        );
+        add("country", country);
+        add("browser", browser);
+        add("os", client.os.clone());
+        add("device", client.device.to_owned());
+        add(
+            "visitor_type",
+            if client.is_bot { "bot" } else { "human" }.to_owned(),
+        );
+        add("path", path.to_owned());
+        if is_static {
+            add("static_path", path.to_owned());
+        }
+        if status == 404 {
+            add("not_found", path.to_owned());
+        }
+        if referrer != "-" {
+            let host = referrer.split('/').nth(2).unwrap();
+            add("referrer", host.to_owned());
+        }
+        add("status", status.to_string());
+        add("status_class", format!("{}xx", status / 100));
+        add("hour", hour.to_owned());
+        add("host", ip.to_owned());
+    }
+    out
+}
+
+/// Exact unique visitors (address, day, User-Agent) per day of generated Combined lines.
+pub fn exact_daily_visitors<'a>(lines: impl Iterator<Item = &'a [u8]>) -> BTreeMap<String, u64> {
+    let mut seen: BTreeMap<String, std::collections::HashSet<(String, String)>> = BTreeMap::new();
+    for line in lines {
+        let text = std::str::from_utf8(line).unwrap();
+        let ip = text.split(' ').next().unwrap();
+        let stamp = &text[text.find('[').unwrap() + 1..][..11];
+        let day = chrono::NaiveDate::parse_from_str(stamp, "%d/%b/%Y").unwrap();
+        let ua = text.split('"').nth(5).unwrap();
+        seen.entry(day.to_string())
+            .or_default()
+            .insert((ip.to_owned(), ua.to_owned()));
+    }
+    seen.into_iter().map(|(d, s)| (d, s.len() as u64)).collect()
+}
+
+/// Every dimension's counts as stored.
+pub async fn db_dimensions(store: &Store) -> DimensionTable {
+    let mut out = DimensionTable::new();
+    for d in Dimension::ALL {
+        let counts = store.dimension_counts(d.name(), 1 << 20).await.unwrap();
+        if counts.values.is_empty() {
+            continue;
+        }
+        out.insert(
+            d.name().to_owned(),
+            counts
+                .values
+                .into_iter()
+                .map(|v| (v.value, (v.visits, v.bytes, v.humans)))
+                .collect(),
+        );
     }
     out
 }
@@ -253,4 +373,27 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (String, String, Vec<u8>) {
         headers.to_ascii_lowercase(),
         buf[split + 4..].to_vec(),
     )
+}
+
+/// The data of the first `update` event of a Server-Sent Events stream at `path`, and the
+/// response's headers.
+pub fn sse_first_update(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(start) = text.find("event: update\ndata: ") {
+            let rest = &text[start + "event: update\ndata: ".len()..];
+            if let Some(end) = rest.find('\n') {
+                let headers = text[..text.find("\r\n\r\n").unwrap()].to_ascii_lowercase();
+                return (headers, rest[..end].to_owned());
+            }
+        }
+        let n = s.read(&mut chunk).expect("no update event within 20 s");
+        assert!(n > 0, "stream ended before an update: {text}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }

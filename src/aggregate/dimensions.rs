@@ -1,0 +1,893 @@
+//! What the aggregate stage counts besides the talk's per-country table: one generic model,
+//! a *dimension* being an extractor from an event to a value, counted as (dimension, value)
+//! → visits and bytes. Adding a dimension is one variant here (its name, title and
+//! extractor); the database stores every dimension in the same table, so no migration.
+//!
+//! The panels follow GoAccess 1.7 (our reference): requests, static requests, not-found
+//! paths, hosts, operating systems, browsers with their major version, visit time (hour of
+//! day), referring sites, status codes, countries and continents, devices, bots vs humans;
+//! plus virtual hosts when the log has them.
+//!
+//! # Bounded memory: top-K with an "other" remainder
+//! Paths, referrers and client addresses have no upper bound on distinct values. Each
+//! dimension is counted per partition and per flush interval by [`TopK`], the Space-Saving
+//! algorithm (Metwally et al., 2005) with at most K slots: memory is K values whatever the
+//! input. A value keeps only the visits counted since it took its slot; what an evicted
+//! value had, and what a new value inherits from it, goes to the value [`OTHER`]. So:
+//! - every value's reported visits and bytes are a lower bound of the true ones, and the sum
+//!   over values (with `(other)`) is exact;
+//! - a value is under-counted in one flush interval of one partition by at most N/K visits,
+//!   N being that partition's events in that interval (Space-Saving's bound on the count a
+//!   new slot inherits); below K distinct values per interval every count is exact.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+
+use crate::countries::{CountryCode, continent_of};
+use crate::event::PageView;
+use crate::sketch::{Hll, bucket_of};
+use crate::store::{
+    Amount, DimensionIncrement, FlushBatch, HistogramIncrement, MinuteIncrement, UniqueSketch,
+};
+
+/// The value under which a dimension reports what [`TopK`] could not attribute.
+pub const OTHER: &str = "(other)";
+
+/// Distinct values kept per dimension, partition and flush interval by default.
+pub const DEFAULT_TOP_K: usize = 1000;
+
+/// One way of grouping visits. The name is what `--dimensions`, the API and the database use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dimension {
+    Country,
+    Continent,
+    Browser,
+    Os,
+    Device,
+    VisitorType,
+    Path,
+    StaticPath,
+    NotFound,
+    Referrer,
+    Status,
+    StatusClass,
+    Hour,
+    Vhost,
+    /// Client addresses: personal data, counted only when asked for.
+    Host,
+}
+
+impl Dimension {
+    pub const ALL: [Dimension; 15] = [
+        Dimension::Country,
+        Dimension::Continent,
+        Dimension::Browser,
+        Dimension::Os,
+        Dimension::Device,
+        Dimension::VisitorType,
+        Dimension::Path,
+        Dimension::StaticPath,
+        Dimension::NotFound,
+        Dimension::Referrer,
+        Dimension::Status,
+        Dimension::StatusClass,
+        Dimension::Hour,
+        Dimension::Vhost,
+        Dimension::Host,
+    ];
+
+    /// What `--dimensions` counts when not given: everything but client addresses.
+    pub fn defaults() -> Vec<Dimension> {
+        Dimension::ALL
+            .into_iter()
+            .filter(|d| *d != Dimension::Host)
+            .collect()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dimension::Country => "country",
+            Dimension::Continent => "continent",
+            Dimension::Browser => "browser",
+            Dimension::Os => "os",
+            Dimension::Device => "device",
+            Dimension::VisitorType => "visitor_type",
+            Dimension::Path => "path",
+            Dimension::StaticPath => "static_path",
+            Dimension::NotFound => "not_found",
+            Dimension::Referrer => "referrer",
+            Dimension::Status => "status",
+            Dimension::StatusClass => "status_class",
+            Dimension::Hour => "hour",
+            Dimension::Vhost => "vhost",
+            Dimension::Host => "host",
+        }
+    }
+
+    /// The panel's title on the dashboard.
+    pub fn title(self) -> &'static str {
+        match self {
+            Dimension::Country => "Countries",
+            Dimension::Continent => "Continents",
+            Dimension::Browser => "Browsers",
+            Dimension::Os => "Operating systems",
+            Dimension::Device => "Devices",
+            Dimension::VisitorType => "Bots and humans",
+            Dimension::Path => "Requested files",
+            Dimension::StaticPath => "Static requests",
+            Dimension::NotFound => "Not found (404)",
+            Dimension::Referrer => "Referring sites",
+            Dimension::Status => "Status codes",
+            Dimension::StatusClass => "Status classes",
+            Dimension::Hour => "Visit time (hour, UTC)",
+            Dimension::Vhost => "Virtual hosts",
+            Dimension::Host => "Hosts (client addresses)",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Dimension> {
+        Dimension::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// The dimension's value for `event` (from `country`, the event's key, for the
+    /// geographic ones), or `None` when the event has none (no referrer, not a 404, …).
+    /// `buf` holds values that are not a slice of the event.
+    pub fn value<'a>(
+        self,
+        event: &'a PageView<'_>,
+        country: &'a CountryCode,
+        buf: &'a mut String,
+    ) -> Option<&'a str> {
+        use std::fmt::Write;
+        match self {
+            Dimension::Country => Some(country.as_str()),
+            Dimension::Continent => Some(continent_of(country.as_str())),
+            Dimension::Browser => {
+                let major = event.browser_version.split('.').next().unwrap_or("");
+                if major.is_empty() {
+                    return Some(&event.browser);
+                }
+                buf.clear();
+                let _ = write!(buf, "{} {major}", event.browser);
+                Some(buf)
+            }
+            Dimension::Os => Some(&event.os),
+            Dimension::Device => Some(&event.device),
+            Dimension::VisitorType => Some(if event.is_bot { "bot" } else { "human" }),
+            Dimension::Path => Some(path_of(&event.path)),
+            Dimension::StaticPath => Some(path_of(&event.path)).filter(|p| is_static(p)),
+            Dimension::NotFound => Some(path_of(&event.path)).filter(|_| event.status == 404),
+            Dimension::Referrer => {
+                let host = referrer_host(event.referrer.as_deref()?)?;
+                if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                    buf.clear();
+                    buf.push_str(host);
+                    buf.make_ascii_lowercase();
+                    return Some(buf);
+                }
+                Some(host)
+            }
+            Dimension::Status => {
+                buf.clear();
+                buf.push_str(itoa::Buffer::new().format(event.status));
+                Some(buf)
+            }
+            Dimension::StatusClass => Some(match event.status {
+                100..=199 => "1xx",
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                500..=599 => "5xx",
+                _ => "other",
+            }),
+            Dimension::Hour => event
+                .time
+                .get(11..13)
+                .filter(|h| h.bytes().all(|b| b.is_ascii_digit())),
+            Dimension::Vhost => event.vhost.as_deref(),
+            Dimension::Host => Some(&event.ip),
+        }
+    }
+}
+
+impl fmt::Display for Dimension {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `--dimensions`: comma-separated names, `all` (everything, client addresses included) or
+/// `default`.
+pub fn parse_dimensions(list: &str) -> Result<Vec<Dimension>, String> {
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let add: Vec<Dimension> = match name {
+            "all" => Dimension::ALL.to_vec(),
+            "default" => Dimension::defaults(),
+            other => vec![Dimension::parse(other).ok_or_else(|| {
+                let names: Vec<&str> = Dimension::ALL.iter().map(|d| d.name()).collect();
+                format!(
+                    "unknown dimension {other:?}; known: {} (or all, default)",
+                    names.join(", ")
+                )
+            })?],
+        };
+        for d in add {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The path without its query string (GoAccess's default: `/search?q=x` counts as `/search`).
+fn path_of(path: &str) -> &str {
+    match memchr::memchr(b'?', path.as_bytes()) {
+        Some(i) => &path[..i],
+        None => path,
+    }
+}
+
+/// Files GoAccess counts as static requests (its default extension list, plus modern web
+/// fonts and images), by extension, case-insensitively.
+fn is_static(path: &str) -> bool {
+    const EXTENSIONS: &[&str] = &[
+        "css", "js", "mjs", "map", "jpg", "jpeg", "png", "gif", "ico", "svg", "webp", "avif",
+        "bmp", "tif", "tiff", "woff", "woff2", "ttf", "otf", "eot", "mp3", "mp4", "ogg", "webm",
+        "wav", "flac", "avi", "mpg", "mpeg", "mov", "swf", "flv", "pdf", "txt", "csv", "xml",
+        "json", "zip", "gz", "tgz", "bz2", "xz", "7z", "rar", "exe", "dmg", "iso", "deb", "rpm",
+        "apk", "wasm",
+    ];
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let Some((_, ext)) = name.rsplit_once('.') else {
+        return false;
+    };
+    EXTENSIONS.iter().any(|e| e.eq_ignore_ascii_case(ext))
+}
+
+/// The host of a referrer URL (`https://user@Example.com:8443/x` → `Example.com`); `None`
+/// for an empty referrer or `-`. Without a scheme the text up to the first `/` is the host.
+fn referrer_host(referrer: &str) -> Option<&str> {
+    let rest = match referrer.find("://") {
+        Some(i) => &referrer[i + 3..],
+        None => referrer,
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    let host = if host.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop the port.
+        host.find(']').map_or(host, |i| &host[..=i])
+    } else {
+        host.split(':').next().unwrap_or(host)
+    };
+    Some(host).filter(|h| !h.is_empty() && *h != "-")
+}
+
+/// One value's counts in a [`TopK`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Counted {
+    /// Counted since the value took its slot (exact, a lower bound of the true amount).
+    amount: Amount,
+    /// Visits inherited from the value evicted to make room (Space-Saving's error term):
+    /// reported under [`OTHER`], but part of the value's priority in the sketch.
+    inherited: u64,
+}
+
+/// The values of one dimension with the most visits, in at most `capacity` slots (see the
+/// module docs for the error bound). Below `capacity` distinct values it is an exact count.
+#[derive(Debug, Clone)]
+pub struct TopK {
+    capacity: usize,
+    slots: Vec<(Box<str>, Counted)>,
+    index: HashMap<Box<str>, usize>,
+    /// Slots by their priority (visits + inherited) when last pushed; an entry whose slot has
+    /// grown since is stale and pushed again when it reaches the top (a lazy min-heap).
+    heap: BinaryHeap<Reverse<(u64, usize)>>,
+    /// What is not attributed to any slot's value.
+    other: Amount,
+}
+
+impl TopK {
+    pub fn new(capacity: usize) -> TopK {
+        TopK {
+            capacity: capacity.max(1),
+            slots: Vec::new(),
+            index: HashMap::new(),
+            heap: BinaryHeap::new(),
+            other: Amount::default(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty() && self.other.is_zero()
+    }
+
+    /// Adds `amount` to `value`.
+    pub fn add(&mut self, value: &str, amount: Amount) {
+        if let Some(&i) = self.index.get(value) {
+            self.slots[i].1.amount += amount;
+            return;
+        }
+        if self.slots.len() < self.capacity {
+            let i = self.slots.len();
+            self.slots.push((
+                value.into(),
+                Counted {
+                    amount,
+                    inherited: 0,
+                },
+            ));
+            self.index.insert(value.into(), i);
+            self.heap.push(Reverse((amount.visits, i)));
+            return;
+        }
+        // Full: the value takes the slot with the fewest visits, inheriting its count.
+        let i = loop {
+            let Some(Reverse((priority, i))) = self.heap.pop() else {
+                // Unreachable with capacity ≥ 1 (every slot has an entry); count it anyway.
+                self.other += amount;
+                return;
+            };
+            let c = &self.slots[i].1;
+            let now = c.amount.visits + c.inherited;
+            if now == priority {
+                break i;
+            }
+            self.heap.push(Reverse((now, i)));
+        };
+        let (old, c) = &mut self.slots[i];
+        self.other += c.amount;
+        let inherited = c.amount.visits + c.inherited;
+        *c = Counted { amount, inherited };
+        self.index.remove(&**old);
+        *old = value.into();
+        self.index.insert(value.into(), i);
+        self.heap.push(Reverse((inherited + amount.visits, i)));
+    }
+
+    /// Adds everything `other` counted (a failed flush's counts, given back).
+    pub fn merge(&mut self, other: TopK) {
+        for (value, c) in other.slots {
+            self.add(&value, c.amount);
+        }
+        self.other += other.other;
+    }
+
+    /// Every value with what it counted, `(other)` last when anything was not attributed.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, Amount)> {
+        let other = (!self.other.is_zero()).then_some((OTHER, self.other));
+        self.slots
+            .iter()
+            .filter(|(_, c)| !c.amount.is_zero())
+            .map(|(v, c)| (&**v, c.amount))
+            .chain(other)
+    }
+}
+
+/// A value measured per visit, kept as a histogram ([`crate::sketch::bucket_of`]) per
+/// country and overall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Metric {
+    /// Response size.
+    Bytes,
+    /// Time taken to serve the request, when the log has it.
+    RequestTime,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 2] = [Metric::Bytes, Metric::RequestTime];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Bytes => "bytes",
+            Metric::RequestTime => "request_time_us",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Metric> {
+        Metric::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// The scope of the overall unique-visitor sketch and histogram rows (beside one per country).
+pub const ALL_COUNTRIES: &str = "*";
+
+/// A day as the event writes it: `YYYY-MM-DD`.
+type Day = [u8; 10];
+
+/// What one aggregator counts for one partition between two flushes: the talk's
+/// per-country visits, each configured dimension, visits per minute and country, unique
+/// visitors per day and country, and the histograms of [`Metric`].
+#[derive(Debug, Clone)]
+pub struct Counts {
+    pub countries: HashMap<CountryCode, u64>,
+    dimensions: Vec<(Dimension, TopK)>,
+    /// (minute start, seconds since the epoch; country) → what was counted.
+    pub minutes: HashMap<(i64, CountryCode), Amount>,
+    /// (day, country) → the visitors seen.
+    pub uniques: HashMap<(Day, CountryCode), Hll>,
+    /// (metric, country, bucket) → visits.
+    pub histograms: HashMap<(Metric, CountryCode, i32), u64>,
+    /// Events counted for their country only, because their JSON could not be read.
+    pub unreadable: u64,
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Counts::new(&Dimension::defaults(), DEFAULT_TOP_K)
+    }
+}
+
+impl Counts {
+    /// Empty counts of `dimensions`, each bounded to `top_k` values.
+    pub fn new(dimensions: &[Dimension], top_k: usize) -> Counts {
+        Counts {
+            countries: HashMap::new(),
+            dimensions: dimensions.iter().map(|&d| (d, TopK::new(top_k))).collect(),
+            minutes: HashMap::new(),
+            uniques: HashMap::new(),
+            histograms: HashMap::new(),
+            unreadable: 0,
+        }
+    }
+
+    /// The same configuration, nothing counted.
+    pub fn empty_like(&self) -> Counts {
+        Counts {
+            countries: HashMap::new(),
+            dimensions: self
+                .dimensions
+                .iter()
+                .map(|(d, t)| (*d, TopK::new(t.capacity)))
+                .collect(),
+            minutes: HashMap::new(),
+            uniques: HashMap::new(),
+            histograms: HashMap::new(),
+            unreadable: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.countries.is_empty()
+    }
+
+    /// Counts one visit from `country` (the event's key); `event` is `None` when its JSON
+    /// could not be read (then only the country is counted, and [`Counts::unreadable`]).
+    pub fn add(&mut self, country: CountryCode, event: Option<&PageView<'_>>, buf: &mut String) {
+        *self.countries.entry(country).or_insert(0) += 1;
+        let Some(event) = event else {
+            self.unreadable += 1;
+            return;
+        };
+        let amount = Amount::visit(event.bytes, event.is_bot);
+        for (d, top) in &mut self.dimensions {
+            if let Some(v) = d.value(event, &country, buf) {
+                top.add(v, amount);
+            }
+        }
+        if let Some(minute) = minute_of(&event.time) {
+            *self.minutes.entry((minute, country)).or_default() += amount;
+        }
+        if let Some(day) = event
+            .time
+            .get(..10)
+            .and_then(|d| Day::try_from(d.as_bytes()).ok())
+        {
+            let id = event
+                .visitor
+                .as_deref()
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .unwrap_or_else(|| {
+                    // Events written before the visitor id: the client as far as the event
+                    // tells it.
+                    buf.clear();
+                    buf.push_str(&event.browser);
+                    buf.push_str(&event.browser_version);
+                    buf.push_str(&event.os);
+                    let day = std::str::from_utf8(&day).unwrap_or("");
+                    crate::event::visitor_id(&event.ip, day, buf)
+                });
+            self.uniques.entry((day, country)).or_default().add(id);
+        }
+        *self
+            .histograms
+            .entry((Metric::Bytes, country, bucket_of(event.bytes)))
+            .or_default() += 1;
+        if let Some(t) = event.request_time_us {
+            *self
+                .histograms
+                .entry((Metric::RequestTime, country, bucket_of(t)))
+                .or_default() += 1;
+        }
+    }
+
+    /// Adds `other`'s counts (a failed flush's, given back).
+    pub fn merge(&mut self, other: Counts) {
+        for (c, n) in other.countries {
+            *self.countries.entry(c).or_insert(0) += n;
+        }
+        for (d, top) in other.dimensions {
+            match self.dimensions.iter_mut().find(|(mine, _)| *mine == d) {
+                Some((_, mine)) => mine.merge(top),
+                None => self.dimensions.push((d, top)),
+            }
+        }
+        for (k, a) in other.minutes {
+            *self.minutes.entry(k).or_default() += a;
+        }
+        for (k, h) in other.uniques {
+            match self.uniques.entry(k) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().merge(&h),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(h);
+                }
+            }
+        }
+        for (k, n) in other.histograms {
+            *self.histograms.entry(k).or_default() += n;
+        }
+        self.unreadable += other.unreadable;
+    }
+
+    pub fn dimensions(&self) -> impl Iterator<Item = (Dimension, &TopK)> {
+        self.dimensions.iter().map(|(d, t)| (*d, t))
+    }
+}
+
+/// Adds what `counts` (one per flushed partition) counted to `batch`, summed over
+/// partitions and sorted. With `retention` (seconds), minutes older than that before the
+/// newest one written are deleted by the same flush.
+pub fn fill_batch<'a>(
+    batch: &mut FlushBatch,
+    counts: impl Iterator<Item = &'a Counts>,
+    retention: Option<i64>,
+) {
+    let mut countries: HashMap<CountryCode, u64> = HashMap::new();
+    let mut values: HashMap<(Dimension, &str), Amount> = HashMap::new();
+    let mut minutes: HashMap<(i64, CountryCode), Amount> = HashMap::new();
+    let mut uniques: HashMap<(Day, Option<CountryCode>), Hll> = HashMap::new();
+    let mut histograms: HashMap<(Metric, Option<CountryCode>, i32), u64> = HashMap::new();
+    for c in counts {
+        // Each sketch per country, and merged into the day's sketch of all countries.
+        for (&(day, country), h) in &c.uniques {
+            for key in [(day, Some(country)), (day, None)] {
+                uniques.entry(key).or_default().merge(h);
+            }
+        }
+        for (&(metric, country, bucket), &n) in &c.histograms {
+            for key in [(metric, Some(country), bucket), (metric, None, bucket)] {
+                *histograms.entry(key).or_default() += n;
+            }
+        }
+        for (&country, &n) in &c.countries {
+            *countries.entry(country).or_insert(0) += n;
+        }
+        for (d, top) in c.dimensions() {
+            for (value, amount) in top.entries() {
+                *values.entry((d, value)).or_default() += amount;
+            }
+        }
+        for (&key, &amount) in &c.minutes {
+            *minutes.entry(key).or_default() += amount;
+        }
+    }
+    batch.increments = countries
+        .into_iter()
+        .map(|(c, n)| (c.as_str().to_owned(), n))
+        .collect();
+    batch.increments.sort();
+    batch.dimensions = values
+        .into_iter()
+        .map(|((d, value), amount)| DimensionIncrement {
+            dimension: d.name().to_owned(),
+            value: value.to_owned(),
+            amount,
+        })
+        .collect();
+    batch.dimensions.sort();
+    batch.prune_minutes_before = retention
+        .zip(minutes.keys().map(|(m, _)| *m).max())
+        .map(|(keep, newest)| newest - keep);
+    batch.minutes = minutes
+        .into_iter()
+        .map(|((minute, c), amount)| MinuteIncrement {
+            minute,
+            country_code: c.as_str().to_owned(),
+            amount,
+        })
+        .collect();
+    batch.minutes.sort();
+    let scope = |c: Option<CountryCode>| {
+        c.map_or_else(|| ALL_COUNTRIES.to_owned(), |c| c.as_str().to_owned())
+    };
+    batch.uniques = uniques
+        .into_iter()
+        .map(|((day, country), h)| UniqueSketch {
+            day: String::from_utf8_lossy(&day).into_owned(),
+            country_code: scope(country),
+            sketch: h,
+        })
+        .collect();
+    batch
+        .uniques
+        .sort_by(|a, b| (&a.day, &a.country_code).cmp(&(&b.day, &b.country_code)));
+    batch.histograms = histograms
+        .into_iter()
+        .map(|((metric, country, bucket), count)| HistogramIncrement {
+            metric: metric.name().to_owned(),
+            scope: scope(country),
+            bucket,
+            count,
+        })
+        .collect();
+    batch.histograms.sort();
+}
+
+/// The start of the minute of an RFC 3339 time, in seconds since the epoch.
+pub fn minute_of(time: &str) -> Option<i64> {
+    let t = chrono::DateTime::parse_from_rfc3339(time).ok()?.timestamp();
+    Some(t - t.rem_euclid(60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    fn event(path: &str, status: u16, referrer: Option<&str>) -> PageView<'static> {
+        PageView {
+            time: Cow::Borrowed("2026-01-01T09:05:30Z"),
+            ip: Cow::Borrowed("81.2.69.142"),
+            country_code: Cow::Borrowed("GB"),
+            browser: Cow::Borrowed("Chrome"),
+            browser_version: Cow::Borrowed("120.0.6099.71"),
+            os: Cow::Borrowed("Windows"),
+            device: Cow::Borrowed("desktop"),
+            is_bot: false,
+            method: Cow::Borrowed("GET"),
+            path: Cow::Owned(path.to_owned()),
+            status,
+            bytes: 100,
+            referrer: referrer.map(|r| Cow::Owned(r.to_owned())),
+            vhost: None,
+            request_time_us: None,
+            visitor: None,
+            source: None,
+        }
+    }
+
+    fn values(e: &PageView<'_>) -> Vec<(&'static str, Option<String>)> {
+        let cc = CountryCode::parse(&e.country_code).unwrap();
+        let mut buf = String::new();
+        Dimension::ALL
+            .iter()
+            .map(|d| (d.name(), d.value(e, &cc, &mut buf).map(str::to_owned)))
+            .collect()
+    }
+
+    #[test]
+    fn every_dimension_extracts_its_value() {
+        let e = event(
+            "/img/Logo.PNG?v=3",
+            404,
+            Some("https://User@Search.Example:8443/q?x=1"),
+        );
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(
+            values(&e),
+            vec![
+                ("country", s("GB")),
+                ("continent", s("Europe")),
+                ("browser", s("Chrome 120")),
+                ("os", s("Windows")),
+                ("device", s("desktop")),
+                ("visitor_type", s("human")),
+                ("path", s("/img/Logo.PNG")),
+                ("static_path", s("/img/Logo.PNG")),
+                ("not_found", s("/img/Logo.PNG")),
+                ("referrer", s("search.example")),
+                ("status", s("404")),
+                ("status_class", s("4xx")),
+                ("hour", s("09")),
+                ("vhost", None),
+                ("host", s("81.2.69.142")),
+            ]
+        );
+        let mut bot = event("/about", 200, None);
+        bot.is_bot = true;
+        bot.browser_version = Cow::Borrowed("");
+        bot.vhost = Some(Cow::Borrowed("www.example.com"));
+        let v = values(&bot);
+        assert_eq!(v[2], ("browser", s("Chrome")));
+        assert_eq!(v[5], ("visitor_type", s("bot")));
+        assert_eq!(v[7], ("static_path", None));
+        assert_eq!(v[8], ("not_found", None));
+        assert_eq!(v[9], ("referrer", None));
+        assert_eq!(v[13], ("vhost", s("www.example.com")));
+    }
+
+    #[test]
+    fn referrer_hosts() {
+        assert_eq!(referrer_host("https://a.example/x"), Some("a.example"));
+        assert_eq!(
+            referrer_host("http://[2001:db8::1]:80/"),
+            Some("[2001:db8::1]")
+        );
+        assert_eq!(
+            referrer_host("android-app://com.google.app"),
+            Some("com.google.app")
+        );
+        assert_eq!(referrer_host("b.example/path"), Some("b.example"));
+        assert_eq!(referrer_host("-"), None);
+        assert_eq!(referrer_host(""), None);
+        assert_eq!(referrer_host("https:///nohost"), None);
+    }
+
+    #[test]
+    fn dimension_lists() {
+        assert_eq!(
+            parse_dimensions("country, path,country").unwrap(),
+            vec![Dimension::Country, Dimension::Path]
+        );
+        assert!(
+            !parse_dimensions("default")
+                .unwrap()
+                .contains(&Dimension::Host)
+        );
+        assert_eq!(parse_dimensions("all").unwrap().len(), Dimension::ALL.len());
+        let err = parse_dimensions("country,colour").unwrap_err();
+        assert!(
+            err.starts_with("unknown dimension \"colour\"; known: country, continent"),
+            "{err}"
+        );
+    }
+
+    /// (value, visits, bytes), sorted.
+    type Rows = Vec<(String, u64, u64)>;
+
+    fn sorted(t: &TopK) -> Rows {
+        let mut v: Vec<_> = t
+            .entries()
+            .map(|(k, a)| (k.to_owned(), a.visits, a.bytes))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn top_k_is_exact_below_its_capacity() {
+        let mut t = TopK::new(3);
+        for v in ["a", "b", "a", "c", "a", "b"] {
+            t.add(v, Amount::visit(10, false));
+        }
+        assert_eq!(
+            sorted(&t),
+            vec![
+                ("a".into(), 3, 30),
+                ("b".into(), 2, 20),
+                ("c".into(), 1, 10)
+            ]
+        );
+    }
+
+    /// Over capacity: the sum stays exact, each value is a lower bound within N/K of its
+    /// true count, and the heavy hitters keep their slots.
+    #[test]
+    fn top_k_over_capacity_keeps_its_bound() {
+        let k = 10;
+        let mut t = TopK::new(k);
+        let mut truth: HashMap<String, u64> = HashMap::new();
+        let mut n = 0u64;
+        // Three heavy values among a stream of distinct ones.
+        for i in 0..5000u64 {
+            let v = match i % 5 {
+                0 => "heavy-a".to_owned(),
+                1 => "heavy-b".to_owned(),
+                2 if i % 3 == 0 => "heavy-c".to_owned(),
+                _ => format!("rare-{i}"),
+            };
+            t.add(&v, Amount::visit(7, i % 2 == 0));
+            *truth.entry(v).or_insert(0) += 1;
+            n += 1;
+        }
+        let entries = sorted(&t);
+        assert!(entries.len() <= k + 1);
+        assert_eq!(entries.iter().map(|e| e.1).sum::<u64>(), n);
+        assert_eq!(entries.iter().map(|e| e.2).sum::<u64>(), n * 7);
+        for (v, visits, bytes) in &entries {
+            assert_eq!(*bytes, visits * 7);
+            if v != OTHER {
+                let real = truth[v];
+                assert!(*visits <= real, "{v}: {visits} > {real}");
+                assert!(real - visits <= n / k as u64, "{v}: {visits} vs {real}");
+            }
+        }
+        for heavy in ["heavy-a", "heavy-b", "heavy-c"] {
+            assert!(
+                entries.iter().any(|e| e.0 == heavy),
+                "{heavy} lost its slot"
+            );
+        }
+    }
+
+    #[test]
+    fn counts_merge_back() {
+        let mut a = Counts::new(&[Dimension::Path, Dimension::Status], 10);
+        let mut buf = String::new();
+        let gb = CountryCode::parse("GB").unwrap();
+        a.add(gb, Some(&event("/x", 200, None)), &mut buf);
+        let mut b = a.empty_like();
+        b.add(gb, Some(&event("/x?q", 404, None)), &mut buf);
+        b.add(gb, None, &mut buf);
+        a.merge(b);
+        assert_eq!(a.countries[&gb], 3);
+        assert_eq!(a.unreadable, 1);
+        let dims: Vec<(Dimension, Rows)> = a.dimensions().map(|(d, t)| (d, sorted(t))).collect();
+        assert_eq!(
+            dims,
+            vec![
+                (Dimension::Path, vec![("/x".into(), 2, 200)]),
+                (
+                    Dimension::Status,
+                    vec![("200".into(), 1, 100), ("404".into(), 1, 100)]
+                ),
+            ]
+        );
+        let minute = minute_of("2026-01-01T09:05:30Z").unwrap();
+        assert_eq!(minute, 1_767_258_300);
+        assert_eq!(
+            a.minutes[&(minute, gb)],
+            Amount {
+                visits: 2,
+                bytes: 200,
+                humans: 2
+            }
+        );
+    }
+
+    /// A flush sums the partitions' counts per value, `(other)` included.
+    #[test]
+    fn a_flush_sums_partitions() {
+        let mut buf = String::new();
+        let (gb, us) = (
+            CountryCode::parse("GB").unwrap(),
+            CountryCode::parse("US").unwrap(),
+        );
+        let mut p0 = Counts::new(&[Dimension::Path], 1);
+        p0.add(gb, Some(&event("/a", 200, None)), &mut buf);
+        p0.add(gb, Some(&event("/b", 200, None)), &mut buf);
+        let mut p1 = p0.empty_like();
+        p1.add(us, Some(&event("/a", 200, None)), &mut buf);
+        let mut later = event("/a", 200, None);
+        later.time = Cow::Borrowed("2026-01-01T10:00:00Z");
+        p1.add(us, Some(&later), &mut buf);
+        let mut batch = FlushBatch::default();
+        fill_batch(&mut batch, [&p0, &p1].into_iter(), Some(3600));
+        assert_eq!(batch.increments, vec![("GB".into(), 2), ("US".into(), 2)]);
+        let dims: Vec<(&str, u64, u64)> = batch
+            .dimensions
+            .iter()
+            .map(|d| (d.value.as_str(), d.amount.visits, d.amount.bytes))
+            .collect();
+        // Partition 0 had one slot: `/b` took it from `/a`, whose visit went to `(other)`.
+        assert_eq!(
+            dims,
+            vec![("(other)", 1, 100), ("/a", 2, 200), ("/b", 1, 100)]
+        );
+        let nine = minute_of("2026-01-01T09:05:00Z").unwrap();
+        let ten = minute_of("2026-01-01T10:00:00Z").unwrap();
+        let minutes: Vec<(i64, &str, u64)> = batch
+            .minutes
+            .iter()
+            .map(|m| (m.minute, m.country_code.as_str(), m.amount.visits))
+            .collect();
+        assert_eq!(
+            minutes,
+            vec![(nine, "GB", 2), (nine, "US", 1), (ten, "US", 1)]
+        );
+        assert_eq!(batch.prune_minutes_before, Some(ten - 3600));
+    }
+}
