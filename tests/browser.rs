@@ -1,0 +1,332 @@
+//! The dashboard as a person sees it: headless Chromium (Debian's `chromium` and
+//! `chromium-driver`, which `.ci/run` installs) driven through ChromeDriver, against the real
+//! pipeline (embedded broker, SQLite). It checks the top country, that totals grow without a
+//! reload (pushed after each flush), that every panel has rows, that the lag table lists the
+//! partitions, and that markup in log lines reaches the page as text and runs nothing. It
+//! saves a screenshot (`PAGEVIEWS_SCREENSHOT=path`, else under the target directory).
+
+mod common;
+
+use std::net::TcpListener as StdListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use fantoccini::{Client, ClientBuilder};
+use pageviews::generate::LineGenerator;
+use pageviews::import::{self, ImportConfig, Input};
+use pageviews::preprocess::PreprocessStats;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Markup in the three places a log line reaches the page: the path (requests and not-found
+/// panels), the referrer's host (referring sites) and a whole unparseable line (dead letters).
+const EVIL_PATH: &str = "/<script>window.__pwned=1</script><img/src=x/onerror=window.__pwned=4>";
+const EVIL_HOST: &str = "<img src=x onerror=window.__pwned=2>";
+const EVIL_LINE: &str = "<script>window.__pwned=3</script>\"><img src=x onerror=window.__pwned=5>";
+
+/// ChromeDriver on a free port, killed on drop.
+struct Driver(Child, u16);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_driver() -> Driver {
+    let port = StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("chromedriver is needed (apt-get install chromium chromium-driver): {e}")
+        });
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Driver(child, port);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("chromedriver did not listen on port {port}");
+}
+
+async fn browser(port: u16) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,2600"]
+        }),
+    );
+    // Plain HTTP: chromedriver listens on loopback.
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("a Chromium session through chromedriver")
+}
+
+/// Runs `script` in the page until it returns something truthy, for up to `patience`.
+async fn until(client: &Client, script: &str, patience: Duration, what: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let v = client.execute(script, vec![]).await.unwrap();
+        let truthy =
+            !matches!(&v, Value::Null | Value::Bool(false)) && v != json!(0) && v != json!("");
+        if truthy {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: still {v} after {patience:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn import(c: &Cluster, name: &str, lines: &[Vec<u8>]) {
+    let path = c.dir.path().join(name);
+    write_lines(&path, lines);
+    let config = ImportConfig {
+        kafka: c.kafka.clone(),
+        inputs: vec![Input::File(path)],
+        follow: false,
+        rate: None,
+        checkpoints: None,
+        from_start: false,
+        format: Default::default(),
+    };
+    let done = import::run(config, CancellationToken::new()).await.unwrap();
+    assert_eq!(done.lines, lines.len() as u64);
+}
+
+/// The number in an element's text (`12,345` → 12345).
+fn number(v: &Value) -> u64 {
+    v.as_str()
+        .unwrap_or("")
+        .replace(',', "")
+        .parse()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_in_a_real_browser() {
+    let c = cluster(4).await;
+    let pre = start_preprocessor(&c, Arc::new(PreprocessStats::default()));
+    let (agg, _) = start_aggregator(&c, Duration::from_millis(300));
+    let listener = pageviews::serve::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(pageviews::serve::run(
+        listener,
+        c.store.clone(),
+        Some(c.kafka.clone()),
+        stop.clone(),
+    ));
+
+    // First batch: generated traffic, many requests carrying markup, one line that is markup.
+    let mut first: Vec<Vec<u8>> = LineGenerator::new(11)
+        .take(10_000)
+        .map(String::into_bytes)
+        .collect();
+    for i in 0..1500 {
+        first.push(
+            format!(
+                "81.2.69.{} - - [01/Jan/2026:00:00:0{} +0000] \"GET {EVIL_PATH} HTTP/1.1\" 404 99 \"https://{EVIL_HOST}/x\" \"<script>window.__pwned=6</script>\"",
+                i % 200,
+                i % 10
+            )
+            .into_bytes(),
+        );
+    }
+    first.push(EVIL_LINE.as_bytes().to_vec());
+    let good_first = first.len() as u64 - 1;
+    let expected = expected_counts(first[..first.len() - 1].iter().map(Vec::as_slice));
+    let top_country = expected
+        .iter()
+        .max_by_key(|(c, n)| (**n, std::cmp::Reverse(*c)))
+        .unwrap()
+        .0
+        .clone();
+    import(&c, "first.log", &first).await;
+    wait_for(&c, good_first, Duration::from_secs(120)).await;
+
+    let driver = start_driver();
+    let client = browser(driver.1).await;
+    client.goto(&format!("http://{addr}/")).await.unwrap();
+    let total_of = "document.getElementById('total-visits').textContent";
+    until(
+        &client,
+        &format!("return {total_of}.replace(/,/g, '') === '{good_first}'"),
+        Duration::from_secs(30),
+        "the totals show the first batch",
+    )
+    .await;
+    let first_row = client
+        .execute(
+            "return document.querySelector('#rows tr').dataset.code",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(first_row, json!(top_country), "the top country comes first");
+
+    // Every panel the aggregator counts has rows (no vhost in Combined logs).
+    let panels = until(
+        &client,
+        "const s = [...document.querySelectorAll('section[data-dimension]')];
+         return s.length >= 14 && s.every(p => p.querySelectorAll('tbody tr').length > 0)
+           ? s.map(p => p.dataset.dimension).sort() : null",
+        Duration::from_secs(10),
+        "every dimension panel has rows",
+    )
+    .await;
+    assert_eq!(
+        panels,
+        json!([
+            "browser",
+            "continent",
+            "country",
+            "device",
+            "host",
+            "hour",
+            "not_found",
+            "os",
+            "path",
+            "referrer",
+            "static_path",
+            "status",
+            "status_class",
+            "visitor_type"
+        ])
+    );
+    for table in ["#rows", "#percentiles", "#flow tbody"] {
+        let rows = client
+            .execute(
+                &format!("return document.querySelectorAll('{table} tr').length"),
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert!(rows.as_u64().unwrap_or(0) > 0, "{table} has no rows");
+    }
+    // The lag table lists every partition of both groups.
+    let lag_rows = until(
+        &client,
+        "const r = [...document.querySelectorAll('#lag tbody tr')];
+         return r.length === 8 ? r.map(t => t.dataset.group + '/' + t.dataset.partition) : null",
+        Duration::from_secs(10),
+        "the lag table lists the partitions",
+    )
+    .await;
+    assert_eq!(
+        lag_rows,
+        json!([
+            "preprocessors/0",
+            "preprocessors/1",
+            "preprocessors/2",
+            "preprocessors/3",
+            "aggregators/0",
+            "aggregators/1",
+            "aggregators/2",
+            "aggregators/3"
+        ])
+    );
+
+    // Markup from log lines is text in the DOM and ran nothing.
+    let shown = |selector: &str, text: &str| {
+        format!(
+            "return [...document.querySelectorAll({selector:?})].some(e => e.textContent === {text:?})"
+        )
+    };
+    let evil_path = EVIL_PATH;
+    for (selector, text) in [
+        ("section[data-dimension=\"path\"] td", evil_path),
+        ("section[data-dimension=\"not_found\"] td", evil_path),
+        ("section[data-dimension=\"referrer\"] td", EVIL_HOST),
+        ("#dead td", EVIL_LINE),
+    ] {
+        until(
+            &client,
+            &shown(selector, text),
+            Duration::from_secs(10),
+            &format!("{text} shown as text in {selector}"),
+        )
+        .await;
+    }
+    let ran = client
+        .execute(
+            "return [typeof window.__pwned, document.querySelectorAll('img').length,
+                     document.querySelectorAll('script').length]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ran,
+        json!(["undefined", 0, 1]),
+        "injected markup ran or was parsed"
+    );
+
+    // Second batch: the totals grow on the open page, without a reload.
+    let before = number(
+        &client
+            .execute(&format!("return {total_of}"), vec![])
+            .await
+            .unwrap(),
+    );
+    client
+        .execute("window.__sameDocument = true", vec![])
+        .await
+        .unwrap();
+    let second: Vec<Vec<u8>> = LineGenerator::new(12)
+        .take(5_000)
+        .map(String::into_bytes)
+        .collect();
+    import(&c, "second.log", &second).await;
+    until(
+        &client,
+        &format!(
+            "return {total_of}.replace(/,/g, '') === '{}'",
+            before + 5_000
+        ),
+        Duration::from_secs(60),
+        "the totals grow without a reload",
+    )
+    .await;
+    assert_eq!(
+        client
+            .execute("return window.__sameDocument === true", vec![])
+            .await
+            .unwrap(),
+        json!(true),
+        "the page was not reloaded"
+    );
+
+    let png = client.screenshot().await.unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let path = std::env::var("PAGEVIEWS_SCREENSHOT")
+        .unwrap_or_else(|_| format!("{}/dashboard.png", env!("CARGO_TARGET_TMPDIR")));
+    std::fs::write(&path, &png).unwrap();
+    println!("screenshot: {path}");
+
+    client.close().await.unwrap();
+    drop(driver);
+    stop.cancel();
+    server.await.unwrap().unwrap();
+    pre.stop().await;
+    agg.stop().await;
+}
