@@ -50,9 +50,11 @@ fn start_driver() -> Driver {
         .unwrap_or_else(|e| {
             panic!("chromedriver is needed (apt-get install chromium chromium-driver): {e}")
         });
+    // Killed and waited for on every path (the panic below drops it).
+    let driver = Driver(child, port);
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Driver(child, port);
+            return driver;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
