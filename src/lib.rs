@@ -20,13 +20,17 @@
 //!   [`preprocess::enrich`] (line → [`event::PageView`] JSON); the module itself is the Kafka
 //!   loop.
 //! - [`aggregate`]: the consumer group `aggregators`. Pure core in [`aggregate::tally`]
-//!   (per-partition counts and offsets) and [`aggregate::positions`] (where a newly owned
+//!   (per-partition counts and offsets), [`aggregate::dimensions`] (what is counted: the
+//!   dimensions, top-K, visits per minute, sketches; what a flush writes), [`sketch`]
+//!   (HyperLogLog, histogram buckets) and [`aggregate::positions`] (where a newly owned
 //!   partition starts: stored offset, a recreated topic, an offset past the log end); the
 //!   module is the Kafka loop, which assigns partitions paused in the rebalance callback and
 //!   positions them from the database outside it.
-//! - [`store`]: the database (SQLite or PostgreSQL): counts, offsets, source watermarks and
-//!   the topic ids they refer to, written together in one transaction per flush.
-//! - [`serve`]: HTTP dashboard and JSON API.
+//! - [`store`]: the database (SQLite or PostgreSQL): counts, dimensions, minutes, sketches,
+//!   histograms, offsets, source watermarks and the topic ids they refer to, written together
+//!   in one transaction per flush.
+//! - [`serve`]: the dashboard ([`serve::live`] pushes it an update after each flush), the JSON
+//!   API ([`serve::api`]), pipeline health and `/metrics` ([`serve::pipeline`]).
 //! - [`kafka`]: the one place that knows topic/group names and client settings;
 //!   [`broker`]: the embedded Kafka-compatible broker (tansu) for one machine.
 //! - [`generate`]: deterministic realistic log lines; [`demo`]: everything in one process.

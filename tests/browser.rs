@@ -8,6 +8,7 @@
 mod common;
 
 use std::net::TcpListener as StdListener;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,12 @@ const EVIL_LINE: &str = "<script>window.__pwned=3</script>\"><img src=x onerror=
 struct Driver(Child, u16);
 
 impl Drop for Driver {
+    /// Kills chromedriver's whole process group: the Chromium it started too, even when the
+    /// test failed before closing its session.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -44,6 +50,7 @@ fn start_driver() -> Driver {
         .port();
     let child = Command::new("chromedriver")
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -225,6 +232,45 @@ async fn the_dashboard_in_a_real_browser() {
             .unwrap();
         assert!(rows.as_u64().unwrap_or(0) > 0, "{table} has no rows");
     }
+    // The panels over the last 24 hours (all of this input is in one hour): the same rows.
+    let all_time = client
+        .execute(
+            "return [...document.querySelectorAll('section[data-dimension=\"path\"] tbody tr')].map(r => r.dataset.value + '=' + r.querySelector('.visits').textContent)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "const s = document.getElementById('panel-range'); s.value = '24'; s.dispatchEvent(new Event('change')); window.__recent = null;
+             fetch('/api/dimensions/path?limit=10&hours=24').then(r => r.json()).then(j => window.__recent = j.hours)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    until(
+        &client,
+        "return window.__recent === 24 && recent !== null",
+        Duration::from_secs(10),
+        "the panels switched to the last 24 hours",
+    )
+    .await;
+    let last_day = client
+        .execute(
+            "return [...document.querySelectorAll('section[data-dimension=\"path\"] tbody tr')].map(r => r.dataset.value + '=' + r.querySelector('.visits').textContent)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(last_day, all_time);
+    client
+        .execute(
+            "const s = document.getElementById('panel-range'); s.value = 'all'; s.dispatchEvent(new Event('change'));",
+            vec![],
+        )
+        .await
+        .unwrap();
+
     // The lag table lists every partition of both groups.
     let lag_rows = until(
         &client,

@@ -136,6 +136,24 @@ async fn counts_100k_lines_exactly_and_serves_them() {
     assert_eq!(got, top);
     assert_eq!(panel.total_visits, 100_000);
     assert_eq!(panel.distinct, want["status"].len() as u64);
+    // The last hours: every generated line is in the first hour of 2026, so the last hour
+    // holds them all; a range out of bounds is refused.
+    let (_, _, body) = tokio::task::spawn_blocking(move || {
+        http_get(addr, "/api/dimensions/status?limit=3&hours=1")
+    })
+    .await
+    .unwrap();
+    let hour: DimensionResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(hour.hours, Some(1));
+    assert_eq!(
+        (hour.values, hour.total_visits),
+        (panel.values.clone(), 100_000)
+    );
+    let (status, _, _) =
+        tokio::task::spawn_blocking(move || http_get(addr, "/api/dimensions/status?hours=0"))
+            .await
+            .unwrap();
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
     let (status, _, body) =
         tokio::task::spawn_blocking(move || http_get(addr, "/api/dimensions/colour"))
             .await

@@ -28,7 +28,8 @@ use crate::countries::{CountryCode, continent_of};
 use crate::event::PageView;
 use crate::sketch::{Hll, bucket_of};
 use crate::store::{
-    Amount, DimensionIncrement, FlushBatch, HistogramIncrement, MinuteIncrement, UniqueSketch,
+    Amount, DimensionHourIncrement, DimensionIncrement, FlushBatch, HistogramIncrement,
+    MinuteIncrement, UniqueSketch,
 };
 
 /// The value under which a dimension reports what [`TopK`] could not attribute.
@@ -395,6 +396,9 @@ impl Metric {
 /// The scope of the overall unique-visitor sketch and histogram rows (beside one per country).
 pub const ALL_COUNTRIES: &str = "*";
 
+/// The hour of an event whose time cannot be read: counted in the all-time values only.
+pub const NO_HOUR: i64 = i64::MIN;
+
 /// A day as the event writes it: `YYYY-MM-DD`.
 type Day = [u8; 10];
 
@@ -404,7 +408,11 @@ type Day = [u8; 10];
 #[derive(Debug, Clone)]
 pub struct Counts {
     pub countries: HashMap<CountryCode, u64>,
-    dimensions: Vec<(Dimension, TopK)>,
+    /// Per dimension, per hour of event time (start, seconds since the epoch; [`NO_HOUR`]
+    /// when the event's time cannot be read), the values counted: all-time counts are their
+    /// sum, the hourly ones answer "the last 24 hours".
+    dimensions: Vec<(Dimension, HashMap<i64, TopK>)>,
+    top_k: usize,
     /// (minute start, seconds since the epoch; country) → what was counted.
     pub minutes: HashMap<(i64, CountryCode), Amount>,
     /// (day, country) → the visitors seen.
@@ -426,7 +434,8 @@ impl Counts {
     pub fn new(dimensions: &[Dimension], top_k: usize) -> Counts {
         Counts {
             countries: HashMap::new(),
-            dimensions: dimensions.iter().map(|&d| (d, TopK::new(top_k))).collect(),
+            dimensions: dimensions.iter().map(|&d| (d, HashMap::new())).collect(),
+            top_k,
             minutes: HashMap::new(),
             uniques: HashMap::new(),
             histograms: HashMap::new(),
@@ -441,8 +450,9 @@ impl Counts {
             dimensions: self
                 .dimensions
                 .iter()
-                .map(|(d, t)| (*d, TopK::new(t.capacity)))
+                .map(|(d, _)| (*d, HashMap::new()))
                 .collect(),
+            top_k: self.top_k,
             minutes: HashMap::new(),
             uniques: HashMap::new(),
             histograms: HashMap::new(),
@@ -463,12 +473,18 @@ impl Counts {
             return;
         };
         let amount = Amount::visit(event.bytes, event.is_bot);
-        for (d, top) in &mut self.dimensions {
+        let minute = minute_of(&event.time);
+        let hour = minute.map_or(NO_HOUR, |m| m - m.rem_euclid(3600));
+        let top_k = self.top_k;
+        for (d, hours) in &mut self.dimensions {
             if let Some(v) = d.value(event, &country, buf) {
-                top.add(v, amount);
+                hours
+                    .entry(hour)
+                    .or_insert_with(|| TopK::new(top_k))
+                    .add(v, amount);
             }
         }
-        if let Some(minute) = minute_of(&event.time) {
+        if let Some(minute) = minute {
             *self.minutes.entry((minute, country)).or_default() += amount;
         }
         if let Some(day) = event
@@ -509,10 +525,17 @@ impl Counts {
         for (c, n) in other.countries {
             *self.countries.entry(c).or_insert(0) += n;
         }
-        for (d, top) in other.dimensions {
+        let top_k = self.top_k;
+        for (d, hours) in other.dimensions {
             match self.dimensions.iter_mut().find(|(mine, _)| *mine == d) {
-                Some((_, mine)) => mine.merge(top),
-                None => self.dimensions.push((d, top)),
+                Some((_, mine)) => {
+                    for (hour, top) in hours {
+                        mine.entry(hour)
+                            .or_insert_with(|| TopK::new(top_k))
+                            .merge(top);
+                    }
+                }
+                None => self.dimensions.push((d, hours)),
             }
         }
         for (k, a) in other.minutes {
@@ -532,8 +555,11 @@ impl Counts {
         self.unreadable += other.unreadable;
     }
 
-    pub fn dimensions(&self) -> impl Iterator<Item = (Dimension, &TopK)> {
-        self.dimensions.iter().map(|(d, t)| (*d, t))
+    /// Every dimension's values per hour: (dimension, hour start or [`NO_HOUR`], values).
+    pub fn dimensions(&self) -> impl Iterator<Item = (Dimension, i64, &TopK)> {
+        self.dimensions
+            .iter()
+            .flat_map(|(d, hours)| hours.iter().map(move |(h, t)| (*d, *h, t)))
     }
 }
 
@@ -550,6 +576,7 @@ pub fn fill_batch<'a>(
     let mut minutes: HashMap<(i64, CountryCode), Amount> = HashMap::new();
     let mut uniques: HashMap<(Day, Option<CountryCode>), Hll> = HashMap::new();
     let mut histograms: HashMap<(Metric, Option<CountryCode>, i32), u64> = HashMap::new();
+    let mut hourly: HashMap<(Dimension, i64, &str), Amount> = HashMap::new();
     for c in counts {
         // Each sketch per country, and merged into the day's sketch of all countries.
         for (&(day, country), h) in &c.uniques {
@@ -565,9 +592,12 @@ pub fn fill_batch<'a>(
         for (&country, &n) in &c.countries {
             *countries.entry(country).or_insert(0) += n;
         }
-        for (d, top) in c.dimensions() {
+        for (d, hour, top) in c.dimensions() {
             for (value, amount) in top.entries() {
                 *values.entry((d, value)).or_default() += amount;
+                if hour != NO_HOUR {
+                    *hourly.entry((d, hour, value)).or_default() += amount;
+                }
             }
         }
         for (&key, &amount) in &c.minutes {
@@ -588,6 +618,19 @@ pub fn fill_batch<'a>(
         })
         .collect();
     batch.dimensions.sort();
+    batch.prune_hours_before = retention
+        .zip(hourly.keys().map(|(_, h, _)| *h).max())
+        .map(|(keep, newest)| newest - keep);
+    batch.dimension_hours = hourly
+        .into_iter()
+        .map(|((d, hour, value), amount)| DimensionHourIncrement {
+            dimension: d.name().to_owned(),
+            hour,
+            value: value.to_owned(),
+            amount,
+        })
+        .collect();
+    batch.dimension_hours.sort();
     batch.prune_minutes_before = retention
         .zip(minutes.keys().map(|(m, _)| *m).max())
         .map(|(keep, newest)| newest - keep);
@@ -626,10 +669,32 @@ pub fn fill_batch<'a>(
     batch.histograms.sort();
 }
 
-/// The start of the minute of an RFC 3339 time, in seconds since the epoch.
+/// The start of the minute of an RFC 3339 time, in seconds since the epoch. The events'
+/// own form (`2024-01-01T09:00:00Z`, read for every event) is taken apart by position;
+/// anything else goes through chrono's parser.
 pub fn minute_of(time: &str) -> Option<i64> {
-    let t = chrono::DateTime::parse_from_rfc3339(time).ok()?.timestamp();
-    Some(t - t.rem_euclid(60))
+    let b = time.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        b.get(r)?.iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let fast = || {
+        if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'Z' {
+            return None;
+        }
+        let date = chrono::NaiveDate::from_ymd_opt(
+            i32::try_from(digits(0..4)?).ok()?,
+            digits(5..7)?,
+            digits(8..10)?,
+        )?;
+        let t = date.and_hms_opt(digits(11..13)?, digits(14..16)?, 0)?;
+        Some(t.and_utc().timestamp())
+    };
+    fast().or_else(|| {
+        let t = chrono::DateTime::parse_from_rfc3339(time).ok()?.timestamp();
+        Some(t - t.rem_euclid(60))
+    })
 }
 
 #[cfg(test)]
@@ -825,7 +890,9 @@ mod tests {
         a.merge(b);
         assert_eq!(a.countries[&gb], 3);
         assert_eq!(a.unreadable, 1);
-        let dims: Vec<(Dimension, Rows)> = a.dimensions().map(|(d, t)| (d, sorted(t))).collect();
+        let mut dims: Vec<(Dimension, Rows)> =
+            a.dimensions().map(|(d, _, t)| (d, sorted(t))).collect();
+        dims.sort();
         assert_eq!(
             dims,
             vec![
@@ -838,6 +905,11 @@ mod tests {
         );
         let minute = minute_of("2026-01-01T09:05:30Z").unwrap();
         assert_eq!(minute, 1_767_258_300);
+        // Other RFC 3339 forms go through chrono; nonsense is no minute.
+        assert_eq!(minute_of("2026-01-01T10:05:59+01:00"), Some(1_767_258_300));
+        assert_eq!(minute_of("2026-01-01T09:05:00.123Z"), Some(1_767_258_300));
+        assert_eq!(minute_of("2026-13-01T09:05:00Z"), None);
+        assert_eq!(minute_of("yesterday"), None);
         assert_eq!(
             a.minutes[&(minute, gb)],
             Amount {
@@ -889,5 +961,22 @@ mod tests {
             vec![(nine, "GB", 2), (nine, "US", 1), (ten, "US", 1)]
         );
         assert_eq!(batch.prune_minutes_before, Some(ten - 3600));
+        // The same values per hour of event time (09:00 and 10:00), each within its own top-K.
+        let hours: Vec<(i64, &str, u64)> = batch
+            .dimension_hours
+            .iter()
+            .map(|d| (d.hour, d.value.as_str(), d.amount.visits))
+            .collect();
+        let nine = nine - 5 * 60;
+        assert_eq!(
+            hours,
+            vec![
+                (nine, "(other)", 1),
+                (nine, "/a", 1),
+                (nine, "/b", 1),
+                (ten, "/a", 1)
+            ]
+        );
+        assert_eq!(batch.prune_hours_before, Some(ten - 3600));
     }
 }

@@ -49,6 +49,8 @@ pub struct DimensionInfo {
 pub struct DimensionResponse {
     pub name: String,
     pub title: String,
+    /// The last N hours of event time (`null`: all time).
+    pub hours: Option<u32>,
     /// Over all stored values, not only those listed.
     pub total_visits: u64,
     pub total_bytes: u64,
@@ -248,14 +250,19 @@ pub(super) async fn dimension_list() -> Response {
 }
 
 #[derive(Debug, Deserialize)]
-pub(super) struct LimitQuery {
+pub(super) struct DimensionQuery {
     limit: Option<u32>,
+    /// Only the last N hours (of event time, up to the newest hour counted).
+    hours: Option<u32>,
 }
+
+/// The longest "last N hours" (a week; hourly counts are kept as long as the minutes).
+const MAX_HOURS: u32 = 7 * 24;
 
 pub(super) async fn dimension(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    Query(q): Query<LimitQuery>,
+    Query(q): Query<DimensionQuery>,
 ) -> Response {
     let Some(d) = Dimension::parse(&name) else {
         let names: Vec<&str> = Dimension::ALL.iter().map(|d| d.name()).collect();
@@ -269,10 +276,49 @@ pub(super) async fn dimension(
             .into_response();
     };
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    match dimension_of(&state.store, d, limit).await {
+    if let Some(h) = q.hours
+        && !(1..=MAX_HOURS).contains(&h)
+    {
+        return bad_request(format!("hours must be 1..={MAX_HOURS}, not {h}"));
+    }
+    let read = async {
+        match q.hours {
+            None => dimension_of(&state.store, d, limit).await,
+            Some(h) => dimension_in_hours(&state.store, d, limit, h).await,
+        }
+    };
+    match read.await {
         Ok(r) => fresh(r),
         Err(err) => unavailable(err),
     }
+}
+
+/// A dimension's values in the last `hours` hours up to the newest hour counted.
+async fn dimension_in_hours(
+    store: &Store,
+    d: Dimension,
+    limit: u32,
+    hours: u32,
+) -> Result<DimensionResponse, StoreError> {
+    let Some(latest) = store.latest_minute().await? else {
+        return Ok(DimensionResponse {
+            hours: Some(hours),
+            ..dimension_of(store, d, limit).await?
+        });
+    };
+    let newest_hour = latest - latest.rem_euclid(3600);
+    let since = newest_hour - 3600 * (i64::from(hours) - 1);
+    let c = store.dimension_counts_since(d.name(), since, limit).await?;
+    Ok(DimensionResponse {
+        name: d.name().to_owned(),
+        title: d.title().to_owned(),
+        hours: Some(hours),
+        total_visits: c.total_visits,
+        total_bytes: c.total_bytes,
+        total_humans: c.total_humans,
+        distinct: c.distinct,
+        values: c.values,
+    })
 }
 
 async fn dimension_of(
@@ -284,6 +330,7 @@ async fn dimension_of(
     Ok(DimensionResponse {
         name: d.name().to_owned(),
         title: d.title().to_owned(),
+        hours: None,
         total_visits: c.total_visits,
         total_bytes: c.total_bytes,
         total_humans: c.total_humans,

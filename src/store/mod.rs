@@ -60,6 +60,15 @@ const MIGRATIONS: &[&str] = &[
         bytes BIGINT NOT NULL,
         humans BIGINT NOT NULL,
         PRIMARY KEY (dimension, value))",
+    // The same per hour of event time (seconds since the epoch), for "the last 24 hours".
+    "CREATE TABLE IF NOT EXISTS dimension_hours (
+        dimension TEXT NOT NULL,
+        hour BIGINT NOT NULL,
+        value TEXT NOT NULL,
+        visits BIGINT NOT NULL,
+        bytes BIGINT NOT NULL,
+        humans BIGINT NOT NULL,
+        PRIMARY KEY (dimension, hour, value))",
     // Visits per minute (event time, seconds since the epoch) and country: the time series.
     "CREATE TABLE IF NOT EXISTS minute_counts (
         minute BIGINT NOT NULL,
@@ -139,6 +148,17 @@ const EXPECTED_COLUMNS: &[(&str, &[(&str, SqlType)])] = &[
         "dimension_counts",
         &[
             ("dimension", SqlType::Text),
+            ("value", SqlType::Text),
+            ("visits", SqlType::BigInt),
+            ("bytes", SqlType::BigInt),
+            ("humans", SqlType::BigInt),
+        ],
+    ),
+    (
+        "dimension_hours",
+        &[
+            ("dimension", SqlType::Text),
+            ("hour", SqlType::BigInt),
             ("value", SqlType::Text),
             ("visits", SqlType::BigInt),
             ("bytes", SqlType::BigInt),
@@ -387,6 +407,10 @@ pub struct FlushBatch {
     pub identity: TopicIdentity,
     /// Visits and bytes to add per (dimension, value).
     pub dimensions: Vec<DimensionIncrement>,
+    /// What to add per (dimension, hour, value): the same counts by hour of event time.
+    pub dimension_hours: Vec<DimensionHourIncrement>,
+    /// Hours before this one are deleted from `dimension_hours` (the time series' retention).
+    pub prune_hours_before: Option<i64>,
     /// Visits and bytes to add per (minute, country).
     pub minutes: Vec<MinuteIncrement>,
     /// Minutes before this one (seconds since the epoch) are deleted: the time series'
@@ -465,6 +489,16 @@ impl std::ops::AddAssign for Amount {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DimensionIncrement {
     pub dimension: String,
+    pub value: String,
+    pub amount: Amount,
+}
+
+/// What to add to one value of one dimension in one hour.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DimensionHourIncrement {
+    pub dimension: String,
+    /// Start of the hour, seconds since the epoch (event time).
+    pub hour: i64,
     pub value: String,
     pub amount: Amount,
 }
@@ -629,6 +663,19 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.dimension_counts(dimension, limit).await,
             Store::Postgres(s) => s.dimension_counts(dimension, limit).await,
+        }
+    }
+
+    /// The same for the hours from `since` (seconds since the epoch) on.
+    pub async fn dimension_counts_since(
+        &self,
+        dimension: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<DimensionCounts, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.dimension_counts_since(dimension, since, limit).await,
+            Store::Postgres(s) => s.dimension_counts_since(dimension, since, limit).await,
         }
     }
 
@@ -890,6 +937,16 @@ mod tests {
             dim("path", "/b", amount(1, 5, 1)),
             dim("status", "200", amount(3, 25, 2)),
         ];
+        let hour = |h: i64, v: &str, a: Amount| DimensionHourIncrement {
+            dimension: "path".into(),
+            hour: h,
+            value: v.into(),
+            amount: a,
+        };
+        first.dimension_hours = vec![
+            hour(0, "/a", amount(2, 20, 1)),
+            hour(3600, "/b", amount(1, 5, 1)),
+        ];
         first.minutes = vec![
             minute(60, "NL", amount(2, 20, 1)),
             minute(120, "NL", amount(1, 5, 1)),
@@ -902,6 +959,11 @@ mod tests {
         ];
         second.minutes = vec![minute(180, "US", amount(2, 11, 1))];
         second.prune_minutes_before = Some(120);
+        second.dimension_hours = vec![
+            hour(3600, "/b", amount(2, 10, 0)),
+            hour(7200, "/a", amount(1, 1, 1)),
+        ];
+        second.prune_hours_before = Some(3600);
         assert_eq!(store.flush(&second).await.unwrap(), FlushOutcome::Committed);
         // A fenced-off flush adds nothing.
         let mut zombie = batch(&[("NL", 9)], &[(0, Some(3), 9)]);
@@ -931,6 +993,25 @@ mod tests {
         assert_eq!(
             store.dimension_counts("nothing", 5).await.unwrap(),
             DimensionCounts::default()
+        );
+        // By hour: hour 0 pruned; from hour 7200 on only `/a`'s last visit.
+        assert_eq!(
+            store.dimension_counts_since("path", 0, 5).await.unwrap(),
+            DimensionCounts {
+                values: vec![value("/b", 3, 15, 1), value("/a", 1, 1, 1)],
+                total_visits: 4,
+                total_bytes: 16,
+                total_humans: 2,
+                distinct: 2,
+            }
+        );
+        assert_eq!(
+            store
+                .dimension_counts_since("path", 7200, 5)
+                .await
+                .unwrap()
+                .values,
+            vec![value("/a", 1, 1, 1)]
         );
         let point = |minute, visits, bytes, humans| MinutePoint {
             minute,

@@ -58,6 +58,16 @@ const UPSERT_DIMENSIONS: &str = "INSERT INTO dimension_counts (dimension, value,
          bytes = dimension_counts.bytes + excluded.bytes,
          humans = dimension_counts.humans + excluded.humans";
 
+const UPSERT_DIMENSION_HOURS: &str = "INSERT INTO dimension_hours (dimension, hour, value, visits, bytes, humans)
+     SELECT d, h, v, n, b, m FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[]) AS u(d, h, v, n, b, m)
+     ON CONFLICT (dimension, hour, value) DO UPDATE
+     SET visits = dimension_hours.visits + excluded.visits,
+         bytes = dimension_hours.bytes + excluded.bytes,
+         humans = dimension_hours.humans + excluded.humans";
+
+/// `$1` NULL deletes nothing.
+const PRUNE_HOURS: &str = "DELETE FROM dimension_hours WHERE hour < $1::int8";
+
 const UPSERT_MINUTES: &str = "INSERT INTO minute_counts (minute, country_code, visits, bytes, humans)
      SELECT m, c, n, b, h FROM unnest($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS u(m, c, n, b, h)
      ON CONFLICT (minute, country_code) DO UPDATE
@@ -355,6 +365,27 @@ impl PostgresStore {
             tx.execute(&prune_stmt, &prune_params),
             tx.execute(&hist_stmt, &hist_params),
         )?;
+        if !batch.dimension_hours.is_empty() || batch.prune_hours_before.is_some() {
+            let hs = &batch.dimension_hours;
+            let names: Vec<&str> = hs.iter().map(|d| d.dimension.as_str()).collect();
+            let hours: Vec<i64> = hs.iter().map(|d| d.hour).collect();
+            let values: Vec<&str> = hs.iter().map(|d| d.value.as_str()).collect();
+            let visits: Vec<i64> = hs.iter().map(|d| sql_count(d.amount.visits)).collect();
+            let bytes: Vec<i64> = hs.iter().map(|d| sql_count(d.amount.bytes)).collect();
+            let humans: Vec<i64> = hs.iter().map(|d| sql_count(d.amount.humans)).collect();
+            let (upsert, prune) = futures::try_join!(
+                tx.prepare_cached(UPSERT_DIMENSION_HOURS),
+                tx.prepare_cached(PRUNE_HOURS)
+            )?;
+            let upsert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&names, &hours, &values, &visits, &bytes, &humans];
+            let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] =
+                [&batch.prune_hours_before];
+            futures::try_join!(
+                tx.execute(&upsert, &upsert_params),
+                tx.execute(&prune, &prune_params),
+            )?;
+        }
         if !batch.uniques.is_empty() {
             merge_uniques(&tx, &batch.uniques).await?;
         }
@@ -394,6 +425,46 @@ impl PostgresStore {
                         CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(*)
                  FROM dimension_counts WHERE dimension = $1",
                 &[&dimension],
+            )
+            .await?;
+        out.total_visits = count(row.try_get(0)?);
+        out.total_bytes = count(row.try_get(1)?);
+        out.total_humans = count(row.try_get(2)?);
+        out.distinct = count(row.try_get(3)?);
+        Ok(out)
+    }
+
+    pub async fn dimension_counts_since(
+        &self,
+        dimension: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<DimensionCounts, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT value, CAST(SUM(visits) AS BIGINT) AS v, CAST(SUM(bytes) AS BIGINT),
+                        CAST(SUM(humans) AS BIGINT)
+                 FROM dimension_hours WHERE dimension = $1 AND hour >= $2
+                 GROUP BY value ORDER BY v DESC, value LIMIT $3",
+                &[&dimension, &since, &i64::from(limit)],
+            )
+            .await?;
+        let mut out = DimensionCounts::default();
+        for r in &rows {
+            out.values.push(ValueCount {
+                value: r.try_get(0)?,
+                visits: count(r.try_get(1)?),
+                bytes: count(r.try_get(2)?),
+                humans: count(r.try_get(3)?),
+            });
+        }
+        let row = client
+            .query_one(
+                "SELECT CAST(COALESCE(SUM(visits), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT),
+                        CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(DISTINCT value)
+                 FROM dimension_hours WHERE dimension = $1 AND hour >= $2",
+                &[&dimension, &since],
             )
             .await?;
         out.total_visits = count(row.try_get(0)?);

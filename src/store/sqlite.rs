@@ -212,6 +212,51 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn dimension_counts_since(
+        &self,
+        dimension: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<DimensionCounts, StoreError> {
+        let dimension = dimension.to_owned();
+        self.with_conn(move |conn| async move {
+            let mut out = DimensionCounts::default();
+            let mut rows = conn
+                .query(
+                    "SELECT value, CAST(SUM(visits) AS BIGINT) AS v, CAST(SUM(bytes) AS BIGINT),
+                            CAST(SUM(humans) AS BIGINT)
+                     FROM dimension_hours WHERE dimension = ?1 AND hour >= ?2
+                     GROUP BY value ORDER BY v DESC, value LIMIT ?3",
+                    params![dimension.as_str(), since, i64::from(limit)],
+                )
+                .await?;
+            while let Some(row) = rows.next().await? {
+                out.values.push(ValueCount {
+                    value: row.get::<String>(0)?,
+                    visits: count(row.get::<i64>(1)?),
+                    bytes: count(row.get::<i64>(2)?),
+                    humans: count(row.get::<i64>(3)?),
+                });
+            }
+            let mut rows = conn
+                .query(
+                    "SELECT CAST(COALESCE(SUM(visits), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT),
+                            CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(DISTINCT value)
+                     FROM dimension_hours WHERE dimension = ?1 AND hour >= ?2",
+                    params![dimension.as_str(), since],
+                )
+                .await?;
+            if let Some(row) = rows.next().await? {
+                out.total_visits = count(row.get::<i64>(0)?);
+                out.total_bytes = count(row.get::<i64>(1)?);
+                out.total_humans = count(row.get::<i64>(2)?);
+                out.distinct = count(row.get::<i64>(3)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     pub async fn minutes(
         &self,
         since: i64,
@@ -555,6 +600,37 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
             .await?;
             stmt.reset();
         }
+    }
+    if !batch.dimension_hours.is_empty() {
+        let stmt = tx
+            .prepare(
+                "INSERT INTO dimension_hours (dimension, hour, value, visits, bytes, humans)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (dimension, hour, value) DO UPDATE
+                 SET visits = dimension_hours.visits + excluded.visits,
+                     bytes = dimension_hours.bytes + excluded.bytes,
+                     humans = dimension_hours.humans + excluded.humans",
+            )
+            .await?;
+        for d in &batch.dimension_hours {
+            stmt.execute(params![
+                d.dimension.as_str(),
+                d.hour,
+                d.value.as_str(),
+                sql_count(d.amount.visits),
+                sql_count(d.amount.bytes),
+                sql_count(d.amount.humans)
+            ])
+            .await?;
+            stmt.reset();
+        }
+    }
+    if let Some(before) = batch.prune_hours_before {
+        tx.execute(
+            "DELETE FROM dimension_hours WHERE hour < ?1",
+            params![before],
+        )
+        .await?;
     }
     if !batch.minutes.is_empty() {
         let stmt = tx
