@@ -274,7 +274,21 @@ pub async fn run(
                             .and_then(|p| serde_json::from_slice::<PageView<'_>>(p).ok());
                         counts.add(country, event.as_ref(), &mut buf);
                     };
-                    if shared.tally().record(m.partition(), m.offset(), source, count)
+                    let mut tally = shared.tally();
+                    if let Some(next) = tally.next_offset(m.partition()).filter(|&n| m.offset() > n) {
+                        // Our producers write no transaction markers and the topic is not
+                        // compacted: a jump means the broker did not deliver those messages
+                        // (what tansu's memory storage did before vendor/tansu-storage's
+                        // fetch patch). They will not be counted; say so.
+                        tracing::warn!(
+                            partition = m.partition(),
+                            expected = next,
+                            got = m.offset(),
+                            skipped = m.offset() - next,
+                            "the broker skipped offsets of {EVENTS_TOPIC}; those events are not counted"
+                        );
+                    }
+                    if tally.record(m.partition(), m.offset(), source, count)
                         == Recorded::DuplicateSource
                     {
                         stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);

@@ -177,6 +177,11 @@ impl<A: Accumulator> Tally<A> {
         self.partitions.remove(&partition);
     }
 
+    /// The next offset expected from `partition` (`None`: not owned).
+    pub fn next_offset(&self, partition: i32) -> Option<i64> {
+        self.partitions.get(&partition).map(|p| p.next_offset)
+    }
+
     pub fn owns(&self, partition: i32) -> bool {
         self.partitions.contains_key(&partition)
     }

@@ -1036,7 +1036,13 @@ impl Storage for DynoStore {
 
         let mut bytes = max_bytes as u64;
 
-        for offset in offsets.split_off(&offset) {
+        // pageviews patch: start at the batch that *contains* `offset` (the last one whose
+        // base is at or before it), as Kafka does; the client skips the records before the
+        // offset it asked for. 0.6.0 started at the first batch whose base is at or after
+        // `offset`, so a consumer positioned inside a batch (after a seek to a stored offset)
+        // silently lost the rest of that batch.
+        let first = offsets.range(..=offset).next_back().copied().unwrap_or(offset);
+        for offset in offsets.split_off(&first) {
             debug!(?offset);
 
             let location = Path::from(format!(
