@@ -293,6 +293,24 @@ impl ClientContext for ProbeContext {
 
 impl ConsumerContext for ProbeContext {}
 
+/// The context of clients that only observe (the dashboard's lag and dead-letter readers):
+/// librdkafka's complaints go to DEBUG. Whatever they cannot read shows in the answers they
+/// feed (`/api/pipeline` says the brokers did not answer), and a dashboard that outlives the
+/// brokers (the demo's embedded one stops first at Ctrl-C) should not log ERRORs about it.
+#[derive(Default)]
+pub struct ObserverContext;
+
+impl ClientContext for ObserverContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        tracing::debug!(?level, facility, message, "librdkafka (observer)");
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "librdkafka (observer)");
+    }
+}
+
+impl ConsumerContext for ObserverContext {}
+
 /// Parses `key=value` for `-X`.
 pub fn parse_override(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {

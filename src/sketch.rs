@@ -19,10 +19,26 @@ pub const REGISTERS: usize = 1 << P;
 pub const HLL_STANDARD_ERROR: f64 = 1.04 / 128.0;
 
 /// A HyperLogLog sketch of 64-bit hashes.
-#[derive(Clone, PartialEq, Eq)]
+///
+/// Sparse while it holds few registers: an aggregator keeps one sketch per day, country and
+/// partition between two flushes, and most of them see a handful of visitors; 16 KiB each
+/// would make its memory grow with the number of countries times partitions (hundreds of
+/// MiB), not with what it counts.
+#[derive(Clone)]
 pub struct Hll {
-    registers: Box<[u8]>,
+    repr: Repr,
 }
+
+#[derive(Clone)]
+enum Repr {
+    /// The non-zero registers as `index << 8 | rank`, sorted by index.
+    Sparse(Vec<u32>),
+    /// Every register.
+    Dense(Box<[u8]>),
+}
+
+/// Non-zero registers kept sparse (4 bytes each); one more and the sketch turns dense.
+const SPARSE_MAX: usize = REGISTERS / 8;
 
 impl std::fmt::Debug for Hll {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -30,10 +46,18 @@ impl std::fmt::Debug for Hll {
     }
 }
 
+impl PartialEq for Hll {
+    fn eq(&self, other: &Hll) -> bool {
+        self.to_bytes() == other.to_bytes()
+    }
+}
+
+impl Eq for Hll {}
+
 impl Default for Hll {
     fn default() -> Self {
         Hll {
-            registers: vec![0; REGISTERS].into_boxed_slice(),
+            repr: Repr::Sparse(Vec::new()),
         }
     }
 }
@@ -41,19 +65,76 @@ impl Default for Hll {
 impl Hll {
     /// Adds an item by its hash (which must be well mixed: [`crate::event::visitor_id`]).
     pub fn add(&mut self, hash: u64) {
-        let index = (hash >> (64 - P)) as usize;
+        let index = (hash >> (64 - P)) as u32;
         // The remaining bits, with a guard bit so the rank is at most 64 - P + 1.
         let rest = (hash << P) | (1 << (P - 1));
         let rank = rest.leading_zeros() as u8 + 1;
-        if let Some(r) = self.registers.get_mut(index) {
-            *r = (*r).max(rank);
+        self.raise(index, rank);
+    }
+
+    /// Register `index` becomes at least `rank`.
+    fn raise(&mut self, index: u32, rank: u8) {
+        match &mut self.repr {
+            Repr::Dense(registers) => {
+                if let Some(r) = registers.get_mut(index as usize) {
+                    *r = (*r).max(rank);
+                }
+            }
+            Repr::Sparse(entries) => {
+                match entries.binary_search_by_key(&index, |e| e >> 8) {
+                    Ok(i) => entries[i] = entries[i].max(index << 8 | u32::from(rank)),
+                    Err(i) => entries.insert(i, index << 8 | u32::from(rank)),
+                }
+                if entries.len() > SPARSE_MAX {
+                    self.densify();
+                }
+            }
+        }
+    }
+
+    fn densify(&mut self) {
+        if let Repr::Sparse(_) = self.repr {
+            self.repr = Repr::Dense(self.to_bytes().into_boxed_slice());
         }
     }
 
     /// The union with `other`.
     pub fn merge(&mut self, other: &Hll) {
-        for (a, b) in self.registers.iter_mut().zip(other.registers.iter()) {
-            *a = (*a).max(*b);
+        match (&mut self.repr, &other.repr) {
+            (Repr::Sparse(a), Repr::Sparse(b)) => {
+                // Two sorted lists: one pass, the larger rank of a shared index kept.
+                let mut merged = Vec::with_capacity(a.len() + b.len());
+                let (mut i, mut j) = (0, 0);
+                while i < a.len() && j < b.len() {
+                    let (x, y) = (a[i], b[j]);
+                    match (x >> 8).cmp(&(y >> 8)) {
+                        std::cmp::Ordering::Less => (merged.push(x), i += 1),
+                        std::cmp::Ordering::Greater => (merged.push(y), j += 1),
+                        std::cmp::Ordering::Equal => {
+                            (merged.push(x.max(y)), (i, j) = (i + 1, j + 1))
+                        }
+                    };
+                }
+                merged.extend_from_slice(&a[i..]);
+                merged.extend_from_slice(&b[j..]);
+                *a = merged;
+                if a.len() > SPARSE_MAX {
+                    self.densify();
+                }
+            }
+            (_, Repr::Sparse(b)) => {
+                for &e in b {
+                    self.raise(e >> 8, e as u8);
+                }
+            }
+            (_, Repr::Dense(b)) => {
+                self.densify();
+                if let Repr::Dense(a) = &mut self.repr {
+                    for (a, b) in a.iter_mut().zip(b.iter()) {
+                        *a = (*a).max(*b);
+                    }
+                }
+            }
         }
     }
 
@@ -61,11 +142,21 @@ impl Hll {
     pub fn estimate(&self) -> f64 {
         let m = REGISTERS as f64;
         let alpha = 0.7213 / (1.0 + 1.079 / m);
-        let (mut sum, mut zeros) = (0.0f64, 0usize);
-        for &r in self.registers.iter() {
-            sum += (-f64::from(r)).exp2();
-            zeros += usize::from(r == 0);
-        }
+        let (sum, zeros) = match &self.repr {
+            Repr::Dense(registers) => {
+                let (mut sum, mut zeros) = (0.0f64, 0usize);
+                for &r in registers.iter() {
+                    sum += (-f64::from(r)).exp2();
+                    zeros += usize::from(r == 0);
+                }
+                (sum, zeros)
+            }
+            Repr::Sparse(entries) => {
+                let zeros = REGISTERS - entries.len();
+                let set: f64 = entries.iter().map(|&e| (-f64::from(e as u8)).exp2()).sum();
+                (zeros as f64 + set, zeros)
+            }
+        };
         let raw = alpha * m * m / sum;
         if raw <= 2.5 * m && zeros > 0 {
             // Linear counting: accurate while many registers are still empty.
@@ -75,16 +166,34 @@ impl Hll {
         }
     }
 
-    /// The registers, for the database.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.registers
+    /// Every register, for the database.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match &self.repr {
+            Repr::Dense(registers) => registers.to_vec(),
+            Repr::Sparse(entries) => {
+                let mut registers = vec![0; REGISTERS];
+                for &e in entries {
+                    registers[(e >> 8) as usize] = e as u8;
+                }
+                registers
+            }
+        }
     }
 
     /// A sketch read back; `None` when the bytes are not one of ours (another size).
     pub fn from_bytes(bytes: &[u8]) -> Option<Hll> {
         (bytes.len() == REGISTERS).then(|| Hll {
-            registers: bytes.into(),
+            repr: Repr::Dense(bytes.into()),
         })
+    }
+
+    /// Bytes held (for tests of the sparse form).
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        match &self.repr {
+            Repr::Dense(r) => r.len(),
+            Repr::Sparse(e) => e.capacity() * 4,
+        }
     }
 }
 
@@ -159,7 +268,7 @@ mod tests {
             let copy = h.clone();
             h.merge(&copy);
             assert_eq!(h, copy);
-            assert_eq!(Hll::from_bytes(h.as_bytes()), Some(copy));
+            assert_eq!(Hll::from_bytes(&h.to_bytes()), Some(copy));
         }
         let (mut a, mut b) = (Hll::default(), Hll::default());
         for i in 0..5000u32 {
@@ -174,6 +283,54 @@ mod tests {
         a.merge(&b);
         assert!((a.estimate() - 5000.0).abs() < 5000.0 * 3.0 * HLL_STANDARD_ERROR);
         assert_eq!(Hll::from_bytes(&[0; 10]), None);
+    }
+
+    #[test]
+    fn a_sparse_sketch_is_small_and_equals_its_dense_form() {
+        // The same items added to a sketch and to one forced dense from the start.
+        let items: Vec<u64> = (0..5000u32)
+            .map(|i| visitor_hash(&i.to_string(), "d", "u"))
+            .collect();
+        let (mut sparse, mut dense) = (Hll::default(), Hll::from_bytes(&[0; REGISTERS]).unwrap());
+        for (n, &item) in items.iter().enumerate() {
+            sparse.add(item);
+            dense.add(item);
+            if n == 100 {
+                assert!(sparse.heap_bytes() < 1024, "{} bytes", sparse.heap_bytes());
+                assert_eq!(sparse.estimate(), dense.estimate());
+                assert_eq!(sparse.to_bytes(), dense.to_bytes());
+            }
+        }
+        assert_eq!(
+            sparse.heap_bytes(),
+            REGISTERS,
+            "dense past {SPARSE_MAX} registers"
+        );
+        assert_eq!(sparse.estimate(), dense.estimate());
+        assert_eq!(sparse, dense);
+        // Merges of every combination of forms give the dense merge's registers.
+        let sketch = |range: std::ops::Range<usize>| {
+            let mut h = Hll::default();
+            items[range].iter().for_each(|&i| h.add(i));
+            h
+        };
+        for (a, b) in [
+            (0..50, 30..90),
+            (0..50, 0..4000),
+            (0..4000, 10..60),
+            (0..3000, 2000..5000),
+        ] {
+            let (x, y) = (sketch(a.clone()), sketch(b.clone()));
+            let mut expected = Hll::from_bytes(&x.to_bytes()).unwrap();
+            expected.merge(&Hll::from_bytes(&y.to_bytes()).unwrap());
+            let mut merged = x.clone();
+            merged.merge(&y);
+            assert_eq!(merged.to_bytes(), expected.to_bytes(), "{a:?} + {b:?}");
+            assert_eq!(merged.estimate(), expected.estimate());
+            let mut other_way = y.clone();
+            other_way.merge(&x);
+            assert_eq!(other_way, merged);
+        }
     }
 
     #[test]

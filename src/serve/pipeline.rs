@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use crate::event::headers;
 use crate::kafka::{
-    AGGREGATE_GROUP, ClientRole, DEAD_LETTER_TOPIC, EVENTS_TOPIC, KafkaSettings, PREPROCESS_GROUP,
-    RAW_TOPIC,
+    AGGREGATE_GROUP, ClientRole, DEAD_LETTER_TOPIC, EVENTS_TOPIC, KafkaSettings, ObserverContext,
+    PREPROCESS_GROUP, RAW_TOPIC,
 };
 use crate::store::{Store, StoreError};
 
@@ -183,7 +183,7 @@ fn from_kafka(
     kafka: &KafkaSettings,
     stored: &std::collections::HashMap<i32, i64>,
 ) -> Result<KafkaReading, String> {
-    let consumer: BaseConsumer = kafka
+    let consumer: BaseConsumer<ObserverContext> = kafka
         .client_config(
             ClientRole::Consumer,
             &[
@@ -191,7 +191,7 @@ fn from_kafka(
                 ("enable.auto.commit", "false"),
             ],
         )
-        .create()
+        .create_with_context(ObserverContext)
         .map_err(|e| format!("cannot create a Kafka client: {e}"))?;
     let metadata = consumer
         .fetch_metadata(None, KAFKA_TIMEOUT)
@@ -346,7 +346,7 @@ pub(super) async fn pipeline(State(state): State<AppState>) -> Response {
 
 /// A consumer that reads the dead-letter topic by assignment (it joins no group and commits
 /// nothing); `None`, with a warning, when it cannot be made.
-fn dead_letter_reader(kafka: &KafkaSettings) -> Option<BaseConsumer> {
+fn dead_letter_reader(kafka: &KafkaSettings) -> Option<BaseConsumer<ObserverContext>> {
     kafka
         .client_config(
             ClientRole::Consumer,
@@ -355,7 +355,7 @@ fn dead_letter_reader(kafka: &KafkaSettings) -> Option<BaseConsumer> {
                 ("enable.auto.commit", "false"),
             ],
         )
-        .create()
+        .create_with_context(ObserverContext)
         .map_err(|e| tracing::warn!(%e, "cannot read the dead letters"))
         .ok()
 }

@@ -658,7 +658,7 @@ async fn merge_uniques(
             super::merge_stored(&mut sketch, bytes, u);
         }
         estimates.push(sketch.estimate().round() as i64);
-        registers.push(sketch.as_bytes().to_vec());
+        registers.push(sketch.to_bytes());
     }
     let upsert = tx.prepare_cached(UPSERT_UNIQUES).await?;
     tx.execute(&upsert, &[&days, &countries, &registers, &estimates])

@@ -695,7 +695,7 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
             params![
                 u.day.as_str(),
                 u.country_code.as_str(),
-                sketch.as_bytes().to_vec(),
+                sketch.to_bytes(),
                 sketch.estimate().round() as i64
             ],
         )
