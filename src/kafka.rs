@@ -62,6 +62,18 @@ pub enum ClientRole {
 /// build, back to back). 10 ms keeps the memory bound and costs nothing measurable.
 pub const FETCH_QUEUE_BACKOFF: (&str, &str) = ("fetch.queue.backoff.ms", "10");
 
+/// The group session of the preprocessors and aggregators: a member that stops heartbeating
+/// (killed, or its host gone) loses its partitions after 10 s, Kafka's classic default, instead
+/// of librdkafka's 45 s, during which a dead worker's partitions are counted by nobody (the
+/// multi-process benchmark's SIGKILL cost about 45 s of standstill). Heartbeats go every
+/// second from librdkafka's own thread, whatever the stage is doing; the benchmark's SQLite
+/// demo (the broker's busiest storage) counts the session timeouts in its log: none.
+/// `-X session.timeout.ms=…` overrides it.
+pub const SESSION: [(&str, &str); 2] = [
+    ("session.timeout.ms", "10000"),
+    ("heartbeat.interval.ms", "1000"),
+];
+
 /// librdkafka's consumer-only properties (`C` in its CONFIGURATION.md, 2.12.1, global and
 /// topic level).
 const CONSUMER_ONLY: &[&str] = &[

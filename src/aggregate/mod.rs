@@ -223,8 +223,8 @@ pub async fn run(
                 ("enable.auto.commit", "false"),
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
-                ("session.timeout.ms", "45000"),
-                ("heartbeat.interval.ms", "3000"),
+                crate::kafka::SESSION[0],
+                crate::kafka::SESSION[1],
                 crate::kafka::FETCH_QUEUE_BACKOFF,
             ],
         )

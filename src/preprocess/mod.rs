@@ -145,8 +145,8 @@ pub async fn run(
                 ("auto.commit.interval.ms", "1000"),
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
-                ("session.timeout.ms", "45000"),
-                ("heartbeat.interval.ms", "3000"),
+                crate::kafka::SESSION[0],
+                crate::kafka::SESSION[1],
                 // Prefetch at most 16 MiB of raw lines (librdkafka's default is 64 MiB): about
                 // 60,000 lines, a dozen batches ahead, is enough to never wait for a fetch,
                 // and the resident memory then stops depending on how far the importer is

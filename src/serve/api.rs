@@ -281,56 +281,32 @@ pub(super) async fn dimension(
     {
         return bad_request(format!("hours must be 1..={MAX_HOURS}, not {h}"));
     }
-    let read = async {
-        match q.hours {
-            None => dimension_of(&state.store, d, limit).await,
-            Some(h) => dimension_in_hours(&state.store, d, limit, h).await,
-        }
-    };
-    match read.await {
+    match dimension_of(&state.store, d, limit, q.hours).await {
         Ok(r) => fresh(r),
         Err(err) => unavailable(err),
     }
 }
 
-/// A dimension's values in the last `hours` hours up to the newest hour counted.
-async fn dimension_in_hours(
-    store: &Store,
-    d: Dimension,
-    limit: u32,
-    hours: u32,
-) -> Result<DimensionResponse, StoreError> {
-    let Some(latest) = store.latest_minute().await? else {
-        return Ok(DimensionResponse {
-            hours: Some(hours),
-            ..dimension_of(store, d, limit).await?
-        });
-    };
-    let newest_hour = latest - latest.rem_euclid(3600);
-    let since = newest_hour - 3600 * (i64::from(hours) - 1);
-    let c = store.dimension_counts_since(d.name(), since, limit).await?;
-    Ok(DimensionResponse {
-        name: d.name().to_owned(),
-        title: d.title().to_owned(),
-        hours: Some(hours),
-        total_visits: c.total_visits,
-        total_bytes: c.total_bytes,
-        total_humans: c.total_humans,
-        distinct: c.distinct,
-        values: c.values,
-    })
-}
-
+/// A dimension's values: all time, or in the last `hours` hours up to the newest hour counted
+/// (all time while nothing is counted yet).
 async fn dimension_of(
     store: &Store,
     d: Dimension,
     limit: u32,
+    hours: Option<u32>,
 ) -> Result<DimensionResponse, StoreError> {
-    let c = store.dimension_counts(d.name(), limit).await?;
+    let since = match hours {
+        Some(h) => store.latest_minute().await?.map(|latest| {
+            let newest_hour = latest - latest.rem_euclid(3600);
+            newest_hour - 3600 * (i64::from(h) - 1)
+        }),
+        None => None,
+    };
+    let c = store.dimension_counts(d.name(), since, limit).await?;
     Ok(DimensionResponse {
         name: d.name().to_owned(),
         title: d.title().to_owned(),
-        hours: None,
+        hours,
         total_visits: c.total_visits,
         total_bytes: c.total_bytes,
         total_humans: c.total_humans,
@@ -442,7 +418,7 @@ pub async fn dashboard(store: &Store) -> Result<Dashboard, StoreError> {
     let version = store.flush_version().await?;
     let countries = countries_of(store).await?;
     let by_country = store
-        .dimension_counts(Dimension::Country.name(), 10_000)
+        .dimension_counts(Dimension::Country.name(), None, 10_000)
         .await?;
     let humans: HashMap<&str, u64> = by_country
         .values
@@ -452,7 +428,7 @@ pub async fn dashboard(store: &Store) -> Result<Dashboard, StoreError> {
     let counted = !by_country.values.is_empty();
     let mut dimensions = Vec::new();
     for d in Dimension::ALL {
-        let panel = dimension_of(store, d, PANEL_ROWS).await?;
+        let panel = dimension_of(store, d, PANEL_ROWS, None).await?;
         if panel.distinct > 0 {
             dimensions.push(panel);
         }

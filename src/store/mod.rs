@@ -535,6 +535,31 @@ pub struct DimensionCounts {
     pub distinct: u64,
 }
 
+/// The two queries of [`Store::dimension_counts`] (its top values, then its totals and
+/// distinct values), the same on both databases but for the placeholder sign (`?` or `$`).
+/// Parameters: the dimension, then the first hour when `since`. All time reads the running
+/// totals; a time range sums the hourly counts.
+fn dimension_queries(since: bool, limit: u32, sign: char) -> (String, String) {
+    let (table, hours) = if since {
+        ("dimension_hours", format!("AND hour >= {sign}2"))
+    } else {
+        ("dimension_counts", String::new())
+    };
+    let filter = format!("FROM {table} WHERE dimension = {sign}1 {hours}");
+    (
+        format!(
+            "SELECT value, CAST(SUM(visits) AS BIGINT) AS v, CAST(SUM(bytes) AS BIGINT),
+                    CAST(SUM(humans) AS BIGINT)
+             {filter} GROUP BY value ORDER BY v DESC, value LIMIT {limit}"
+        ),
+        format!(
+            "SELECT CAST(COALESCE(SUM(visits), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(DISTINCT value)
+             {filter}"
+        ),
+    )
+}
+
 /// Visits in one minute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MinutePoint {
@@ -654,28 +679,17 @@ impl Store {
         }
     }
 
-    /// The `limit` values of `dimension` with the most visits, and its totals.
+    /// The values of `dimension` with the most visits (at most `limit`) and its totals: all
+    /// time, or over the hours from `since` (seconds since the epoch) on.
     pub async fn dimension_counts(
         &self,
         dimension: &str,
+        since: Option<i64>,
         limit: u32,
     ) -> Result<DimensionCounts, StoreError> {
         match self {
-            Store::Sqlite(s) => s.dimension_counts(dimension, limit).await,
-            Store::Postgres(s) => s.dimension_counts(dimension, limit).await,
-        }
-    }
-
-    /// The same for the hours from `since` (seconds since the epoch) on.
-    pub async fn dimension_counts_since(
-        &self,
-        dimension: &str,
-        since: i64,
-        limit: u32,
-    ) -> Result<DimensionCounts, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.dimension_counts_since(dimension, since, limit).await,
-            Store::Postgres(s) => s.dimension_counts_since(dimension, since, limit).await,
+            Store::Sqlite(s) => s.dimension_counts(dimension, since, limit).await,
+            Store::Postgres(s) => s.dimension_counts(dimension, since, limit).await,
         }
     }
 
@@ -973,7 +987,7 @@ mod tests {
             store.flush(&zombie).await.unwrap(),
             FlushOutcome::Conflict(vec![0])
         );
-        let path = store.dimension_counts("path", 2).await.unwrap();
+        let path = store.dimension_counts("path", None, 2).await.unwrap();
         let value = |v: &str, visits, bytes, humans| ValueCount {
             value: v.into(),
             visits,
@@ -991,12 +1005,12 @@ mod tests {
             }
         );
         assert_eq!(
-            store.dimension_counts("nothing", 5).await.unwrap(),
+            store.dimension_counts("nothing", None, 5).await.unwrap(),
             DimensionCounts::default()
         );
         // By hour: hour 0 pruned; from hour 7200 on only `/a`'s last visit.
         assert_eq!(
-            store.dimension_counts_since("path", 0, 5).await.unwrap(),
+            store.dimension_counts("path", Some(0), 5).await.unwrap(),
             DimensionCounts {
                 values: vec![value("/b", 3, 15, 1), value("/a", 1, 1, 1)],
                 total_visits: 4,
@@ -1007,7 +1021,7 @@ mod tests {
         );
         assert_eq!(
             store
-                .dimension_counts_since("path", 7200, 5)
+                .dimension_counts("path", Some(7200), 5)
                 .await
                 .unwrap()
                 .values,

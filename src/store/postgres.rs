@@ -400,18 +400,17 @@ impl PostgresStore {
     pub async fn dimension_counts(
         &self,
         dimension: &str,
+        since: Option<i64>,
         limit: u32,
     ) -> Result<DimensionCounts, StoreError> {
         let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT value, visits, bytes, humans FROM dimension_counts WHERE dimension = $1
-                 ORDER BY visits DESC, value LIMIT $2",
-                &[&dimension, &i64::from(limit)],
-            )
-            .await?;
+        let (top, totals) = super::dimension_queries(since.is_some(), limit, '$');
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&dimension];
+        if let Some(since) = &since {
+            params.push(since);
+        }
         let mut out = DimensionCounts::default();
-        for r in &rows {
+        for r in &client.query(&top, &params).await? {
             out.values.push(ValueCount {
                 value: r.try_get(0)?,
                 visits: count(r.try_get(1)?),
@@ -419,54 +418,7 @@ impl PostgresStore {
                 humans: count(r.try_get(3)?),
             });
         }
-        let row = client
-            .query_one(
-                "SELECT CAST(COALESCE(SUM(visits), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT),
-                        CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(*)
-                 FROM dimension_counts WHERE dimension = $1",
-                &[&dimension],
-            )
-            .await?;
-        out.total_visits = count(row.try_get(0)?);
-        out.total_bytes = count(row.try_get(1)?);
-        out.total_humans = count(row.try_get(2)?);
-        out.distinct = count(row.try_get(3)?);
-        Ok(out)
-    }
-
-    pub async fn dimension_counts_since(
-        &self,
-        dimension: &str,
-        since: i64,
-        limit: u32,
-    ) -> Result<DimensionCounts, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT value, CAST(SUM(visits) AS BIGINT) AS v, CAST(SUM(bytes) AS BIGINT),
-                        CAST(SUM(humans) AS BIGINT)
-                 FROM dimension_hours WHERE dimension = $1 AND hour >= $2
-                 GROUP BY value ORDER BY v DESC, value LIMIT $3",
-                &[&dimension, &since, &i64::from(limit)],
-            )
-            .await?;
-        let mut out = DimensionCounts::default();
-        for r in &rows {
-            out.values.push(ValueCount {
-                value: r.try_get(0)?,
-                visits: count(r.try_get(1)?),
-                bytes: count(r.try_get(2)?),
-                humans: count(r.try_get(3)?),
-            });
-        }
-        let row = client
-            .query_one(
-                "SELECT CAST(COALESCE(SUM(visits), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT),
-                        CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(DISTINCT value)
-                 FROM dimension_hours WHERE dimension = $1 AND hour >= $2",
-                &[&dimension, &since],
-            )
-            .await?;
+        let row = client.query_one(&totals, &params).await?;
         out.total_visits = count(row.try_get(0)?);
         out.total_bytes = count(row.try_get(1)?);
         out.total_humans = count(row.try_get(2)?);

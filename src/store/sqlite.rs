@@ -15,7 +15,7 @@ use std::time::Duration;
 use libsql::{Connection, TransactionBehavior, params};
 
 use super::{
-    CountryCount, DimensionCounts, EXPECTED_COLUMNS, FlushBatch, FlushOutcome, MIGRATIONS,
+    Amount, CountryCount, DimensionCounts, EXPECTED_COLUMNS, FlushBatch, FlushOutcome, MIGRATIONS,
     MinutePoint, SqlType, StoreError, StoredPositions, TopicIdentity, UniqueCount, ValueCount,
     count, flush_bucket, schema_problem, sql_count,
 };
@@ -203,33 +203,16 @@ impl SqliteStore {
     pub async fn dimension_counts(
         &self,
         dimension: &str,
-        limit: u32,
-    ) -> Result<DimensionCounts, StoreError> {
-        let dimension = dimension.to_owned();
-        self.with_conn(
-            move |conn| async move { dimension_counts_on(&conn, &dimension, limit).await },
-        )
-        .await
-    }
-
-    pub async fn dimension_counts_since(
-        &self,
-        dimension: &str,
-        since: i64,
+        since: Option<i64>,
         limit: u32,
     ) -> Result<DimensionCounts, StoreError> {
         let dimension = dimension.to_owned();
         self.with_conn(move |conn| async move {
+            let (top, totals) = super::dimension_queries(since.is_some(), limit, '?');
+            let mut params = vec![libsql::Value::Text(dimension)];
+            params.extend(since.map(libsql::Value::Integer));
             let mut out = DimensionCounts::default();
-            let mut rows = conn
-                .query(
-                    "SELECT value, CAST(SUM(visits) AS BIGINT) AS v, CAST(SUM(bytes) AS BIGINT),
-                            CAST(SUM(humans) AS BIGINT)
-                     FROM dimension_hours WHERE dimension = ?1 AND hour >= ?2
-                     GROUP BY value ORDER BY v DESC, value LIMIT ?3",
-                    params![dimension.as_str(), since, i64::from(limit)],
-                )
-                .await?;
+            let mut rows = conn.query(&top, params.clone()).await?;
             while let Some(row) = rows.next().await? {
                 out.values.push(ValueCount {
                     value: row.get::<String>(0)?,
@@ -238,14 +221,7 @@ impl SqliteStore {
                     humans: count(row.get::<i64>(3)?),
                 });
             }
-            let mut rows = conn
-                .query(
-                    "SELECT CAST(COALESCE(SUM(visits), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT),
-                            CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(DISTINCT value)
-                     FROM dimension_hours WHERE dimension = ?1 AND hour >= ?2",
-                    params![dimension.as_str(), since],
-                )
-                .await?;
+            let mut rows = conn.query(&totals, params).await?;
             if let Some(row) = rows.next().await? {
                 out.total_visits = count(row.get::<i64>(0)?);
                 out.total_bytes = count(row.get::<i64>(1)?);
@@ -452,45 +428,6 @@ async fn unique_rows(mut rows: libsql::Rows) -> Result<Vec<UniqueCount>, StoreEr
     Ok(out)
 }
 
-/// The `limit` values of `dimension` with the most visits, and its totals.
-async fn dimension_counts_on(
-    conn: &Connection,
-    dimension: &str,
-    limit: u32,
-) -> Result<DimensionCounts, StoreError> {
-    let mut out = DimensionCounts::default();
-    let mut rows = conn
-        .query(
-            "SELECT value, visits, bytes, humans FROM dimension_counts WHERE dimension = ?1
-             ORDER BY visits DESC, value LIMIT ?2",
-            params![dimension, i64::from(limit)],
-        )
-        .await?;
-    while let Some(row) = rows.next().await? {
-        out.values.push(ValueCount {
-            value: row.get::<String>(0)?,
-            visits: count(row.get::<i64>(1)?),
-            bytes: count(row.get::<i64>(2)?),
-            humans: count(row.get::<i64>(3)?),
-        });
-    }
-    let mut rows = conn
-        .query(
-            "SELECT CAST(COALESCE(SUM(visits), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT),
-                    CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(*)
-             FROM dimension_counts WHERE dimension = ?1",
-            params![dimension],
-        )
-        .await?;
-    if let Some(row) = rows.next().await? {
-        out.total_visits = count(row.get::<i64>(0)?);
-        out.total_bytes = count(row.get::<i64>(1)?);
-        out.total_humans = count(row.get::<i64>(2)?);
-        out.distinct = count(row.get::<i64>(3)?);
-    }
-    Ok(out)
-}
-
 /// One flush on one connection: compare-and-set of the offsets, then watermarks, topic ids
 /// and counts, in one immediate (write-locked) transaction.
 async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome, StoreError> {
@@ -577,54 +514,33 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
         )
         .await?;
     }
-    // One statement prepared per flush, run once per row.
-    if !batch.dimensions.is_empty() {
-        let stmt = tx
-            .prepare(
-                "INSERT INTO dimension_counts (dimension, value, visits, bytes, humans)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (dimension, value) DO UPDATE
-                 SET visits = dimension_counts.visits + excluded.visits,
-                     bytes = dimension_counts.bytes + excluded.bytes,
-                     humans = dimension_counts.humans + excluded.humans",
+    use libsql::Value::{Integer, Text};
+    add_amounts(
+        &tx,
+        "dimension_counts",
+        &["dimension", "value"],
+        batch.dimensions.iter().map(|d| {
+            (
+                vec![Text(d.dimension.clone()), Text(d.value.clone())],
+                d.amount,
             )
-            .await?;
-        for d in &batch.dimensions {
-            stmt.execute(params![
-                d.dimension.as_str(),
-                d.value.as_str(),
-                sql_count(d.amount.visits),
-                sql_count(d.amount.bytes),
-                sql_count(d.amount.humans)
-            ])
-            .await?;
-            stmt.reset();
-        }
-    }
-    if !batch.dimension_hours.is_empty() {
-        let stmt = tx
-            .prepare(
-                "INSERT INTO dimension_hours (dimension, hour, value, visits, bytes, humans)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (dimension, hour, value) DO UPDATE
-                 SET visits = dimension_hours.visits + excluded.visits,
-                     bytes = dimension_hours.bytes + excluded.bytes,
-                     humans = dimension_hours.humans + excluded.humans",
-            )
-            .await?;
-        for d in &batch.dimension_hours {
-            stmt.execute(params![
-                d.dimension.as_str(),
-                d.hour,
-                d.value.as_str(),
-                sql_count(d.amount.visits),
-                sql_count(d.amount.bytes),
-                sql_count(d.amount.humans)
-            ])
-            .await?;
-            stmt.reset();
-        }
-    }
+        }),
+    )
+    .await?;
+    add_amounts(
+        &tx,
+        "dimension_hours",
+        &["dimension", "hour", "value"],
+        batch.dimension_hours.iter().map(|d| {
+            let key = vec![
+                Text(d.dimension.clone()),
+                Integer(d.hour),
+                Text(d.value.clone()),
+            ];
+            (key, d.amount)
+        }),
+    )
+    .await?;
     if let Some(before) = batch.prune_hours_before {
         tx.execute(
             "DELETE FROM dimension_hours WHERE hour < ?1",
@@ -632,29 +548,18 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
         )
         .await?;
     }
-    if !batch.minutes.is_empty() {
-        let stmt = tx
-            .prepare(
-                "INSERT INTO minute_counts (minute, country_code, visits, bytes, humans)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (minute, country_code) DO UPDATE
-                 SET visits = minute_counts.visits + excluded.visits,
-                     bytes = minute_counts.bytes + excluded.bytes,
-                     humans = minute_counts.humans + excluded.humans",
+    add_amounts(
+        &tx,
+        "minute_counts",
+        &["minute", "country_code"],
+        batch.minutes.iter().map(|m| {
+            (
+                vec![Integer(m.minute), Text(m.country_code.clone())],
+                m.amount,
             )
-            .await?;
-        for m in &batch.minutes {
-            stmt.execute(params![
-                m.minute,
-                m.country_code.as_str(),
-                sql_count(m.amount.visits),
-                sql_count(m.amount.bytes),
-                sql_count(m.amount.humans)
-            ])
-            .await?;
-            stmt.reset();
-        }
-    }
+        }),
+    )
+    .await?;
     if !batch.histograms.is_empty() {
         let stmt = tx
             .prepare(
@@ -718,6 +623,40 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
     .await?;
     tx.commit().await?;
     Ok(FlushOutcome::Committed)
+}
+
+/// Adds visits, bytes and humans to the rows of `table` keyed by the `keys` columns, inserting
+/// the rows that are missing: one statement prepared per flush, run once per row.
+async fn add_amounts(
+    tx: &libsql::Transaction,
+    table: &str,
+    keys: &[&str],
+    rows: impl ExactSizeIterator<Item = (Vec<libsql::Value>, Amount)>,
+) -> Result<(), StoreError> {
+    if rows.len() == 0 {
+        return Ok(());
+    }
+    let columns = keys.join(", ");
+    let placeholders: Vec<String> = (1..=keys.len() + 3).map(|i| format!("?{i}")).collect();
+    let stmt = tx
+        .prepare(&format!(
+            "INSERT INTO {table} ({columns}, visits, bytes, humans) VALUES ({})
+             ON CONFLICT ({columns}) DO UPDATE
+             SET visits = {table}.visits + excluded.visits,
+                 bytes = {table}.bytes + excluded.bytes,
+                 humans = {table}.humans + excluded.humans",
+            placeholders.join(", ")
+        ))
+        .await?;
+    for (mut values, amount) in rows {
+        values.extend(
+            [amount.visits, amount.bytes, amount.humans]
+                .map(|n| libsql::Value::Integer(sql_count(n))),
+        );
+        stmt.execute(values).await?;
+        stmt.reset();
+    }
+    Ok(())
 }
 
 /// Partition numbers are written from `i32`; anything else is a corrupt row, kept out of range.

@@ -240,7 +240,10 @@ pub fn exact_daily_visitors<'a>(lines: impl Iterator<Item = &'a [u8]>) -> BTreeM
 pub async fn db_dimensions(store: &Store) -> DimensionTable {
     let mut out = DimensionTable::new();
     for d in Dimension::ALL {
-        let counts = store.dimension_counts(d.name(), 1 << 20).await.unwrap();
+        let counts = store
+            .dimension_counts(d.name(), None, 1 << 20)
+            .await
+            .unwrap();
         if counts.values.is_empty() {
             continue;
         }
