@@ -225,6 +225,11 @@ pub async fn run(
                 ("auto.offset.reset", "earliest"),
                 crate::kafka::SESSION[0],
                 crate::kafka::SESSION[1],
+                // Prefetch at most 16 MiB of events (librdkafka's default is 64 MiB), as the
+                // preprocessor does: an aggregator that counts slower than events arrive
+                // (every event is parsed for its dimensions) otherwise holds a fuller queue
+                // the further behind it is, and its memory grows with the backlog.
+                ("queued.max.messages.kbytes", "16384"),
                 crate::kafka::FETCH_QUEUE_BACKOFF,
             ],
         )
