@@ -134,17 +134,7 @@ async fn the_dashboard_in_a_real_browser() {
     let c = cluster(4).await;
     let pre = start_preprocessor(&c, Arc::new(PreprocessStats::default()));
     let (agg, _) = start_aggregator(&c, Duration::from_millis(300));
-    let listener = pageviews::serve::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(pageviews::serve::run(
-        listener,
-        c.store.clone(),
-        Some(c.kafka.clone()),
-        stop.clone(),
-    ));
+    let (addr, server) = start_server(&c).await;
 
     // First batch: generated traffic, many requests carrying markup, one line that is markup.
     let mut first: Vec<Vec<u8>> = LineGenerator::new(11)
@@ -373,8 +363,7 @@ async fn the_dashboard_in_a_real_browser() {
 
     client.close().await.unwrap();
     drop(driver);
-    stop.cancel();
-    server.await.unwrap().unwrap();
+    server.stop().await;
     pre.stop().await;
     agg.stop().await;
 }

@@ -67,17 +67,7 @@ async fn counts_100k_lines_exactly_and_serves_them() {
     assert!(agg_stats.flushes.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 
     // The API and dashboard over real HTTP.
-    let listener = pageviews::serve::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(pageviews::serve::run(
-        listener,
-        c.store.clone(),
-        Some(c.kafka.clone()),
-        stop.clone(),
-    ));
+    let (addr, server) = start_server(&c).await;
     let (status, headers, body) =
         tokio::task::spawn_blocking(move || http_get(addr, "/api/countries"))
             .await
@@ -299,8 +289,7 @@ async fn counts_100k_lines_exactly_and_serves_them() {
         .await
         .unwrap();
     assert_eq!(body, b"ok\n");
-    stop.cancel();
-    server.await.unwrap().unwrap();
+    server.stop().await;
     pre.stop().await;
     agg.stop().await;
 }

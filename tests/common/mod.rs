@@ -86,6 +86,24 @@ impl Stage {
     }
 }
 
+/// The dashboard and API over `c`'s database and brokers, on a free port: its address, and
+/// the stage that stops it.
+pub async fn start_server(c: &Cluster) -> (SocketAddr, Stage) {
+    let listener = pageviews::serve::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let run = pageviews::serve::run(
+        listener,
+        c.store.clone(),
+        Some(c.kafka.clone()),
+        stop.clone(),
+    );
+    let handle = tokio::spawn(async move { run.await.unwrap() });
+    (addr, Stage { stop, handle })
+}
+
 pub fn start_preprocessor(c: &Cluster, stats: Arc<PreprocessStats>) -> Stage {
     let enricher = Arc::new(Enricher::new(GeoDb::bundled().unwrap()));
     let config = PreprocessConfig {
