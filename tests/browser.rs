@@ -212,15 +212,16 @@ async fn the_dashboard_in_a_real_browser() {
             "visitor_type"
         ])
     );
+    // The pipeline-health tables come from /api/pipeline, which reads the brokers and may
+    // answer after the panels: each table gets time to fill.
     for table in ["#rows", "#percentiles", "#flow tbody"] {
-        let rows = client
-            .execute(
-                &format!("return document.querySelectorAll('{table} tr').length"),
-                vec![],
-            )
-            .await
-            .unwrap();
-        assert!(rows.as_u64().unwrap_or(0) > 0, "{table} has no rows");
+        until(
+            &client,
+            &format!("return document.querySelectorAll('{table} tr').length"),
+            Duration::from_secs(30),
+            &format!("{table} has rows"),
+        )
+        .await;
     }
     // The panels over the last 24 hours (all of this input is in one hour): the same rows.
     let all_time = client
