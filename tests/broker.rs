@@ -277,10 +277,31 @@ async fn sqlite_storage_round_trips_records_across_batches_and_restarts() {
         "records read from offset 1,230 differ"
     );
 
-    // The same file, a new broker.
+    // The same file, a new broker, once the stopped one has let go of it (under load its
+    // storage can hold the file's lock a little after `stop`: "database is locked").
     broker.stop();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (broker, kafka) = broker_with_topics(BrokerStorage::Sqlite, dir.path()).await;
+    let mut waited = Duration::ZERO;
+    let broker = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        waited += Duration::from_millis(500);
+        match EmbeddedBroker::start(
+            "127.0.0.1:0".parse().unwrap(),
+            BrokerStorage::Sqlite,
+            dir.path(),
+        )
+        .await
+        {
+            Ok(b) => break b,
+            Err(e) if waited < Duration::from_secs(15) && e.to_string().contains("locked") => {}
+            Err(e) => panic!("broker did not start again on its file: {e}"),
+        }
+    };
+    let kafka = KafkaSettings::new(broker.bootstrap());
+    kafka
+        .wait_until_reachable(Duration::from_secs(20))
+        .await
+        .unwrap();
+    kafka.create_topics(1).await.unwrap();
     let reader = kafka.clone();
     let (again, high, next) = tokio::task::spawn_blocking(move || {
         let again = read_back(&reader, 0, 2_000);
