@@ -15,13 +15,19 @@ async fn broker_with_topics(
     let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), storage, dir)
         .await
         .unwrap();
+    let kafka = with_topics(&broker).await;
+    (broker, kafka)
+}
+
+/// Settings for `broker` once it answers, with our topics created (idempotent).
+async fn with_topics(broker: &EmbeddedBroker) -> KafkaSettings {
     let kafka = KafkaSettings::new(broker.bootstrap());
     kafka
         .wait_until_reachable(Duration::from_secs(20))
         .await
         .unwrap();
     kafka.create_topics(1).await.unwrap();
-    (broker, kafka)
+    kafka
 }
 
 /// After 5,000 messages produced in many record batches, the partition's high watermark (what
@@ -296,12 +302,7 @@ async fn sqlite_storage_round_trips_records_across_batches_and_restarts() {
             Err(e) => panic!("broker did not start again on its file: {e}"),
         }
     };
-    let kafka = KafkaSettings::new(broker.bootstrap());
-    kafka
-        .wait_until_reachable(Duration::from_secs(20))
-        .await
-        .unwrap();
-    kafka.create_topics(1).await.unwrap();
+    let kafka = with_topics(&broker).await;
     let reader = kafka.clone();
     let (again, high, next) = tokio::task::spawn_blocking(move || {
         let again = read_back(&reader, 0, 2_000);
