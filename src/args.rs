@@ -172,3 +172,135 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 }
+
+/// The alerting groups (`alert`, `demo`).
+#[derive(Debug, Clone, Args)]
+pub struct AlertArgs {
+    /// Alert rules (TOML; see the README): error_share, spike, country_visits.
+    #[arg(long, value_name = "FILE", env = "PAGEVIEWS_RULES")]
+    pub rules: Option<PathBuf>,
+    /// Slack-style incoming webhook: each alert is POSTed there as JSON (group
+    /// alerts-webhook).
+    #[arg(long, value_name = "URL", env = "PAGEVIEWS_WEBHOOK")]
+    pub webhook: Option<String>,
+    /// SMTP server for e-mail alerts (group alerts-email): smtp://host:port,
+    /// smtp://user:pass@host:port?tls=required (STARTTLS), smtps://user:pass@host:port (TLS).
+    #[arg(long, value_name = "URL", env = "PAGEVIEWS_SMTP")]
+    pub smtp: Option<String>,
+    /// Sender of alert e-mails.
+    #[arg(long, value_name = "ADDR")]
+    pub from: Option<String>,
+    /// Recipient of alert e-mails (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    pub to: Vec<String>,
+    /// Consumer group of the alerter (default: alerts-webhook or alerts-email); members of
+    /// one group share its partitions, its position and its delivered alerts.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// How far behind the largest event time seen a window still takes events; later ones
+    /// are counted as late.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lateness: Duration,
+    /// A partition read to its log end for this long no longer holds windows open.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// How long one delivery (an HTTP POST, an e-mail) may take before it counts as failed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub delivery_timeout: Duration,
+    /// Time between two flushes of an alerter (window counts and offsets, one transaction)
+    /// and window closes.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub alert_interval: Duration,
+}
+
+impl AlertArgs {
+    /// True when any alerting option was given.
+    pub fn wanted(&self) -> bool {
+        self.rules.is_some() || self.webhook.is_some() || self.smtp.is_some()
+    }
+
+    /// One alerter per sink given, checked before anything connects (the rules read, the
+    /// URLs and addresses parsed); none when no alerting option was given.
+    pub fn alerters(&self) -> anyhow::Result<Alerters> {
+        use crate::alert::sink::{Sink, smtp::Email, webhook::Webhook};
+        if !self.wanted() {
+            return Ok(Alerters {
+                rules: Vec::new(),
+                sinks: Vec::new(),
+                args: self.clone(),
+            });
+        }
+        let Some(path) = &self.rules else {
+            anyhow::bail!("alerts need a rules file: add --rules FILE");
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read the rules file {}: {e}", path.display()))?;
+        let rules = crate::alert::rules::parse_rules(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut sinks = Vec::new();
+        if let Some(url) = &self.webhook {
+            sinks.push(Sink::Webhook(Webhook::new(url, self.delivery_timeout)?));
+        }
+        if let Some(url) = &self.smtp {
+            let Some(from) = &self.from else {
+                anyhow::bail!("e-mail alerts need a sender: add --from ADDR");
+            };
+            if self.to.is_empty() {
+                anyhow::bail!("e-mail alerts need a recipient: add --to ADDR");
+            }
+            sinks.push(Sink::Email(Email::new(
+                url,
+                from,
+                &self.to,
+                self.delivery_timeout,
+            )?));
+        }
+        if sinks.is_empty() {
+            anyhow::bail!("alerts need somewhere to go: add --webhook URL or --smtp URL");
+        }
+        if sinks.len() > 1 && self.group.is_some() {
+            anyhow::bail!(
+                "--group names one group, but --webhook and --smtp are two alerters with a group each: run them as two commands"
+            );
+        }
+        Ok(Alerters {
+            rules,
+            sinks,
+            args: self.clone(),
+        })
+    }
+}
+
+/// Alerters checked by [`AlertArgs::alerters`], to be connected.
+pub struct Alerters {
+    rules: Vec<crate::alert::rules::Rule>,
+    sinks: Vec<crate::alert::sink::Sink>,
+    args: AlertArgs,
+}
+
+impl Alerters {
+    pub fn is_empty(&self) -> bool {
+        self.sinks.is_empty()
+    }
+
+    /// Each alerter's config, against `kafka` and `store`.
+    pub fn configs(self, kafka: &KafkaSettings, store: &Store) -> Vec<crate::alert::AlertConfig> {
+        let Alerters { rules, sinks, args } = self;
+        sinks
+            .into_iter()
+            .map(|sink| crate::alert::AlertConfig {
+                kafka: kafka.clone(),
+                store: store.clone(),
+                rules: rules.clone(),
+                group: args
+                    .group
+                    .clone()
+                    .unwrap_or_else(|| sink.default_group().to_owned()),
+                sink: Arc::new(sink),
+                lateness: args.lateness,
+                idle_timeout: args.idle_timeout,
+                flush_interval: args.alert_interval,
+            })
+            .collect()
+    }
+}

@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{self, AggregateStats};
 pub use crate::args::Common;
-use crate::args::{AggregateArgs, BrokerStorageArgs, PreprocessArgs, ServeArgs, TopicArgs};
+use crate::args::{
+    AggregateArgs, AlertArgs, BrokerStorageArgs, PreprocessArgs, ServeArgs, TopicArgs,
+};
 use crate::broker::EmbeddedBroker;
 use crate::demo::{self, DemoArgs};
 use crate::format::Preset;
@@ -37,7 +39,7 @@ pub struct Cli {
 pub enum Command {
     /// Everything in one process: embedded broker, topics, generator (or --input files),
     /// preprocessor, aggregator and the dashboard.
-    Demo(DemoArgs),
+    Demo(Box<DemoArgs>),
     /// The embedded Kafka-compatible broker alone, for multi-process setups.
     Broker {
         /// Address to listen on (and advertise to clients).
@@ -72,6 +74,9 @@ pub enum Command {
     Aggregate(AggregateArgs),
     /// Serve the dashboard and the JSON API.
     Serve(ServeArgs),
+    /// Run an alerter (consumer group alerts-webhook or alerts-email): rules over event-time
+    /// windows, alerts to a webhook or by e-mail, each delivered once.
+    Alert(AlertArgs),
     /// Write N log lines to stdout, deterministic for a seed, in any preset's layout.
     Generate {
         #[arg(long)]
@@ -145,7 +150,7 @@ pub fn import_checkpoints(common: &Common, brokers: &str) -> CheckpointDir {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let common = cli.common;
     match cli.command {
-        Command::Demo(args) => demo::run(&common, args, shutdown_on_signal()).await,
+        Command::Demo(args) => demo::run(&common, *args, shutdown_on_signal()).await,
         Command::Broker { listen, storage } => {
             let broker_storage = storage.broker_storage;
             let broker = EmbeddedBroker::start(listen, broker_storage, &common.data_dir).await?;
@@ -242,6 +247,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown_on_signal(),
             )
             .await?;
+            Ok(())
+        }
+        Command::Alert(args) => {
+            if !args.wanted() {
+                anyhow::bail!("alert needs --rules FILE and --webhook URL or --smtp URL");
+            }
+            // Everything a user can get wrong is checked before anything connects.
+            let alerters = args.alerters()?;
+            let store = common.open_store().await?;
+            let kafka = common.kafka(&common.brokers_or_default());
+            kafka.wait_until_reachable(Duration::from_secs(10)).await?;
+            let configs = alerters.configs(&kafka, &store);
+            let shutdown = shutdown_on_signal();
+            let runs = configs.into_iter().map(|config| {
+                let stats = Arc::new(crate::alert::AlertStats::default());
+                crate::alert::run(config, stats, shutdown.clone())
+            });
+            futures::future::try_join_all(runs).await?;
             Ok(())
         }
         Command::Serve(ServeArgs { listen }) => {

@@ -11,7 +11,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{self, AggregateStats};
-use crate::args::{AggregateArgs, BrokerStorageArgs, Common, PreprocessArgs, ServeArgs, TopicArgs};
+use crate::args::{
+    AggregateArgs, AlertArgs, BrokerStorageArgs, Common, PreprocessArgs, ServeArgs, TopicArgs,
+};
 use crate::broker::EmbeddedBroker;
 use crate::generate::LineGenerator;
 use crate::import::format::FormatArgs;
@@ -54,6 +56,9 @@ pub struct DemoArgs {
     pub aggregate: AggregateArgs,
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// Alerters (`--rules` with `--webhook` and/or `--smtp`): each in its own group.
+    #[command(flatten)]
+    pub alert: AlertArgs,
 }
 
 /// Visits in the database.
@@ -106,8 +111,9 @@ pub async fn run(
     args: DemoArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // A malformed format is reported before anything starts.
+    // A malformed format or alert option is reported before anything starts.
     let format = args.format.options()?;
+    let alerters = args.alert.alerters()?;
     std::fs::create_dir_all(&common.data_dir)
         .with_context(|| format!("creating the data dir {}", common.data_dir.display()))?;
     let broker = match &common.brokers {
@@ -158,6 +164,16 @@ pub async fn run(
         let (stats, stop) = (Arc::clone(&agg_stats), stop_stages.clone());
         stages.spawn("aggregate", async move {
             aggregate::run(config, stats, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    for config in alerters.configs(&kafka, &store) {
+        let stats = Arc::new(crate::alert::AlertStats::default());
+        let stop = stop_stages.clone();
+        println!("alerts: group {}", config.group);
+        stages.spawn("alert", async move {
+            crate::alert::run(config, stats, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });

@@ -19,13 +19,19 @@
 //!   [`preprocess::geo`] (IP → country), [`preprocess::useragent`] and
 //!   [`preprocess::enrich`] (line → [`event::PageView`] JSON); the module itself is the Kafka
 //!   loop.
-//! - [`aggregate`]: the consumer group `aggregators`. Pure core in [`aggregate::tally`]
-//!   (per-partition counts and offsets), [`aggregate::dimensions`] (what is counted: the
-//!   dimensions, top-K, visits per minute, sketches; what a flush writes), [`sketch`]
-//!   (HyperLogLog, histogram buckets) and [`aggregate::positions`] (where a newly owned
-//!   partition starts: stored offset, a recreated topic, an offset past the log end); the
-//!   module is the Kafka loop, which assigns partitions paused in the rebalance callback and
-//!   positions them from the database outside it.
+//! - [`positions`]: what every consumer group that writes results to the database needs:
+//!   offsets stored in the same transaction as the results, loaded on assignment, fenced by
+//!   compare-and-set. Pure core in [`positions::tally`] (per-partition results and offsets,
+//!   replays dropped) and [`positions::start`] (where a newly owned partition starts); the
+//!   module is the Kafka side ([`positions::GroupMember`]), which assigns partitions paused in
+//!   the rebalance callback and positions them from the database outside it.
+//! - [`aggregate`]: the consumer group `aggregators`, a [`positions`] user. Pure core in
+//!   [`aggregate::dimensions`] (what is counted: the dimensions, top-K, visits per minute,
+//!   sketches; what a flush writes) and [`sketch`] (HyperLogLog, histogram buckets).
+//! - [`alert`]: the alerting groups (`alerts-webhook`, `alerts-email`), [`positions`] users
+//!   too. Pure core in [`alert::rules`] (the rules file) and [`alert::window`] (event-time
+//!   tumbling windows, watermarks, rule evaluation); [`alert::sink`] delivers (webhook,
+//!   SMTP); alerts wait in the database until delivered.
 //! - [`store`]: the database (SQLite or PostgreSQL): counts, dimensions, minutes, sketches,
 //!   histograms, offsets, source watermarks and the topic ids they refer to, written together
 //!   in one transaction per flush.
@@ -38,6 +44,7 @@
 //!   the stage's command and into `demo`.
 
 pub mod aggregate;
+pub mod alert;
 pub mod args;
 pub mod broker;
 pub mod cli;
@@ -48,6 +55,7 @@ pub mod format;
 pub mod generate;
 pub mod import;
 pub mod kafka;
+pub mod positions;
 pub mod preprocess;
 pub mod serve;
 pub mod sketch;

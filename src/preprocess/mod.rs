@@ -8,7 +8,7 @@
 //! the SQLite broker storage) so a replay after a crash is recognisable downstream; dead
 //! letters carry them in headers.
 //!
-//! Ordering matters for that (see [`crate::aggregate::tally`]): events of one raw partition
+//! Ordering matters for that (see [`crate::positions::tally`]): events of one raw partition
 //! reach each events partition in raw-offset order. The idempotent producer keeps retries in
 //! order and never times a message out; a delivery that fails anyway stops the preprocessor
 //! rather than sending the event again out of order.

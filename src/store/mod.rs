@@ -102,6 +102,45 @@ const MIGRATIONS: &[&str] = &[
         flushes BIGINT NOT NULL,
         total_ms BIGINT NOT NULL,
         PRIMARY KEY (consumer_group, le_ms))",
+    // Alerting groups (crate::alert): requests and server errors per window and subject (a
+    // country or `*`), added by each flush like the counts.
+    "CREATE TABLE IF NOT EXISTS alert_windows (
+        consumer_group TEXT NOT NULL,
+        window_secs BIGINT NOT NULL,
+        window_start BIGINT NOT NULL,
+        subject TEXT NOT NULL,
+        requests BIGINT NOT NULL,
+        errors BIGINT NOT NULL,
+        PRIMARY KEY (consumer_group, window_secs, window_start, subject))",
+    // Each partition's event-time clock (largest event time read) and since when its member has
+    // been at its log end (wall clock, ms; NULL while reading): the group's watermark.
+    "CREATE TABLE IF NOT EXISTS alert_clocks (
+        consumer_group TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        \"partition\" INTEGER NOT NULL,
+        clock BIGINT,
+        caught_up_since BIGINT,
+        PRIMARY KEY (consumer_group, topic, \"partition\"))",
+    // Per alerting group: windows ending at or before `closed_through` are closed (their alerts
+    // written); events that came too late; the earliest event time counted.
+    "CREATE TABLE IF NOT EXISTS alert_state (
+        consumer_group TEXT PRIMARY KEY,
+        closed_through BIGINT NOT NULL,
+        late_events BIGINT NOT NULL,
+        first_event_time BIGINT)",
+    // The alerts of closed windows (an outbox): written when their window closes, delivered
+    // from here in order, marked when delivered; an id is never written twice.
+    "CREATE TABLE IF NOT EXISTS alerts (
+        consumer_group TEXT NOT NULL,
+        id TEXT NOT NULL,
+        window_start BIGINT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        claimed_until BIGINT,
+        delivered_at BIGINT,
+        attempts BIGINT NOT NULL,
+        last_error TEXT,
+        PRIMARY KEY (consumer_group, id))",
 ];
 
 /// The columns (and SQL types) the statements rely on, checked at open so that a table of the
@@ -200,6 +239,50 @@ const EXPECTED_COLUMNS: &[(&str, &[(&str, SqlType)])] = &[
             ("le_ms", SqlType::BigInt),
             ("flushes", SqlType::BigInt),
             ("total_ms", SqlType::BigInt),
+        ],
+    ),
+    (
+        "alert_windows",
+        &[
+            ("consumer_group", SqlType::Text),
+            ("window_secs", SqlType::BigInt),
+            ("window_start", SqlType::BigInt),
+            ("subject", SqlType::Text),
+            ("requests", SqlType::BigInt),
+            ("errors", SqlType::BigInt),
+        ],
+    ),
+    (
+        "alert_clocks",
+        &[
+            ("consumer_group", SqlType::Text),
+            ("topic", SqlType::Text),
+            ("partition", SqlType::Integer),
+            ("clock", SqlType::BigInt),
+            ("caught_up_since", SqlType::BigInt),
+        ],
+    ),
+    (
+        "alert_state",
+        &[
+            ("consumer_group", SqlType::Text),
+            ("closed_through", SqlType::BigInt),
+            ("late_events", SqlType::BigInt),
+            ("first_event_time", SqlType::BigInt),
+        ],
+    ),
+    (
+        "alerts",
+        &[
+            ("consumer_group", SqlType::Text),
+            ("id", SqlType::Text),
+            ("window_start", SqlType::BigInt),
+            ("payload", SqlType::Text),
+            ("created_at", SqlType::BigInt),
+            ("claimed_until", SqlType::BigInt),
+            ("delivered_at", SqlType::BigInt),
+            ("attempts", SqlType::BigInt),
+            ("last_error", SqlType::Text),
         ],
     ),
 ];
@@ -342,6 +425,8 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("internal error: a database task stopped: {0}")]
     Task(String),
+    #[error("unreadable row in the database: {0}")]
+    Corrupt(String),
 }
 
 /// An error and its sources on one line: the PostgreSQL driver's own messages ("db error",
@@ -420,6 +505,87 @@ pub struct FlushBatch {
     pub uniques: Vec<UniqueSketch>,
     /// Histogram bucket counts to add.
     pub histograms: Vec<HistogramIncrement>,
+    /// An alerting group's flush ([`crate::alert`]); `None` for the aggregator.
+    pub alert: Option<AlertFlush>,
+}
+
+/// What an alerting group's flush writes besides its positions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlertFlush {
+    /// Window counts to add (those of windows already closed count as late instead).
+    pub windows: Vec<crate::alert::window::WindowRow>,
+    /// Every flushed partition's clock.
+    pub clocks: Vec<crate::alert::window::PartitionClock>,
+    /// Events the members found too late for their window.
+    pub late: u64,
+    /// The earliest event time in this flush.
+    pub first_event: Option<i64>,
+}
+
+/// What closing windows needs besides the database's state.
+#[derive(Debug, Clone)]
+pub struct CloseRequest {
+    pub group: String,
+    pub topic: String,
+    /// The topic's partition count: a partition that has not reported holds the watermark.
+    pub partitions: i32,
+    pub now_ms: i64,
+    pub idle_ms: i64,
+    /// Allowed lateness, seconds.
+    pub lateness: i64,
+    pub rules: Vec<crate::alert::rules::Rule>,
+}
+
+impl CloseRequest {
+    /// How far before the first closing window the rules look back, plus the longest window.
+    fn history(&self) -> i64 {
+        let h = self.rules.iter().map(|r| r.history()).max().unwrap_or(0);
+        h + self.rules.iter().map(|r| r.window).max().unwrap_or(0)
+    }
+
+    /// The group's new watermark from the stored clocks, when it passes `closed_through`.
+    fn watermark(
+        &self,
+        clocks: &[crate::alert::window::PartitionClock],
+        closed_through: i64,
+    ) -> Option<i64> {
+        crate::alert::window::watermark(
+            clocks,
+            self.partitions,
+            self.now_ms,
+            self.idle_ms,
+            self.lateness,
+        )
+        .filter(|&w| w > closed_through)
+    }
+
+    /// The alerts of the windows closing when the watermark moves from `closed_through` to `w`.
+    fn alerts(
+        &self,
+        rows: &[crate::alert::window::WindowRow],
+        closed_through: i64,
+        w: i64,
+        first_event: Option<i64>,
+    ) -> Vec<crate::alert::window::Alert> {
+        crate::alert::window::evaluate(&self.rules, rows, closed_through, w, first_event)
+    }
+}
+
+/// An alert waiting for delivery (or delivered), as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAlert {
+    pub alert: crate::alert::window::Alert,
+    pub attempts: u64,
+    pub delivered: bool,
+}
+
+/// An alerting group's state, for logs, `/metrics` and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlertStatus {
+    pub closed_through: Option<i64>,
+    pub late_events: u64,
+    pub pending: u64,
+    pub delivered: u64,
 }
 
 /// A unique-visitor sketch of one day and country (or `*`: all countries), merged into the
@@ -603,6 +769,8 @@ pub struct StoredPositions {
     /// events partition → the topics its offset and watermarks refer to (absent: written by
     /// a version that did not record them).
     pub identities: HashMap<i32, TopicIdentity>,
+    /// events partition → its event-time clock (alerting groups only).
+    pub event_clocks: HashMap<i32, i64>,
 }
 
 impl StoredPositions {
@@ -778,6 +946,174 @@ impl Store {
             Store::Postgres(s) => s.latest_minute().await,
         }
     }
+
+    /// Closes the windows an alerting group's watermark has passed, in one transaction: the
+    /// alerts they yield are written (an id at most once) together with the new
+    /// `closed_through`. Returns how many alerts were written.
+    pub async fn close_windows(&self, req: &CloseRequest) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.close_windows(req.clone()).await,
+            Store::Postgres(s) => s.close_windows(req).await,
+        }
+    }
+
+    /// The group's alerts not delivered yet, oldest window first (at most `limit`).
+    pub async fn pending_alerts(
+        &self,
+        group: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredAlert>, StoreError> {
+        self.alerts(group, true, limit).await
+    }
+
+    /// The group's alerts, delivered or not (`pending_only`), oldest window first.
+    pub async fn alerts(
+        &self,
+        group: &str,
+        pending_only: bool,
+        limit: u32,
+    ) -> Result<Vec<StoredAlert>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.alerts(group, pending_only, limit).await,
+            Store::Postgres(s) => s.alerts(group, pending_only, limit).await,
+        }
+    }
+
+    /// Takes alert `id` for delivery until `until_ms` (so that another member of the group
+    /// does not send it meanwhile); false when it is delivered or another member holds it.
+    pub async fn claim_alert(
+        &self,
+        group: &str,
+        id: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let sql = "UPDATE alerts SET claimed_until = ?3 WHERE consumer_group = ?1 AND id = ?2
+                   AND delivered_at IS NULL AND (claimed_until IS NULL OR claimed_until < ?4)";
+        let changed = self
+            .execute_alert(sql, group, id, AlertArg::Int(until_ms), Some(now_ms))
+            .await?;
+        Ok(changed == 1)
+    }
+
+    /// Alert `id` was delivered at `now_ms`: it is never sent again.
+    pub async fn alert_delivered(
+        &self,
+        group: &str,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let sql =
+            "UPDATE alerts SET delivered_at = ?3, claimed_until = NULL, attempts = attempts + 1
+                   WHERE consumer_group = ?1 AND id = ?2";
+        self.execute_alert(sql, group, id, AlertArg::Int(now_ms), None)
+            .await
+            .map(drop)
+    }
+
+    /// Delivering alert `id` failed (`error`): it stays pending and is retried.
+    pub async fn alert_failed(&self, group: &str, id: &str, error: &str) -> Result<(), StoreError> {
+        let sql = "UPDATE alerts SET claimed_until = NULL, attempts = attempts + 1, last_error = ?3
+                   WHERE consumer_group = ?1 AND id = ?2";
+        self.execute_alert(sql, group, id, AlertArg::Text(error.to_owned()), None)
+            .await
+            .map(drop)
+    }
+
+    async fn execute_alert(
+        &self,
+        sql: &str,
+        group: &str,
+        id: &str,
+        third: AlertArg,
+        fourth: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.execute_alert(sql, group, id, third, fourth).await,
+            Store::Postgres(s) => s.execute_alert(sql, group, id, third, fourth).await,
+        }
+    }
+
+    /// An alerting group's state.
+    pub async fn alert_status(&self, group: &str) -> Result<AlertStatus, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.alert_status(group).await,
+            Store::Postgres(s) => s.alert_status(group).await,
+        }
+    }
+}
+
+/// The third parameter of an alert update.
+#[derive(Debug, Clone)]
+enum AlertArg {
+    Int(i64),
+    Text(String),
+}
+
+/// SQL written with SQLite's `?N` parameters, for PostgreSQL (`$N`).
+fn dollar_params(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The alert of a stored row (its JSON payload), with what the row says of its delivery.
+fn stored_alert(payload: &str, attempts: i64, delivered: bool) -> Result<StoredAlert, StoreError> {
+    let alert = serde_json::from_str(payload)
+        .map_err(|e| StoreError::Corrupt(format!("alert payload: {e}")))?;
+    Ok(StoredAlert {
+        alert,
+        attempts: u64::try_from(attempts).unwrap_or(0),
+        delivered,
+    })
+}
+
+/// SQL shared by both databases (SQLite's `?N` parameters; [`dollar_params`] for PostgreSQL).
+mod alert_sql {
+    pub const ENSURE_STATE: &str =
+        "INSERT INTO alert_state (consumer_group, closed_through, late_events)
+        VALUES (?1, ?2, 0) ON CONFLICT (consumer_group) DO NOTHING";
+    pub const ADD_WINDOW: &str = "INSERT INTO alert_windows
+        (consumer_group, window_secs, window_start, subject, requests, errors)
+        VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        ON CONFLICT (consumer_group, window_secs, window_start, subject) DO UPDATE
+        SET requests = alert_windows.requests + excluded.requests,
+            errors = alert_windows.errors + excluded.errors";
+    pub const ADD_LATE: &str = "UPDATE alert_state SET late_events = late_events + ?2,
+        first_event_time = CASE WHEN CAST(?3 AS BIGINT) IS NULL THEN first_event_time
+            WHEN first_event_time IS NULL OR first_event_time > CAST(?3 AS BIGINT) THEN CAST(?3 AS BIGINT)
+            ELSE first_event_time END
+        WHERE consumer_group = ?1";
+    pub const SET_CLOCK: &str = "INSERT INTO alert_clocks
+        (consumer_group, topic, \"partition\", clock, caught_up_since) VALUES (?1, ?2, ?3, ?4, ?5)
+        ON CONFLICT (consumer_group, topic, \"partition\") DO UPDATE
+        SET clock = excluded.clock, caught_up_since = excluded.caught_up_since";
+    pub const CLOCKS: &str = "SELECT \"partition\", clock, caught_up_since FROM alert_clocks
+        WHERE consumer_group = ?1 AND topic = ?2";
+    pub const WINDOWS: &str = "SELECT window_secs, window_start, subject, requests, errors
+        FROM alert_windows WHERE consumer_group = ?1
+        AND window_start + window_secs > ?2 AND window_start + window_secs <= ?3";
+    pub const INSERT_ALERT: &str = "INSERT INTO alerts
+        (consumer_group, id, window_start, payload, created_at, attempts)
+        VALUES (?1, ?2, ?3, ?4, ?5, 0) ON CONFLICT (consumer_group, id) DO NOTHING";
+    pub const CLOSE: &str = "UPDATE alert_state SET closed_through = ?2 WHERE consumer_group = ?1";
+    pub const PRUNE: &str = "DELETE FROM alert_windows WHERE consumer_group = ?1
+        AND window_start + window_secs <= ?2";
+    pub const STATUS: &str =
+        "SELECT closed_through, late_events FROM alert_state WHERE consumer_group = ?1";
+    pub const COUNTS: &str =
+        "SELECT CAST(COALESCE(SUM(CASE WHEN delivered_at IS NULL THEN 1 ELSE 0 END), 0) AS BIGINT),
+        CAST(COUNT(*) AS BIGINT) FROM alerts WHERE consumer_group = ?1";
+    pub const LIST: &str = "SELECT payload, attempts, delivered_at IS NOT NULL FROM alerts
+        WHERE consumer_group = ?1 AND (delivered_at IS NULL OR CAST(?2 AS BIGINT) = 0)
+        ORDER BY window_start, id LIMIT CAST(?3 AS BIGINT)";
 }
 
 /// Test helpers shared by unit and integration tests.
@@ -884,6 +1220,7 @@ mod tests {
                 (0, TopicIdentity::default()),
                 (1, TopicIdentity::default()),
             ]),
+            event_clocks: HashMap::new(),
         };
         assert_eq!(store.load_positions("g", "t").await.unwrap(), expected);
         assert_eq!(
@@ -919,6 +1256,7 @@ mod tests {
                 ),
                 (1, TopicIdentity::default()),
             ]),
+            event_clocks: HashMap::new(),
         };
         // Reopening keeps everything (migrations are idempotent).
         drop(store);
@@ -1119,6 +1457,197 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// An alerting group's flush, close and outbox: windows add up across flushes and
+    /// partitions, close once the watermark (every partition's clock) passes them, yield each
+    /// alert id once, count what arrives after the close as late, and deliver in order with
+    /// claims that keep a second member from sending the same alert.
+    async fn alerts_close_once_and_deliver_in_order(url: &str) {
+        use crate::alert::rules::parse_rules;
+        use crate::alert::window::{ALL, PartitionClock, WindowRow, WindowTotals};
+        let store = Store::open(url).await.unwrap();
+        let rules = parse_rules(
+            "[[rule]]\nname = \"errors\"\nkind = \"error_share\"\nabove = 0.2\nmin_requests = 2\nwindow = \"1m\"\n\
+             [[rule]]\nname = \"cn\"\nkind = \"country_visits\"\ncountry = \"CN\"\nabove = 2\nwindow = \"1m\"\n",
+        )
+        .unwrap();
+        let row = |start: i64, subject: &str, requests: u64, errors: u64| WindowRow {
+            window: 60,
+            start,
+            subject: subject.into(),
+            totals: WindowTotals { requests, errors },
+        };
+        let clock = |partition: i32, clock: Option<i64>| PartitionClock {
+            partition,
+            clock,
+            caught_up_since: None,
+        };
+        let t0 = 1_767_225_600;
+        let flush = |offsets: &[(i32, Option<i64>, i64)],
+                     windows: Vec<WindowRow>,
+                     clocks: Vec<PartitionClock>| {
+            let mut b = batch(&[], offsets);
+            b.consumer_group = "alerts".into();
+            b.alert = Some(AlertFlush {
+                windows,
+                clocks,
+                late: 1,
+                first_event: Some(t0),
+            });
+            b
+        };
+        // Partition 0: minute 0 with 4 requests, 1 error; partition 1: 3 CN visits, 1 error.
+        let first = flush(
+            &[(0, None, 10), (1, None, 5)],
+            vec![row(t0, ALL, 7, 2), row(t0, "CN", 3, 1), row(t0, "US", 4, 1)],
+            vec![clock(0, Some(t0 + 100)), clock(1, Some(t0 + 50))],
+        );
+        assert_eq!(store.flush(&first).await.unwrap(), FlushOutcome::Committed);
+        let positions = store.load_positions("alerts", "t").await.unwrap();
+        assert_eq!(
+            positions.event_clocks,
+            HashMap::from([(0, t0 + 100), (1, t0 + 50)])
+        );
+        let req = |partitions: i32, now_ms: i64| CloseRequest {
+            group: "alerts".into(),
+            topic: "t".into(),
+            partitions,
+            now_ms,
+            idle_ms: 10_000,
+            lateness: 0,
+            rules: rules.clone(),
+        };
+        // Three partitions, one never reported: nothing closes.
+        assert_eq!(store.close_windows(&req(3, 0)).await.unwrap(), 0);
+        // Two: the watermark is t0 + 50, minute 0 (ending t0 + 60) stays open.
+        assert_eq!(store.close_windows(&req(2, 0)).await.unwrap(), 0);
+        let second = flush(
+            &[(1, Some(5), 8)],
+            vec![
+                row(t0, ALL, 1, 1),
+                row(t0, "CN", 1, 1),
+                row(t0 + 60, ALL, 1, 0),
+            ],
+            vec![clock(1, Some(t0 + 70))],
+        );
+        assert_eq!(store.flush(&second).await.unwrap(), FlushOutcome::Committed);
+        // Minute 0: 8 requests, 3 errors (37.5%), 4 from CN: two alerts, once.
+        assert_eq!(store.close_windows(&req(2, 0)).await.unwrap(), 2);
+        assert_eq!(store.close_windows(&req(2, 0)).await.unwrap(), 0);
+        let status = store.alert_status("alerts").await.unwrap();
+        assert_eq!(
+            status,
+            AlertStatus {
+                closed_through: Some(t0 + 70),
+                late_events: 2,
+                pending: 2,
+                delivered: 0
+            }
+        );
+        // Counts for the closed minute that arrive now are late, not lost silently.
+        let late = flush(
+            &[(0, Some(10), 11)],
+            vec![row(t0, ALL, 5, 5)],
+            vec![clock(0, Some(t0 + 100))],
+        );
+        assert_eq!(store.flush(&late).await.unwrap(), FlushOutcome::Committed);
+        assert_eq!(
+            store.alert_status("alerts").await.unwrap().late_events,
+            2 + 1 + 5
+        );
+        assert_eq!(
+            store.close_windows(&req(2, 0)).await.unwrap(),
+            0,
+            "minute 0 stays closed"
+        );
+        // The outbox, oldest window first, then by id.
+        let pending = store.pending_alerts("alerts", 10).await.unwrap();
+        let ids: Vec<&str> = pending.iter().map(|a| a.alert.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["cn/2026-01-01T00:00:00Z/CN", "errors/2026-01-01T00:00:00Z"]
+        );
+        assert_eq!(pending[0].alert.value, 4.0);
+        assert_eq!(pending[1].alert.value, 0.375);
+        // A claim keeps another member off until it expires; a failure releases it.
+        let id = ids[0].to_owned();
+        assert!(
+            store
+                .claim_alert("alerts", &id, 1_000, 5_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .claim_alert("alerts", &id, 2_000, 6_000)
+                .await
+                .unwrap()
+        );
+        store.alert_failed("alerts", &id, "HTTP 503").await.unwrap();
+        assert!(
+            store
+                .claim_alert("alerts", &id, 2_000, 6_000)
+                .await
+                .unwrap()
+        );
+        store.alert_delivered("alerts", &id, 2_500).await.unwrap();
+        assert!(
+            !store
+                .claim_alert("alerts", &id, 9_000, 19_000)
+                .await
+                .unwrap(),
+            "delivered: never again"
+        );
+        let pending = store.pending_alerts("alerts", 10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].attempts, 0);
+        let all = store.alerts("alerts", false, 10).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(all[0].delivered && all[0].attempts == 2);
+        assert_eq!(
+            store.alert_status("alerts").await.unwrap(),
+            AlertStatus {
+                closed_through: Some(t0 + 70),
+                late_events: 8,
+                pending: 1,
+                delivered: 1
+            }
+        );
+        // Another group has its own everything.
+        assert_eq!(
+            store.alert_status("other").await.unwrap(),
+            AlertStatus::default()
+        );
+        // An idle partition (caught up for the idle timeout) no longer holds windows open.
+        let idle = flush(
+            &[(1, Some(8), 8)],
+            vec![],
+            vec![PartitionClock {
+                partition: 1,
+                clock: Some(t0 + 70),
+                caught_up_since: Some(0),
+            }],
+        );
+        assert_eq!(store.flush(&idle).await.unwrap(), FlushOutcome::Committed);
+        assert_eq!(store.close_windows(&req(2, 20_000)).await.unwrap(), 0);
+        assert_eq!(
+            store.alert_status("alerts").await.unwrap().closed_through,
+            Some(t0 + 100),
+            "partition 0's clock alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn sqlite_alerts_close_once_and_deliver_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        alerts_close_once_and_deliver_in_order(&format!("sqlite://{}/s.db", dir.path().display()))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn postgres_alerts_close_once_and_deliver_in_order() {
+        alerts_close_once_and_deliver_in_order(&testing::fresh_postgres_url().await).await;
     }
 
     #[tokio::test]

@@ -12,9 +12,10 @@ use tokio_postgres::NoTls;
 use std::collections::HashMap;
 
 use super::{
-    CountryCount, DimensionCounts, EXPECTED_COLUMNS, FlushBatch, FlushOutcome, MIGRATIONS,
-    MinutePoint, SqlType, StoreError, StoredPositions, TopicIdentity, UniqueCount, ValueCount,
-    count, flush_bucket, schema_problem, sql_count,
+    AlertArg, AlertStatus, CloseRequest, CountryCount, DimensionCounts, EXPECTED_COLUMNS,
+    FlushBatch, FlushOutcome, MIGRATIONS, MinutePoint, SqlType, StoreError, StoredAlert,
+    StoredPositions, TopicIdentity, UniqueCount, ValueCount, alert_sql, count, dollar_params,
+    flush_bucket, schema_problem, sql_count, stored_alert,
 };
 
 /// Offsets compare-and-set: returns the partitions whose offset moved (or was created).
@@ -222,6 +223,131 @@ impl PostgresStore {
                 },
             );
         }
+        for r in client
+            .query(&dollar_params(alert_sql::CLOCKS), &[&group, &topic])
+            .await?
+        {
+            if let Some(clock) = r.try_get::<_, Option<i64>>(1)? {
+                out.event_clocks.insert(r.try_get::<_, i32>(0)?, clock);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn close_windows(&self, req: &CloseRequest) -> Result<usize, StoreError> {
+        use crate::alert::window::{PartitionClock, WindowRow, WindowTotals};
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let group = req.group.as_str();
+        // Locked: a flush of the group waits until these windows are closed (or not).
+        let (closed_through, first) = lock_alert_state(&tx, group).await?;
+        let mut clocks = Vec::new();
+        for r in tx
+            .query(&dollar_params(alert_sql::CLOCKS), &[&group, &req.topic])
+            .await?
+        {
+            clocks.push(PartitionClock {
+                partition: r.try_get(0)?,
+                clock: r.try_get(1)?,
+                caught_up_since: r.try_get(2)?,
+            });
+        }
+        let Some(w) = req.watermark(&clocks, closed_through) else {
+            tx.rollback().await?;
+            return Ok(0);
+        };
+        let mut found = Vec::new();
+        for r in tx
+            .query(
+                &dollar_params(alert_sql::WINDOWS),
+                &[&group, &closed_through.saturating_sub(req.history()), &w],
+            )
+            .await?
+        {
+            found.push(WindowRow {
+                window: r.try_get(0)?,
+                start: r.try_get(1)?,
+                subject: r.try_get(2)?,
+                totals: WindowTotals {
+                    requests: count(r.try_get(3)?),
+                    errors: count(r.try_get(4)?),
+                },
+            });
+        }
+        let alerts = req.alerts(&found, closed_through, w, first);
+        let insert = tx
+            .prepare_cached(&dollar_params(alert_sql::INSERT_ALERT))
+            .await?;
+        for a in &alerts {
+            let start = crate::alert::window::seconds_of(&a.window_start).unwrap_or(0);
+            let payload = serde_json::to_string(a)
+                .map_err(|e| StoreError::Corrupt(format!("alert payload: {e}")))?;
+            tx.execute(&insert, &[&group, &a.id, &start, &payload, &req.now_ms])
+                .await?;
+        }
+        tx.execute(&dollar_params(alert_sql::CLOSE), &[&group, &w])
+            .await?;
+        tx.execute(
+            &dollar_params(alert_sql::PRUNE),
+            &[&group, &w.saturating_sub(req.history())],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(alerts.len())
+    }
+
+    pub async fn alerts(
+        &self,
+        group: &str,
+        pending_only: bool,
+        limit: u32,
+    ) -> Result<Vec<StoredAlert>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &dollar_params(alert_sql::LIST),
+                &[&group, &i64::from(pending_only), &i64::from(limit)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| stored_alert(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
+            .collect()
+    }
+
+    pub(super) async fn execute_alert(
+        &self,
+        sql: &str,
+        group: &str,
+        id: &str,
+        third: AlertArg,
+        fourth: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let sql = dollar_params(sql);
+        let changed = match (&third, &fourth) {
+            (AlertArg::Int(v), Some(f)) => client.execute(&sql, &[&group, &id, v, f]).await?,
+            (AlertArg::Int(v), None) => client.execute(&sql, &[&group, &id, v]).await?,
+            (AlertArg::Text(t), Some(f)) => client.execute(&sql, &[&group, &id, t, f]).await?,
+            (AlertArg::Text(t), None) => client.execute(&sql, &[&group, &id, t]).await?,
+        };
+        Ok(changed)
+    }
+
+    pub async fn alert_status(&self, group: &str) -> Result<AlertStatus, StoreError> {
+        let client = self.client().await?;
+        let mut out = AlertStatus::default();
+        if let Some(r) = client
+            .query_opt(&dollar_params(alert_sql::STATUS), &[&group])
+            .await?
+        {
+            out.closed_through = Some(r.try_get::<_, i64>(0)?).filter(|&c| c != i64::MIN);
+            out.late_events = count(r.try_get(1)?);
+        }
+        let r = client
+            .query_one(&dollar_params(alert_sql::COUNTS), &[&group])
+            .await?;
+        out.pending = count(r.try_get(0)?);
+        out.delivered = count(r.try_get(1)?).saturating_sub(out.pending);
         Ok(out)
     }
 
@@ -388,6 +514,9 @@ impl PostgresStore {
         }
         if !batch.uniques.is_empty() {
             merge_uniques(&tx, &batch.uniques).await?;
+        }
+        if let Some(alert) = &batch.alert {
+            flush_alert(&tx, &batch.consumer_group, &batch.topic, alert).await?;
         }
         let (le, ms) = flush_bucket(started.elapsed());
         let stats = tx.prepare_cached(UPSERT_FLUSH_STATS).await?;
@@ -627,4 +756,71 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// An alerting group's part of a flush: window counts (those of closed windows counted as
+/// late), the partitions' clocks. The group's state row is locked first, so a concurrent
+/// close waits for this flush or this flush for it.
+async fn flush_alert(
+    tx: &deadpool_postgres::Transaction<'_>,
+    group: &str,
+    topic: &str,
+    alert: &super::AlertFlush,
+) -> Result<(), StoreError> {
+    let (closed_through, _) = lock_alert_state(tx, group).await?;
+    let mut late = alert.late;
+    let add = tx
+        .prepare_cached(&dollar_params(alert_sql::ADD_WINDOW))
+        .await?;
+    for w in &alert.windows {
+        if w.start.saturating_add(w.window) <= closed_through {
+            if w.subject == crate::alert::window::ALL {
+                late += w.totals.requests;
+            }
+            continue;
+        }
+        let (requests, errors) = (sql_count(w.totals.requests), sql_count(w.totals.errors));
+        tx.execute(
+            &add,
+            &[&group, &w.window, &w.start, &w.subject, &requests, &errors],
+        )
+        .await?;
+    }
+    tx.execute(
+        &dollar_params(alert_sql::ADD_LATE),
+        &[&group, &sql_count(late), &alert.first_event],
+    )
+    .await?;
+    let set = tx
+        .prepare_cached(&dollar_params(alert_sql::SET_CLOCK))
+        .await?;
+    for c in &alert.clocks {
+        tx.execute(
+            &set,
+            &[&group, &topic, &c.partition, &c.clock, &c.caught_up_since],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The group's `closed_through` and first event time, its state row created if missing and
+/// locked until the transaction ends (flushes and closes of one group take turns).
+async fn lock_alert_state(
+    tx: &deadpool_postgres::Transaction<'_>,
+    group: &str,
+) -> Result<(i64, Option<i64>), StoreError> {
+    tx.execute(
+        &dollar_params(alert_sql::ENSURE_STATE),
+        &[&group, &i64::MIN],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "SELECT closed_through, first_event_time FROM alert_state
+             WHERE consumer_group = $1 FOR UPDATE",
+            &[&group],
+        )
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
 }

@@ -15,9 +15,10 @@ use std::time::Duration;
 use libsql::{Connection, TransactionBehavior, params};
 
 use super::{
-    Amount, CountryCount, DimensionCounts, EXPECTED_COLUMNS, FlushBatch, FlushOutcome, MIGRATIONS,
-    MinutePoint, SqlType, StoreError, StoredPositions, TopicIdentity, UniqueCount, ValueCount,
-    count, flush_bucket, schema_problem, sql_count,
+    AlertArg, AlertStatus, Amount, CloseRequest, CountryCount, DimensionCounts, EXPECTED_COLUMNS,
+    FlushBatch, FlushOutcome, MIGRATIONS, MinutePoint, SqlType, StoreError, StoredAlert,
+    StoredPositions, TopicIdentity, UniqueCount, ValueCount, alert_sql, count, flush_bucket,
+    schema_problem, sql_count, stored_alert,
 };
 
 /// How long a statement waits for another writer (another process's flush) to finish.
@@ -188,6 +189,14 @@ impl SqliteStore {
                         source_topic_id: row.get::<Option<String>>(2)?,
                     },
                 );
+            }
+            let mut rows = conn
+                .query(alert_sql::CLOCKS, params![group.as_str(), topic.as_str()])
+                .await?;
+            while let Some(row) = rows.next().await? {
+                if let Some(clock) = row.get::<Option<i64>>(1)? {
+                    out.event_clocks.insert(int32(row.get::<i64>(0)?), clock);
+                }
             }
             Ok(out)
         })
@@ -381,6 +390,168 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn close_windows(&self, req: CloseRequest) -> Result<usize, StoreError> {
+        use crate::alert::window::{PartitionClock, WindowRow, WindowTotals};
+        use libsql::Value::{Integer, Text};
+        self.with_conn(move |conn| async move {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .await?;
+            let group = req.group.as_str();
+            tx.execute(alert_sql::ENSURE_STATE, params![group, i64::MIN])
+                .await?;
+            let mut rows = tx
+                .query(
+                    "SELECT closed_through, first_event_time FROM alert_state WHERE consumer_group = ?1",
+                    params![group],
+                )
+                .await?;
+            let (closed_through, first) = match rows.next().await? {
+                Some(row) => (row.get::<i64>(0)?, row.get::<Option<i64>>(1)?),
+                None => (i64::MIN, None),
+            };
+            drop(rows);
+            let mut clocks = Vec::new();
+            let mut rows = tx
+                .query(alert_sql::CLOCKS, params![group, req.topic.as_str()])
+                .await?;
+            while let Some(row) = rows.next().await? {
+                clocks.push(PartitionClock {
+                    partition: int32(row.get::<i64>(0)?),
+                    clock: row.get::<Option<i64>>(1)?,
+                    caught_up_since: row.get::<Option<i64>>(2)?,
+                });
+            }
+            drop(rows);
+            let Some(w) = req.watermark(&clocks, closed_through) else {
+                tx.rollback().await?;
+                return Ok(0);
+            };
+            let mut found = Vec::new();
+            let mut rows = tx
+                .query(
+                    alert_sql::WINDOWS,
+                    params![group, closed_through.saturating_sub(req.history()), w],
+                )
+                .await?;
+            while let Some(row) = rows.next().await? {
+                found.push(WindowRow {
+                    window: row.get::<i64>(0)?,
+                    start: row.get::<i64>(1)?,
+                    subject: row.get::<String>(2)?,
+                    totals: WindowTotals {
+                        requests: count(row.get::<i64>(3)?),
+                        errors: count(row.get::<i64>(4)?),
+                    },
+                });
+            }
+            drop(rows);
+            let alerts = req.alerts(&found, closed_through, w, first);
+            let now = req.now_ms;
+            for a in &alerts {
+                let start = crate::alert::window::seconds_of(&a.window_start).unwrap_or(0);
+                let payload = serde_json::to_string(a)
+                    .map_err(|e| StoreError::Corrupt(format!("alert payload: {e}")))?;
+                tx.execute(
+                    alert_sql::INSERT_ALERT,
+                    vec![
+                        Text(group.to_owned()),
+                        Text(a.id.clone()),
+                        Integer(start),
+                        Text(payload),
+                        Integer(now),
+                    ],
+                )
+                .await?;
+            }
+            tx.execute(alert_sql::CLOSE, params![group, w]).await?;
+            tx.execute(
+                alert_sql::PRUNE,
+                params![group, w.saturating_sub(req.history())],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(alerts.len())
+        })
+        .await
+    }
+
+    pub async fn alerts(
+        &self,
+        group: &str,
+        pending_only: bool,
+        limit: u32,
+    ) -> Result<Vec<StoredAlert>, StoreError> {
+        let group = group.to_owned();
+        self.with_conn(move |conn| async move {
+            let mut rows = conn
+                .query(
+                    alert_sql::LIST,
+                    params![group.as_str(), i64::from(pending_only), i64::from(limit)],
+                )
+                .await?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().await? {
+                out.push(stored_alert(
+                    &row.get::<String>(0)?,
+                    row.get::<i64>(1)?,
+                    row.get::<i64>(2)? != 0,
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub(super) async fn execute_alert(
+        &self,
+        sql: &str,
+        group: &str,
+        id: &str,
+        third: AlertArg,
+        fourth: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        use libsql::Value::{Integer, Text};
+        let (sql, group, id) = (sql.to_owned(), group.to_owned(), id.to_owned());
+        self.with_conn(move |conn| async move {
+            let mut values = vec![
+                Text(group),
+                Text(id),
+                match third {
+                    AlertArg::Int(v) => Integer(v),
+                    AlertArg::Text(t) => Text(t),
+                },
+            ];
+            values.extend(fourth.map(Integer));
+            Ok(conn.execute(&sql, values).await?)
+        })
+        .await
+    }
+
+    pub async fn alert_status(&self, group: &str) -> Result<AlertStatus, StoreError> {
+        let group = group.to_owned();
+        self.with_conn(move |conn| async move {
+            let mut out = AlertStatus::default();
+            let mut rows = conn
+                .query(alert_sql::STATUS, params![group.as_str()])
+                .await?;
+            if let Some(row) = rows.next().await? {
+                out.closed_through = Some(row.get::<i64>(0)?).filter(|&c| c != i64::MIN);
+                out.late_events = count(row.get::<i64>(1)?);
+            }
+            drop(rows);
+            let mut rows = conn
+                .query(alert_sql::COUNTS, params![group.as_str()])
+                .await?;
+            if let Some(row) = rows.next().await? {
+                out.pending = count(row.get::<i64>(0)?);
+                out.delivered = count(row.get::<i64>(1)?).saturating_sub(out.pending);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     pub async fn latest_minute(&self) -> Result<Option<i64>, StoreError> {
         self.with_conn(|conn| async move {
             let mut rows = conn
@@ -430,6 +601,68 @@ async fn unique_rows(mut rows: libsql::Rows) -> Result<Vec<UniqueCount>, StoreEr
 
 /// One flush on one connection: compare-and-set of the offsets, then watermarks, topic ids
 /// and counts, in one immediate (write-locked) transaction.
+/// An alerting group's part of a flush: window counts (late ones counted as such), clocks.
+async fn flush_alert(
+    tx: &libsql::Transaction,
+    group: &str,
+    topic: &str,
+    alert: &super::AlertFlush,
+) -> Result<(), StoreError> {
+    use libsql::Value::{Integer, Null, Text};
+    let opt = |v: Option<i64>| v.map_or(Null, Integer);
+    tx.execute(alert_sql::ENSURE_STATE, params![group, i64::MIN])
+        .await?;
+    let mut rows = tx.query(alert_sql::STATUS, params![group]).await?;
+    let closed_through = match rows.next().await? {
+        Some(row) => row.get::<i64>(0)?,
+        None => i64::MIN,
+    };
+    drop(rows);
+    let mut late = alert.late;
+    let add = tx.prepare(alert_sql::ADD_WINDOW).await?;
+    for w in &alert.windows {
+        if w.start.saturating_add(w.window) <= closed_through {
+            if w.subject == crate::alert::window::ALL {
+                late += w.totals.requests;
+            }
+            continue;
+        }
+        add.execute(vec![
+            Text(group.to_owned()),
+            Integer(w.window),
+            Integer(w.start),
+            Text(w.subject.clone()),
+            Integer(sql_count(w.totals.requests)),
+            Integer(sql_count(w.totals.errors)),
+        ])
+        .await?;
+        add.reset();
+    }
+    tx.execute(
+        alert_sql::ADD_LATE,
+        vec![
+            Text(group.to_owned()),
+            Integer(sql_count(late)),
+            opt(alert.first_event),
+        ],
+    )
+    .await?;
+    for c in &alert.clocks {
+        tx.execute(
+            alert_sql::SET_CLOCK,
+            vec![
+                Text(group.to_owned()),
+                Text(topic.to_owned()),
+                Integer(i64::from(c.partition)),
+                opt(c.clock),
+                opt(c.caught_up_since),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome, StoreError> {
     let started = std::time::Instant::now();
     let tx = conn
@@ -503,6 +736,9 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
             ],
         )
         .await?;
+    }
+    if let Some(alert) = &batch.alert {
+        flush_alert(&tx, group, topic, alert).await?;
     }
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     for (code, n) in &batch.increments {

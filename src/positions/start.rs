@@ -1,5 +1,5 @@
 //! Where a newly owned partition starts counting, and which partitions still wait for that
-//! decision. Pure: the Kafka loop in [`crate::aggregate`] gathers the inputs (stored
+//! decision. Pure: the group loop in [`crate::positions`] gathers the inputs (stored
 //! positions, topic ids, log end) and applies the result (seek, resume).
 //!
 //! Stored positions are only meaningful in the topics they were counted in. A topic deleted
@@ -194,6 +194,7 @@ mod tests {
             identities: identity
                 .map(|i| HashMap::from([(0, i)]))
                 .unwrap_or_default(),
+            event_clocks: HashMap::new(),
         }
     }
 

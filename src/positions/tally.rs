@@ -1,4 +1,5 @@
-//! The pure core of the aggregate stage: per-partition in-memory counts and offsets.
+//! The pure core of a consumer group that writes results to the database: per-partition
+//! in-memory results (the aggregator's counts, an alerter's windows) and offsets.
 //!
 //! Counts are kept per events partition so that a revoked partition's un-flushed counts can
 //! be dropped exactly (its new owner re-reads them from the stored offset).
@@ -39,6 +40,23 @@ pub trait Accumulator {
     fn is_empty(&self) -> bool;
     /// Adds back what a failed flush took out.
     fn merge(&mut self, other: Self);
+    /// What a flush takes out, leaving the partition's accumulator empty of it; state that
+    /// outlives a flush (an alerter's event-time clock) stays.
+    fn take(&mut self) -> Self
+    where
+        Self: Sized,
+    {
+        let empty = self.empty_like();
+        std::mem::replace(self, empty)
+    }
+    /// True when the partition must be written at the next flush even if its offset did not
+    /// move (an alerter reports that a partition is caught up).
+    fn must_flush(&self) -> bool {
+        false
+    }
+    /// The partition was just positioned from `stored`: load what the group keeps per
+    /// partition beyond offsets (an alerter's event-time clock).
+    fn resume_from(&mut self, _partition: i32, _stored: &crate::store::StoredPositions) {}
 }
 
 impl Accumulator for crate::aggregate::dimensions::Counts {
@@ -66,7 +84,7 @@ pub enum Recorded {
 }
 
 /// Where counting of a newly owned partition starts, decided from what the database stored
-/// and what the broker has (see [`crate::aggregate::positions`]).
+/// and what the broker has (see [`crate::positions::start`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Start {
     /// The offset stored in the database (`None`: no row): what the next flush's
@@ -134,6 +152,11 @@ impl<A> Pending<A> {
     pub fn counts(&self) -> impl Iterator<Item = &A> {
         self.per_partition.iter().map(|(_, a)| a)
     }
+
+    /// The same, with each one's partition.
+    pub fn per_partition(&self) -> impl Iterator<Item = (i32, &A)> {
+        self.per_partition.iter().map(|(p, a)| (*p, a))
+    }
 }
 
 impl<A: Accumulator> Tally<A> {
@@ -180,6 +203,11 @@ impl<A: Accumulator> Tally<A> {
     /// The next offset expected from `partition` (`None`: not owned).
     pub fn next_offset(&self, partition: i32) -> Option<i64> {
         self.partitions.get(&partition).map(|p| p.next_offset)
+    }
+
+    /// The accumulator of an owned partition (to set state loaded with its position).
+    pub fn accumulator_mut(&mut self, partition: i32) -> Option<&mut A> {
+        self.partitions.get_mut(&partition).map(|p| &mut p.counts)
     }
 
     pub fn owns(&self, partition: i32) -> bool {
@@ -233,13 +261,13 @@ impl<A: Accumulator> Tally<A> {
         for (&partition, p) in &mut self.partitions {
             let unmoved =
                 p.stored == Some(p.next_offset) || (p.stored.is_none() && p.counts.is_empty());
-            if unmoved && !p.rebound {
+            if unmoved && !p.rebound && !p.counts.must_flush() {
                 continue;
             }
             if p.reset_sources {
                 reset_watermarks.push(partition);
             }
-            let counts = std::mem::replace(&mut p.counts, self.template.empty_like());
+            let counts = p.counts.take();
             offsets.push(OffsetUpdate {
                 partition,
                 expected: p.stored,
