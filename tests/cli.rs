@@ -156,3 +156,83 @@ fn a_missing_input_file_is_named() {
     ]);
     assert!(line.contains("/nonexistent/access.log"), "{line}");
 }
+
+#[test]
+fn alert_mistakes_are_one_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"errors\"\nkind = \"error_share\"\nabove = 2\nwindow = \"1m\"\n",
+    )
+    .unwrap();
+    let rules = rules.to_str().unwrap();
+    assert_eq!(
+        one_line_error(&["alert"]),
+        "error: alert needs --rules FILE and --webhook URL or --smtp URL"
+    );
+    assert_eq!(
+        one_line_error(&["alert", "--webhook", "http://127.0.0.1:9/hook"]),
+        "error: alerts need a rules file: add --rules FILE"
+    );
+    assert_eq!(
+        one_line_error(&[
+            "alert",
+            "--rules",
+            "/nonexistent/rules.toml",
+            "--webhook",
+            "http://x/"
+        ]),
+        "error: cannot read the rules file /nonexistent/rules.toml: No such file or directory (os error 2)"
+    );
+    assert_eq!(
+        one_line_error(&["alert", "--rules", rules, "--webhook", "http://x/"]),
+        format!("error: {rules}: rule errors: above = 2: a share, from 0 to below 1")
+    );
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[[rule]]\nname = \"errors\"\nkind = \"error_share\"\nabove = 0.2\nwindow = \"1m\"\n",
+    )
+    .unwrap();
+    let good = good.to_str().unwrap();
+    assert_eq!(
+        one_line_error(&["alert", "--rules", good]),
+        "error: alerts need somewhere to go: add --webhook URL or --smtp URL"
+    );
+    assert_eq!(
+        one_line_error(&["alert", "--rules", good, "--webhook", "hooks.slack.com/x"]),
+        "error: invalid --webhook URL \"hooks.slack.com/x\": relative URL without a base"
+    );
+    assert_eq!(
+        one_line_error(&[
+            "alert",
+            "--rules",
+            good,
+            "--smtp",
+            "smtp://127.0.0.1:25",
+            "--to",
+            "a@b.c"
+        ]),
+        "error: e-mail alerts need a sender: add --from ADDR"
+    );
+    assert_eq!(
+        one_line_error(&[
+            "alert",
+            "--rules",
+            good,
+            "--smtp",
+            "smtp://127.0.0.1:25",
+            "--from",
+            "me",
+            "--to",
+            "a@b.c"
+        ]),
+        "error: invalid e-mail address \"me\" for --from: Invalid input (write user@example.com or \"Name <user@example.com>\")"
+    );
+    // Checked before the demo starts anything.
+    assert_eq!(
+        one_line_error(&["demo", "--rules", good]),
+        "error: alerts need somewhere to go: add --webhook URL or --smtp URL"
+    );
+}

@@ -27,24 +27,6 @@ fn generated(n: usize, seed: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
-async fn import_file(c: &Cluster, lines: &[Vec<u8>]) -> u64 {
-    let path = c.dir.path().join(format!("input-{}.log", lines.len()));
-    write_lines(&path, lines);
-    let config = ImportConfig {
-        kafka: c.kafka.clone(),
-        inputs: vec![Input::File(path)],
-        follow: false,
-        rate: None,
-        checkpoints: None,
-        from_start: false,
-        format: Default::default(),
-    };
-    import::run(config, CancellationToken::new())
-        .await
-        .unwrap()
-        .lines
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn counts_100k_lines_exactly_and_serves_them() {
     let c = cluster(16).await;

@@ -251,7 +251,7 @@ fn span(start: i64, end: i64) -> String {
             .unwrap_or_else(|| t.to_string())
     };
     format!(
-        "{}–{} UTC",
+        "{} to {} UTC",
         f(start, "%Y-%m-%d %H:%M:%S"),
         f(end, "%H:%M:%S")
     )
@@ -548,7 +548,7 @@ window = "1m"
         assert_eq!(early[1].threshold, 30.0);
         assert_eq!(
             early[0].text,
-            "errors: 22.5% of 40 requests failed with 5xx in 2026-01-01 00:03:00–00:04:00 UTC (above 20.0%)"
+            "errors: 22.5% of 40 requests failed with 5xx in 2026-01-01 00:03:00 to 00:04:00 UTC (above 20.0%)"
         );
         // Later: only minute 4 is new.
         let later = evaluate(&rules, &rows, minute(4) + 30, minute(6), first);

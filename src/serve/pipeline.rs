@@ -124,6 +124,13 @@ impl Health {
             ..PipelineResponse::default()
         };
         let stored = store.load_positions(AGGREGATE_GROUP, EVENTS_TOPIC).await;
+        // The alerting groups keep their positions in the database too.
+        let mut alerters = Vec::new();
+        for group in store.alert_groups().await.unwrap_or_default() {
+            if let Ok(p) = store.load_positions(&group, EVENTS_TOPIC).await {
+                alerters.push((group, p.offsets));
+            }
+        }
         r.last_flush = store.last_flush().await.unwrap_or_else(|err| {
             tracing::warn!(%err, "cannot read the last flush time");
             None
@@ -133,7 +140,9 @@ impl Health {
             (_, Err(err)) => r.kafka_error = Some(format!("cannot read stored positions: {err}")),
             (Some(kafka), Ok(stored)) => {
                 let kafka = kafka.clone();
-                let read = tokio::task::spawn_blocking(move || from_kafka(&kafka, &stored.offsets));
+                let read = tokio::task::spawn_blocking(move || {
+                    from_kafka(&kafka, &stored.offsets, &alerters)
+                });
                 match read.await {
                     Ok(Ok((topics, groups, dead))) => {
                         r.topics = topics;
@@ -182,6 +191,7 @@ type KafkaReading = (Vec<TopicHealth>, Vec<GroupHealth>, DeadLetters);
 fn from_kafka(
     kafka: &KafkaSettings,
     stored: &std::collections::HashMap<i32, i64>,
+    alerters: &[(String, std::collections::HashMap<i32, i64>)],
 ) -> Result<KafkaReading, String> {
     let consumer: BaseConsumer<ObserverContext> = kafka
         .client_config(
@@ -257,7 +267,7 @@ fn from_kafka(
             per_second: None,
         }
     };
-    let groups = vec![
+    let mut groups = vec![
         group(PREPROCESS_GROUP, RAW_TOPIC, "kafka", &|p| {
             committed
                 .find_partition(RAW_TOPIC, p)
@@ -270,6 +280,11 @@ fn from_kafka(
             stored.get(&p).copied()
         }),
     ];
+    for (name, offsets) in alerters {
+        groups.push(group(name, EVENTS_TOPIC, "database", &|p| {
+            offsets.get(&p).copied()
+        }));
+    }
     let dead = DeadLetters {
         count: end(DEAD_LETTER_TOPIC),
         latest: latest_dead_letters(kafka, &log_ends),
@@ -523,6 +538,42 @@ async fn metrics_text(state: &AppState) -> Result<String, StoreError> {
                 label(&g.topic),
                 p.partition,
                 p.lag
+            );
+        }
+    }
+    let mut alert_status = Vec::new();
+    for group in state.store.alert_groups().await? {
+        let status = state.store.alert_status(&group).await?;
+        alert_status.push((group, status));
+    }
+    for (metric, kind, help, value) in [
+        (
+            "pageviews_alerts_raised_total",
+            "counter",
+            "Alerts of closed windows written to the outbox, by alerting group.",
+            (|s: &crate::store::AlertStatus| s.pending + s.delivered)
+                as fn(&crate::store::AlertStatus) -> u64,
+        ),
+        (
+            "pageviews_alerts_pending",
+            "gauge",
+            "Alerts not delivered yet (their sink is down or refuses them), by alerting group.",
+            |s| s.pending,
+        ),
+        (
+            "pageviews_alert_late_events_total",
+            "counter",
+            "Events that came after their window closed (see --lateness), by alerting group.",
+            |s| s.late_events,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for (group, status) in &alert_status {
+            let _ = writeln!(
+                out,
+                "{metric}{{group=\"{}\"}} {}",
+                label(group),
+                value(status)
             );
         }
     }

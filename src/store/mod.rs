@@ -1034,6 +1034,14 @@ impl Store {
         }
     }
 
+    /// The alerting groups that ever flushed, by name.
+    pub async fn alert_groups(&self) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.alert_groups().await,
+            Store::Postgres(s) => s.alert_groups().await,
+        }
+    }
+
     /// An alerting group's state.
     pub async fn alert_status(&self, group: &str) -> Result<AlertStatus, StoreError> {
         match self {
@@ -1106,6 +1114,7 @@ mod alert_sql {
     pub const CLOSE: &str = "UPDATE alert_state SET closed_through = ?2 WHERE consumer_group = ?1";
     pub const PRUNE: &str = "DELETE FROM alert_windows WHERE consumer_group = ?1
         AND window_start + window_secs <= ?2";
+    pub const GROUPS: &str = "SELECT consumer_group FROM alert_state ORDER BY consumer_group";
     pub const STATUS: &str =
         "SELECT closed_through, late_events FROM alert_state WHERE consumer_group = ?1";
     pub const COUNTS: &str =

@@ -333,6 +333,12 @@ impl PostgresStore {
         Ok(changed)
     }
 
+    pub async fn alert_groups(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let rows = client.query(alert_sql::GROUPS, &[]).await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
     pub async fn alert_status(&self, group: &str) -> Result<AlertStatus, StoreError> {
         let client = self.client().await?;
         let mut out = AlertStatus::default();

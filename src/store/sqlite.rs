@@ -528,6 +528,18 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn alert_groups(&self) -> Result<Vec<String>, StoreError> {
+        self.with_conn(|conn| async move {
+            let mut rows = conn.query(alert_sql::GROUPS, ()).await?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().await? {
+                out.push(row.get::<String>(0)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     pub async fn alert_status(&self, group: &str) -> Result<AlertStatus, StoreError> {
         let group = group.to_owned();
         self.with_conn(move |conn| async move {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use pageviews::aggregate::dimensions::Dimension;
 use pageviews::aggregate::{self, AggregateConfig, AggregateStats};
 use pageviews::broker::{BrokerStorage, EmbeddedBroker};
+use pageviews::import::{self, ImportConfig, Input};
 use pageviews::kafka::KafkaSettings;
 use pageviews::preprocess::enrich::Enricher;
 use pageviews::preprocess::geo::{BUNDLED_DB, GeoDb};
@@ -102,6 +103,26 @@ pub async fn start_server(c: &Cluster) -> (SocketAddr, Stage) {
     );
     let handle = tokio::spawn(async move { run.await.unwrap() });
     (addr, Stage { stop, handle })
+}
+
+/// Imports `lines` (written to a file in the cluster's directory) to the raw topic; the
+/// number of lines imported.
+pub async fn import_file(c: &Cluster, lines: &[Vec<u8>]) -> u64 {
+    let path = c.dir.path().join(format!("input-{}.log", lines.len()));
+    write_lines(&path, lines);
+    let config = ImportConfig {
+        kafka: c.kafka.clone(),
+        inputs: vec![Input::File(path)],
+        follow: false,
+        rate: None,
+        checkpoints: None,
+        from_start: false,
+        format: Default::default(),
+    };
+    import::run(config, CancellationToken::new())
+        .await
+        .unwrap()
+        .lines
 }
 
 pub fn start_preprocessor(c: &Cluster, stats: Arc<PreprocessStats>) -> Stage {

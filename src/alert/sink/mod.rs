@@ -29,7 +29,9 @@ pub enum SinkError {
         "invalid --smtp URL {url:?}: {reason} (smtp://host:port, smtp://user:pass@host:port?tls=required, smtps://…)"
     )]
     SmtpUrl { url: String, reason: String },
-    #[error("invalid e-mail address {address:?} for {option}: {reason}")]
+    #[error(
+        "invalid e-mail address {address:?} for {option}: {reason} (write user@example.com or \"Name <user@example.com>\")"
+    )]
     Address {
         option: &'static str,
         address: String,
