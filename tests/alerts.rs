@@ -631,6 +631,32 @@ async fn each_sink_gets_every_alert_once_through_an_outage_and_a_kill() {
             "{metrics}"
         );
     }
+    // And in the API, newest window first, each delivered.
+    let (status, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/api/alerts"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "{status}");
+    let api: pageviews::serve::AlertsResponse = serde_json::from_slice(&body).unwrap();
+    let names: Vec<&str> = api.groups.iter().map(|g| g.group.as_str()).collect();
+    assert_eq!(names, ["alerts-email", "alerts-webhook"]);
+    for g in &api.groups {
+        let ids: Vec<&str> = g.alerts.iter().map(|a| a.alert.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "country-visits/2026-03-01T10:27:00Z/CN",
+                "traffic-spike/2026-03-01T10:15:00Z",
+                "server-errors/2026-03-01T10:08:00Z"
+            ]
+        );
+        assert!(g.alerts.iter().all(|a| a.delivered), "{g:?}");
+        assert_eq!((g.pending, g.delivered, g.late_events), (0, 3, 0));
+    }
+    let webhook_group = &api.groups[1];
+    assert!(
+        webhook_group.alerts[2].attempts >= 2,
+        "the first alerts were refused before they were delivered: {webhook_group:?}"
+    );
     server.stop().await;
     stop(webhook);
     stop(email);

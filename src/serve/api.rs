@@ -237,6 +237,78 @@ async fn countries_of(store: &Store) -> Result<CountriesResponse, StoreError> {
     })
 }
 
+/// `/api/alerts`: every alerting group's state and newest alerts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlertsResponse {
+    pub groups: Vec<AlertGroup>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlertGroup {
+    pub group: String,
+    /// Windows ending at or before this (RFC 3339) are closed; `None` before the first close.
+    pub closed_through: Option<String>,
+    pub late_events: u64,
+    pub pending: u64,
+    pub delivered: u64,
+    /// The newest alerts, by window.
+    pub alerts: Vec<AlertRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlertRow {
+    #[serde(flatten)]
+    pub alert: crate::alert::window::Alert,
+    pub delivered: bool,
+    /// Delivery attempts so far (failed ones and the one that succeeded).
+    pub attempts: u64,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct AlertsQuery {
+    limit: Option<u32>,
+}
+
+pub(super) async fn alerts(
+    State(state): State<AppState>,
+    Query(q): Query<AlertsQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let read = async {
+        let mut groups = Vec::new();
+        for group in state.store.alert_groups().await? {
+            let status = state.store.alert_status(&group).await?;
+            let alerts = state
+                .store
+                .recent_alerts(&group, limit)
+                .await?
+                .into_iter()
+                .map(|a| AlertRow {
+                    alert: a.alert,
+                    delivered: a.delivered,
+                    attempts: a.attempts,
+                })
+                .collect();
+            groups.push(AlertGroup {
+                group,
+                closed_through: status.closed_through.and_then(|t| {
+                    chrono::DateTime::from_timestamp(t, 0)
+                        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                }),
+                late_events: status.late_events,
+                pending: status.pending,
+                delivered: status.delivered,
+                alerts,
+            });
+        }
+        Ok::<_, StoreError>(AlertsResponse { groups })
+    };
+    match read.await {
+        Ok(r) => fresh(r),
+        Err(err) => unavailable(err),
+    }
+}
+
 pub(super) async fn dimension_list() -> Response {
     fresh(DimensionList {
         dimensions: Dimension::ALL

@@ -22,8 +22,8 @@ use crate::store::Store;
 use std::sync::Arc;
 
 pub use api::{
-    CountriesResponse, CountryVisits, Dashboard, DimensionResponse, HistogramResponse,
-    TimeseriesResponse, UniquesResponse,
+    AlertGroup, AlertRow, AlertsResponse, CountriesResponse, CountryVisits, Dashboard,
+    DimensionResponse, HistogramResponse, TimeseriesResponse, UniquesResponse,
 };
 
 /// The dashboard page: static HTML whose script polls `/api/countries`. Every value is put
@@ -79,6 +79,7 @@ pub fn router(store: Store, kafka: Option<KafkaSettings>, shutdown: Cancellation
         .route("/api/dashboard", get(api::dashboard_json))
         .route("/api/events", get(live::events))
         .route("/api/pipeline", get(pipeline::pipeline))
+        .route("/api/alerts", get(api::alerts))
         .route("/metrics", get(pipeline::metrics))
         .route("/healthz", get(healthz))
         .with_state(state)

@@ -973,9 +973,30 @@ impl Store {
         pending_only: bool,
         limit: u32,
     ) -> Result<Vec<StoredAlert>, StoreError> {
+        self.list_alerts(alert_sql::LIST, group, pending_only, limit)
+            .await
+    }
+
+    /// The group's newest alerts (by window), delivered or not.
+    pub async fn recent_alerts(
+        &self,
+        group: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredAlert>, StoreError> {
+        self.list_alerts(alert_sql::LIST_RECENT, group, false, limit)
+            .await
+    }
+
+    async fn list_alerts(
+        &self,
+        sql: &'static str,
+        group: &str,
+        pending_only: bool,
+        limit: u32,
+    ) -> Result<Vec<StoredAlert>, StoreError> {
         match self {
-            Store::Sqlite(s) => s.alerts(group, pending_only, limit).await,
-            Store::Postgres(s) => s.alerts(group, pending_only, limit).await,
+            Store::Sqlite(s) => s.alerts(sql, group, pending_only, limit).await,
+            Store::Postgres(s) => s.alerts(sql, group, pending_only, limit).await,
         }
     }
 
@@ -1123,6 +1144,9 @@ mod alert_sql {
     pub const LIST: &str = "SELECT payload, attempts, delivered_at IS NOT NULL FROM alerts
         WHERE consumer_group = ?1 AND (delivered_at IS NULL OR CAST(?2 AS BIGINT) = 0)
         ORDER BY window_start, id LIMIT CAST(?3 AS BIGINT)";
+    pub const LIST_RECENT: &str = "SELECT payload, attempts, delivered_at IS NOT NULL FROM alerts
+        WHERE consumer_group = ?1 AND (delivered_at IS NULL OR CAST(?2 AS BIGINT) = 0)
+        ORDER BY window_start DESC, id LIMIT CAST(?3 AS BIGINT)";
 }
 
 /// Test helpers shared by unit and integration tests.

@@ -298,6 +298,7 @@ impl PostgresStore {
 
     pub async fn alerts(
         &self,
+        sql: &'static str,
         group: &str,
         pending_only: bool,
         limit: u32,
@@ -305,7 +306,7 @@ impl PostgresStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                &dollar_params(alert_sql::LIST),
+                &dollar_params(sql),
                 &[&group, &i64::from(pending_only), &i64::from(limit)],
             )
             .await?;

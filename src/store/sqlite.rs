@@ -478,6 +478,7 @@ impl SqliteStore {
 
     pub async fn alerts(
         &self,
+        sql: &'static str,
         group: &str,
         pending_only: bool,
         limit: u32,
@@ -486,7 +487,7 @@ impl SqliteStore {
         self.with_conn(move |conn| async move {
             let mut rows = conn
                 .query(
-                    alert_sql::LIST,
+                    sql,
                     params![group.as_str(), i64::from(pending_only), i64::from(limit)],
                 )
                 .await?;
