@@ -140,7 +140,7 @@ pub async fn run(
                 if partitions.is_none() {
                     partitions = partition_count(&member);
                 }
-                mark_caught_up(&member);
+                mark_caught_up(&member, &shutdown);
                 let ok = flush(&mut member, &stats, FLUSH_TIMEOUT).await;
                 if ok && let Some(n) = partitions {
                     close(&config, n, &stats, &wake_delivery).await;
@@ -211,17 +211,26 @@ fn partition_count(member: &GroupMember<WindowCounts>) -> Option<i32> {
 
 /// Notes, for each owned partition, whether this member has read it to its log end (and
 /// since when): an idle partition stops holding the group's windows open.
-fn mark_caught_up(member: &GroupMember<WindowCounts>) {
+///
+/// One broker round trip per owned partition; once one fails (a broker that does not answer)
+/// the rest are taken as not caught up rather than waited for, and shutdown stops it.
+fn mark_caught_up(member: &GroupMember<WindowCounts>, shutdown: &CancellationToken) {
     let owned = member.shared.tally().partitions();
     let now = now_ms();
+    let mut reachable = true;
     for p in owned {
-        let high = blocking(|| {
-            member
-                .consumer
-                .fetch_watermarks(EVENTS_TOPIC, p, Duration::from_secs(1))
-        })
-        .ok()
-        .map(|(_, high)| high);
+        let high = if reachable && !shutdown.is_cancelled() {
+            blocking(|| {
+                member
+                    .consumer
+                    .fetch_watermarks(EVENTS_TOPIC, p, Duration::from_secs(1))
+            })
+            .ok()
+            .map(|(_, high)| high)
+        } else {
+            None
+        };
+        reachable &= high.is_some();
         let mut tally = member.shared.tally();
         let next = tally.next_offset(p);
         if let Some(acc) = tally.accumulator_mut(p) {
