@@ -20,14 +20,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use common::*;
-use pageviews::broker::{BrokerStorage, EmbeddedBroker};
 use pageviews::generate::LineGenerator;
-use pageviews::kafka::{DEAD_LETTER_TOPIC, EVENTS_TOPIC, KafkaSettings, RAW_TOPIC};
 use pageviews::preprocess::PreprocessStats;
 use pageviews::preprocess::geo::BUNDLED_DB;
-use pageviews::store::Store;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const LATENESS_S: i64 = 30;
@@ -345,54 +340,6 @@ fn chinese_ip() -> String {
     .to_owned()
 }
 
-/// Raw topic with ONE partition (the stream reaches every events partition in time order, as
-/// live traffic does; see the README on archives), events topic with four.
-async fn cluster_for_alerts() -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = EmbeddedBroker::start(
-        "127.0.0.1:0".parse().unwrap(),
-        BrokerStorage::Memory,
-        dir.path(),
-    )
-    .await
-    .unwrap();
-    let mut kafka = KafkaSettings::new(broker.bootstrap());
-    kafka.overrides = vec![
-        ("session.timeout.ms".into(), "10000".into()),
-        ("heartbeat.interval.ms".into(), "1000".into()),
-    ];
-    kafka
-        .wait_until_reachable(Duration::from_secs(20))
-        .await
-        .unwrap();
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .create()
-        .unwrap();
-    let topics = [
-        NewTopic::new(RAW_TOPIC, 1, TopicReplication::Fixed(1)),
-        NewTopic::new(EVENTS_TOPIC, 4, TopicReplication::Fixed(1)),
-        NewTopic::new(DEAD_LETTER_TOPIC, 1, TopicReplication::Fixed(1)),
-    ];
-    for r in admin
-        .create_topics(&topics, &AdminOptions::new())
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
-    let store = Store::open(&format!("sqlite://{}/stats.db", dir.path().display()))
-        .await
-        .unwrap();
-    Cluster {
-        broker,
-        kafka,
-        store,
-        dir,
-        partitions: 4,
-    }
-}
-
 /// Waits until `got()` holds every id of `want`; panics with `what` and the logs otherwise.
 async fn wait_for_ids(
     what: &str,
@@ -443,7 +390,9 @@ fn stop(mut child: Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_sink_gets_every_alert_once_through_an_outage_and_a_kill() {
-    let c = cluster_for_alerts().await;
+    // Raw topic with ONE partition: the stream reaches every events partition in time order,
+    // as live traffic does (see the README on archives); events topic with four.
+    let c = cluster_with(1, 4).await;
     std::fs::write(c.dir.path().join("rules.toml"), RULES).unwrap();
     let lines = scenario(&chinese_ip());
     let split = DateTime::parse_from_rfc3339("2026-03-01T10:20:00Z").unwrap();

@@ -16,10 +16,8 @@ use std::time::Duration;
 use common::*;
 use fantoccini::{Client, ClientBuilder};
 use pageviews::generate::LineGenerator;
-use pageviews::import::{self, ImportConfig, Input};
 use pageviews::preprocess::PreprocessStats;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 /// Markup in the three places a log line reaches the page: the path (requests and not-found
 /// panels), the referrer's host (referring sites) and a whole unparseable line (dead letters).
@@ -104,22 +102,6 @@ async fn until(client: &Client, script: &str, patience: Duration, what: &str) ->
     }
 }
 
-async fn import(c: &Cluster, name: &str, lines: &[Vec<u8>]) {
-    let path = c.dir.path().join(name);
-    write_lines(&path, lines);
-    let config = ImportConfig {
-        kafka: c.kafka.clone(),
-        inputs: vec![Input::File(path)],
-        follow: false,
-        rate: None,
-        checkpoints: None,
-        from_start: false,
-        format: Default::default(),
-    };
-    let done = import::run(config, CancellationToken::new()).await.unwrap();
-    assert_eq!(done.lines, lines.len() as u64);
-}
-
 /// The number in an element's text (`12,345` → 12345).
 fn number(v: &Value) -> u64 {
     v.as_str()
@@ -160,7 +142,7 @@ async fn the_dashboard_in_a_real_browser() {
         .unwrap()
         .0
         .clone();
-    import(&c, "first.log", &first).await;
+    assert_eq!(import_file(&c, &first).await, first.len() as u64);
     wait_for(&c, good_first, Duration::from_secs(120)).await;
 
     let driver = start_driver();
@@ -335,7 +317,7 @@ async fn the_dashboard_in_a_real_browser() {
         .take(5_000)
         .map(String::into_bytes)
         .collect();
-    import(&c, "second.log", &second).await;
+    assert_eq!(import_file(&c, &second).await, second.len() as u64);
     until(
         &client,
         &format!(

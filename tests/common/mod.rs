@@ -29,6 +29,12 @@ pub struct Cluster {
 }
 
 pub async fn cluster(partitions: i32) -> Cluster {
+    cluster_with(partitions, partitions).await
+}
+
+/// A cluster whose raw topic has `raw` partitions and whose events (and dead-letter) topics
+/// have `events`.
+pub async fn cluster_with(raw: i32, events: i32) -> Cluster {
     // Logs are captured per test and shown when it fails.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -56,7 +62,29 @@ pub async fn cluster(partitions: i32) -> Cluster {
         .wait_until_reachable(Duration::from_secs(20))
         .await
         .unwrap();
-    kafka.create_topics(partitions).await.unwrap();
+    if raw == events {
+        kafka.create_topics(events).await.unwrap();
+    } else {
+        use pageviews::kafka::{DEAD_LETTER_TOPIC, EVENTS_TOPIC, RAW_TOPIC};
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", broker.bootstrap())
+                .create()
+                .unwrap();
+        let topics = [
+            NewTopic::new(RAW_TOPIC, raw, TopicReplication::Fixed(1)),
+            NewTopic::new(EVENTS_TOPIC, events, TopicReplication::Fixed(1)),
+            NewTopic::new(DEAD_LETTER_TOPIC, events, TopicReplication::Fixed(1)),
+        ];
+        for r in admin
+            .create_topics(&topics, &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
     let store = Store::open(&format!("sqlite://{}/stats.db", dir.path().display()))
         .await
         .unwrap();
@@ -65,7 +93,7 @@ pub async fn cluster(partitions: i32) -> Cluster {
         kafka,
         store,
         dir,
-        partitions,
+        partitions: events,
     }
 }
 
