@@ -258,14 +258,7 @@ async fn flush(
     match member.flush(timeout, is_final, fill_batch).await {
         Flushed::Nothing => true,
         Flushed::Committed(pending) => {
-            let events: u64 = pending
-                .batch
-                .alert
-                .iter()
-                .flat_map(|a| &a.windows)
-                .filter(|w| w.subject == window::ALL)
-                .map(|w| w.totals.requests)
-                .sum();
+            let events: u64 = pending.counts().map(|c| c.events).sum();
             let (late, unreadable) = pending
                 .counts()
                 .fold((0, 0), |(l, u), c| (l + c.late, u + c.unreadable));

@@ -71,6 +71,8 @@ pub struct WindowCounts {
     pub caught_up_since: Option<i64>,
     /// The earliest event time counted since the last flush.
     pub first: Option<i64>,
+    /// Events read since the last flush (late ones included).
+    pub events: u64,
     /// Events too late for their window, since the last flush.
     pub late: u64,
     /// Events whose JSON or time could not be read, since the last flush.
@@ -100,6 +102,7 @@ impl WindowCounts {
             clock: None,
             caught_up_since: None,
             first: None,
+            events: 0,
             late: 0,
             unreadable: 0,
         }
@@ -128,6 +131,7 @@ impl WindowCounts {
                     .or_default() += totals;
             }
         }
+        self.events += 1;
         if !on_time {
             self.late += 1;
         }
@@ -143,12 +147,13 @@ impl Accumulator for WindowCounts {
         WindowCounts::empty(Arc::clone(&self.sizes), self.per_country, self.lateness)
     }
     fn is_empty(&self) -> bool {
-        self.windows.is_empty() && self.late == 0 && self.unreadable == 0
+        self.windows.is_empty() && self.events == 0 && self.unreadable == 0
     }
     fn merge(&mut self, other: Self) {
         for (k, t) in other.windows {
             *self.windows.entry(k).or_default() += t;
         }
+        self.events += other.events;
         self.late += other.late;
         self.unreadable += other.unreadable;
         self.clock = self.clock.max(other.clock);
@@ -162,6 +167,7 @@ impl Accumulator for WindowCounts {
         let mut out = self.empty_like();
         out.windows = std::mem::take(&mut self.windows);
         out.first = self.first.take();
+        out.events = std::mem::take(&mut self.events);
         out.late = std::mem::take(&mut self.late);
         out.unreadable = std::mem::take(&mut self.unreadable);
         out.clock = self.clock;

@@ -536,6 +536,21 @@ pub struct CloseRequest {
     pub rules: Vec<crate::alert::rules::Rule>,
 }
 
+impl AlertFlush {
+    /// Requests in `windows` of windows already closed at `closed_through`, each event once:
+    /// only rows of the shortest window length count (the shortest window holding an event
+    /// ends first, so an event late for any length is late for it).
+    fn late_rows(&self, closed_through: i64) -> u64 {
+        let shortest = self.windows.iter().map(|w| w.window).min();
+        self.windows
+            .iter()
+            .filter(|w| Some(w.window) == shortest && w.subject == crate::alert::window::ALL)
+            .filter(|w| w.start.saturating_add(w.window) <= closed_through)
+            .map(|w| w.totals.requests)
+            .sum()
+    }
+}
+
 impl CloseRequest {
     /// How far before the first closing window the rules look back, plus the longest window.
     fn history(&self) -> i64 {

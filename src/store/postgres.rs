@@ -775,15 +775,12 @@ async fn flush_alert(
     alert: &super::AlertFlush,
 ) -> Result<(), StoreError> {
     let (closed_through, _) = lock_alert_state(tx, group).await?;
-    let mut late = alert.late;
+    let late = alert.late + alert.late_rows(closed_through);
     let add = tx
         .prepare_cached(&dollar_params(alert_sql::ADD_WINDOW))
         .await?;
     for w in &alert.windows {
         if w.start.saturating_add(w.window) <= closed_through {
-            if w.subject == crate::alert::window::ALL {
-                late += w.totals.requests;
-            }
             continue;
         }
         let (requests, errors) = (sql_count(w.totals.requests), sql_count(w.totals.errors));

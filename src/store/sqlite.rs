@@ -631,13 +631,10 @@ async fn flush_alert(
         None => i64::MIN,
     };
     drop(rows);
-    let mut late = alert.late;
+    let late = alert.late + alert.late_rows(closed_through);
     let add = tx.prepare(alert_sql::ADD_WINDOW).await?;
     for w in &alert.windows {
         if w.start.saturating_add(w.window) <= closed_through {
-            if w.subject == crate::alert::window::ALL {
-                late += w.totals.requests;
-            }
             continue;
         }
         add.execute(vec![
