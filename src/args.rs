@@ -12,12 +12,13 @@ use clap::Args;
 use tokio::sync::Notify;
 
 use crate::aggregate::AggregateConfig;
-use crate::aggregate::dimensions::{self, DEFAULT_TOP_K, Dimension};
+use crate::aggregate::dimensions::{self, DEFAULT_KEEP_VALUES, DEFAULT_TOP_K, Dimension};
 use crate::broker::BrokerStorage;
 use crate::kafka::{self, KafkaSettings};
 use crate::preprocess::PreprocessConfig;
 use crate::preprocess::enrich::Enricher;
 use crate::preprocess::geo::GeoDb;
+use crate::serve::ServeConfig;
 use crate::store::Store;
 
 /// Options every command takes.
@@ -28,7 +29,12 @@ pub struct Common {
     #[arg(long, env = "PAGEVIEWS_BROKERS", global = true)]
     pub brokers: Option<String>,
     /// Statistics database: sqlite://PATH (default sqlite://<data-dir>/pageviews.db).
-    #[arg(long, env = "PAGEVIEWS_DATABASE", global = true)]
+    #[arg(
+        long,
+        env = "PAGEVIEWS_DATABASE",
+        hide_env_values = true,
+        global = true
+    )]
     pub database: Option<String>,
     /// Where the embedded broker and the default database keep their files.
     #[arg(
@@ -42,6 +48,11 @@ pub struct Common {
     /// -X security.protocol=SASL_SSL.
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = kafka::parse_override, global = true)]
     pub kafka_config: Vec<(String, String)>,
+    /// How far ahead of the wall clock an event's time may be: later lines are
+    /// dead-lettered ("timestamp in the future"), and no retention, pruning or alert clock
+    /// moves past the wall clock plus this.
+    #[arg(long, default_value = "1day", value_parser = humantime::parse_duration, global = true)]
+    pub max_future: Duration,
 }
 
 impl Common {
@@ -99,12 +110,14 @@ pub struct PreprocessArgs {
 
 impl PreprocessArgs {
     /// The enricher (opens the country database); one per process, shared by preprocessors.
-    pub fn enricher(&self) -> anyhow::Result<Arc<Enricher>> {
+    pub fn enricher(&self, common: &Common) -> anyhow::Result<Arc<Enricher>> {
         let geo = match &self.geoip {
             Some(p) => GeoDb::open(p)?,
             None => GeoDb::bundled()?,
         };
-        Ok(Arc::new(Enricher::new(geo)))
+        Ok(Arc::new(
+            Enricher::new(geo).with_max_future(common.max_future),
+        ))
     }
 
     pub fn config(kafka: &KafkaSettings, enricher: &Arc<Enricher>) -> PreprocessConfig {
@@ -135,6 +148,11 @@ pub struct AggregateArgs {
     /// 0 keeps them forever.
     #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
     pub timeseries_retention: Duration,
+    /// Values kept in the database per dimension (all time) and per dimension and hour;
+    /// each flush folds the values with the fewest visits beyond this into "(other)", so
+    /// sums stay exact and the tables stay bounded whatever the log holds.
+    #[arg(long, default_value_t = DEFAULT_KEEP_VALUES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_values: u32,
 }
 
 /// The dimensions `--dimensions` names.
@@ -149,6 +167,7 @@ impl AggregateArgs {
     /// `flush_now`: a signal to flush before the interval is over (the demo's drain).
     pub fn config(
         &self,
+        common: &Common,
         kafka: &KafkaSettings,
         store: &Store,
         flush_now: Option<Arc<Notify>>,
@@ -161,6 +180,8 @@ impl AggregateArgs {
             dimensions: self.dimensions.0.clone(),
             top_k: self.top_k,
             minute_retention: Some(self.timeseries_retention).filter(|r| !r.is_zero()),
+            keep_values: self.keep_values,
+            max_future: common.max_future,
         }
     }
 }
@@ -171,6 +192,44 @@ pub struct ServeArgs {
     /// Dashboard address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Access token: every request but /healthz needs it, as `Authorization: Bearer TOKEN`,
+    /// or in the browser through the sign-in form or a `/?token=TOKEN` link (which set a
+    /// cookie). Without it, anyone who reaches --listen reads the statistics.
+    #[arg(long, env = "PAGEVIEWS_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// A host name the dashboard answers to while it listens on loopback, besides localhost
+    /// and loopback addresses (repeatable): other names are refused against DNS rebinding.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+    /// Open connections at most (further ones wait to be accepted).
+    #[arg(long, default_value_t = ServeConfig::default().max_connections)]
+    pub max_connections: usize,
+    /// Pages subscribed to live updates (/api/events) at most; beyond, 503 with Retry-After.
+    #[arg(long, default_value_t = ServeConfig::default().max_subscribers)]
+    pub max_subscribers: usize,
+    /// Requests handled at once at most (further ones wait, up to --request-timeout).
+    #[arg(long, default_value_t = ServeConfig::default().max_requests)]
+    pub max_requests: usize,
+    /// A connection that sends no complete request head within this is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// A request not answered within this gets 503.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> ServeConfig {
+        ServeConfig {
+            auth_token: self.auth_token.clone().filter(|t| !t.is_empty()),
+            allowed_hosts: self.allowed_hosts.clone(),
+            max_connections: self.max_connections,
+            max_subscribers: self.max_subscribers,
+            max_requests: self.max_requests,
+            header_timeout: self.header_timeout,
+            request_timeout: self.request_timeout,
+        }
+    }
 }
 
 /// The alerting groups (`alert`, `demo`).
@@ -181,12 +240,26 @@ pub struct AlertArgs {
     pub rules: Option<PathBuf>,
     /// Slack-style incoming webhook: each alert is POSTed there as JSON (group
     /// alerts-webhook).
-    #[arg(long, value_name = "URL", env = "PAGEVIEWS_WEBHOOK")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PAGEVIEWS_WEBHOOK",
+        hide_env_values = true
+    )]
     pub webhook: Option<String>,
     /// SMTP server for e-mail alerts (group alerts-email): smtp://host:port,
     /// smtp://user:pass@host:port?tls=required (STARTTLS), smtps://user:pass@host:port (TLS).
-    #[arg(long, value_name = "URL", env = "PAGEVIEWS_SMTP")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PAGEVIEWS_SMTP",
+        hide_env_values = true
+    )]
     pub smtp: Option<String>,
+    /// Allow SMTP credentials over a connection without TLS (they cross the network in
+    /// clear text).
+    #[arg(long)]
+    pub smtp_insecure: bool,
     /// Sender of alert e-mails.
     #[arg(long, value_name = "ADDR")]
     pub from: Option<String>,
@@ -253,6 +326,7 @@ impl AlertArgs {
                 from,
                 &self.to,
                 self.delivery_timeout,
+                self.smtp_insecure,
             )?));
         }
         if sinks.is_empty() {
@@ -284,7 +358,12 @@ impl Alerters {
     }
 
     /// Each alerter's config, against `kafka` and `store`.
-    pub fn configs(self, kafka: &KafkaSettings, store: &Store) -> Vec<crate::alert::AlertConfig> {
+    pub fn configs(
+        self,
+        common: &Common,
+        kafka: &KafkaSettings,
+        store: &Store,
+    ) -> Vec<crate::alert::AlertConfig> {
         let Alerters { rules, sinks, args } = self;
         sinks
             .into_iter()
@@ -300,6 +379,7 @@ impl Alerters {
                 lateness: args.lateness,
                 idle_timeout: args.idle_timeout,
                 flush_interval: args.alert_interval,
+                max_future: common.max_future,
             })
             .collect()
     }

@@ -224,7 +224,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Preprocess(args) => {
-            let enricher = args.enricher()?;
+            let enricher = args.enricher(&common)?;
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             let stats = Arc::new(PreprocessStats::default());
@@ -242,7 +242,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
             let stats = Arc::new(AggregateStats::default());
             aggregate::run(
-                args.config(&kafka, &store, None),
+                args.config(&common, &kafka, &store, None),
                 stats,
                 shutdown_on_signal(),
             )
@@ -258,7 +258,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = common.open_store().await?;
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
-            let configs = alerters.configs(&kafka, &store);
+            let configs = alerters.configs(&common, &kafka, &store);
             let shutdown = shutdown_on_signal();
             let runs = configs.into_iter().map(|config| {
                 let stats = Arc::new(crate::alert::AlertStats::default());
@@ -267,13 +267,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             futures::future::try_join_all(runs).await?;
             Ok(())
         }
-        Command::Serve(ServeArgs { listen }) => {
+        Command::Serve(args) => {
             let store = common.open_store().await?;
-            let listener = serve::bind(listen).await?;
+            let listener = serve::bind(args.listen).await?;
             println!("dashboard: http://{}", listener.local_addr()?);
             // The pipeline's health reads the brokers (default: the standalone broker's).
             let kafka = common.kafka(&common.brokers_or_default());
-            serve::run(listener, store, Some(kafka), shutdown_on_signal()).await?;
+            serve::run(
+                listener,
+                store,
+                Some(kafka),
+                args.config(),
+                shutdown_on_signal(),
+            )
+            .await?;
             Ok(())
         }
         Command::Generate {

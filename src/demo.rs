@@ -134,7 +134,7 @@ pub async fn run(
     kafka.wait_until_reachable(Duration::from_secs(30)).await?;
     kafka.create_topics(args.topics.partitions).await?;
     let store = common.open_store().await?;
-    let enricher = args.preprocess.enricher()?;
+    let enricher = args.preprocess.enricher(common)?;
     let listener = serve::bind(args.serve.listen).await?;
     println!("dashboard: http://{}", listener.local_addr()?);
 
@@ -160,7 +160,7 @@ pub async fn run(
     {
         let config = args
             .aggregate
-            .config(&kafka, &store, Some(Arc::clone(&flush_now)));
+            .config(common, &kafka, &store, Some(Arc::clone(&flush_now)));
         let (stats, stop) = (Arc::clone(&agg_stats), stop_stages.clone());
         stages.spawn("aggregate", async move {
             aggregate::run(config, stats, stop)
@@ -168,7 +168,7 @@ pub async fn run(
                 .map_err(anyhow::Error::from)
         });
     }
-    for config in alerters.configs(&kafka, &store) {
+    for config in alerters.configs(common, &kafka, &store) {
         let stats = Arc::new(crate::alert::AlertStats::default());
         let stop = stop_stages.clone();
         println!("alerts: group {}", config.group);
@@ -180,8 +180,9 @@ pub async fn run(
     }
     {
         let (store, stop, kafka) = (store.clone(), stop_stages.clone(), kafka.clone());
+        let config = args.serve.config();
         stages.spawn("serve", async move {
-            serve::run(listener, store, Some(kafka), stop)
+            serve::run(listener, store, Some(kafka), config, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });

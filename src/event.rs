@@ -267,6 +267,87 @@ impl Stamp {
 /// broker's limit and the line is still counted downstream.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
+/// The value policy: every stage passes a string from a log line through [`bounded`] before
+/// it becomes a key, a row or a label, and every number through the clamps below. Log lines
+/// are written by strangers: without a bound one 3,500-byte path stopped a PostgreSQL flush
+/// for good (a primary-key entry is at most 2,704 bytes there), and a byte count of 2^63
+/// overflowed every sum it joined.
+pub mod policy {
+    use std::borrow::Cow;
+
+    /// Longest value kept, in bytes of UTF-8 (the mark included): far above any real path
+    /// or host a dashboard shows, far below PostgreSQL's index entry limit.
+    pub const MAX_VALUE_BYTES: usize = 512;
+    /// Ends a value that was cut to [`MAX_VALUE_BYTES`], so a reader sees it was cut.
+    pub const CUT_MARK: &str = "…";
+    /// Largest response size counted for one request (1 TiB); larger ones count as this.
+    pub const MAX_RESPONSE_BYTES: u64 = 1 << 40;
+    /// Longest request time counted (one day, in microseconds).
+    pub const MAX_REQUEST_TIME_US: u64 = 86_400_000_000;
+
+    /// `value` within the policy: control characters (C0, DEL, C1; NUL included) written as
+    /// `\xNN` / `\u{NNNN}` escapes, then cut on a character boundary to at most
+    /// [`MAX_VALUE_BYTES`] with [`CUT_MARK`] at the end. A value already within it (nearly
+    /// every one) is returned as it is, without copying.
+    pub fn bounded(value: &str) -> Cow<'_, str> {
+        if value.len() <= MAX_VALUE_BYTES && !has_control(value) {
+            return Cow::Borrowed(value);
+        }
+        use std::fmt::Write;
+        let limit = MAX_VALUE_BYTES - CUT_MARK.len();
+        let mut out = String::with_capacity(value.len().min(MAX_VALUE_BYTES));
+        for c in value.chars() {
+            let before = out.len();
+            match c as u32 {
+                n if c.is_control() && n < 0x100 => {
+                    let _ = write!(out, "\\x{n:02x}");
+                }
+                n if c.is_control() => {
+                    let _ = write!(out, "\\u{{{n:04x}}}");
+                }
+                _ => out.push(c),
+            }
+            if out.len() > limit {
+                out.truncate(before);
+                out.push_str(CUT_MARK);
+                return Cow::Owned(out);
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// Whether `value` has a control character: C0 and DEL by a scan of the bytes (the
+    /// common case), C1 (U+0080–U+009F, `0xC2 0x80–0x9F` in UTF-8) only where a `0xC2` is.
+    fn has_control(value: &str) -> bool {
+        value
+            .bytes()
+            .fold(false, |seen, b| seen | (b < 0x20) | (b == 0x7f))
+            || (memchr::memchr(0xc2, value.as_bytes()).is_some()
+                && value.chars().any(char::is_control))
+    }
+
+    /// [`bounded`] for an owned-or-borrowed value, keeping a borrow where nothing changes.
+    pub fn bounded_cow(value: Cow<'_, str>) -> Cow<'_, str> {
+        match value {
+            Cow::Borrowed(v) => bounded(v),
+            Cow::Owned(v) => match bounded(&v) {
+                Cow::Borrowed(_) => Cow::Owned(v),
+                Cow::Owned(b) => Cow::Owned(b),
+            },
+        }
+    }
+
+    /// A response size within [`MAX_RESPONSE_BYTES`].
+    pub fn response_bytes(bytes: u64) -> u64 {
+        bytes.min(MAX_RESPONSE_BYTES)
+    }
+
+    /// A request time within [`MAX_REQUEST_TIME_US`].
+    pub fn request_time_us(us: u64) -> u64 {
+        us.min(MAX_REQUEST_TIME_US)
+    }
+}
+
 /// Message headers between the stages.
 pub mod headers {
     /// On a dead letter: partition of the raw line on the raw topic (decimal text). Events
@@ -397,6 +478,35 @@ mod tests {
         assert_eq!(rfc3339_seconds(far).as_str(), "+10000-01-01T00:00:00Z");
     }
 
+    #[test]
+    fn values_are_bounded_and_control_free() {
+        use policy::*;
+        assert!(matches!(
+            bounded("/index.html"),
+            Cow::Borrowed("/index.html")
+        ));
+        assert_eq!(
+            bounded("a\0b\x07c\x7f\u{85}d\tе"),
+            "a\\x00b\\x07c\\x7f\\x85d\\x09е"
+        );
+        let long = "é".repeat(2000);
+        let cut = bounded(&long);
+        assert!(cut.len() <= MAX_VALUE_BYTES, "{}", cut.len());
+        assert!(cut.ends_with(CUT_MARK));
+        assert_eq!(
+            cut.trim_end_matches(CUT_MARK),
+            "é".repeat((MAX_VALUE_BYTES - 3) / 2)
+        );
+        let exact = "a".repeat(MAX_VALUE_BYTES);
+        assert!(matches!(bounded(&exact), Cow::Borrowed(_)));
+        let nul = "\0".repeat(60_000);
+        let cut = bounded(&nul);
+        assert!(cut.len() <= MAX_VALUE_BYTES && cut.starts_with("\\x00\\x00"));
+        assert_eq!(response_bytes(1 << 63), MAX_RESPONSE_BYTES);
+        assert_eq!(response_bytes(512), 512);
+        assert_eq!(request_time_us(u64::MAX), MAX_REQUEST_TIME_US);
+    }
+
     proptest::proptest! {
         #[test]
         fn written_json_matches_serde_for_any_text(text in "\\PC{0,40}|[\\x00-\\x7f]{0,40}") {
@@ -404,6 +514,16 @@ mod tests {
             let mut ours = Vec::new();
             v.write_json(&mut ours);
             proptest::prop_assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&v).unwrap());
+        }
+
+        #[test]
+        fn any_text_is_bounded(text in "\\PC{0,700}|[\\x00-\\x7f]{0,900}|[\\x00-\\u{9f}]{0,300}") {
+            let b = policy::bounded(&text);
+            proptest::prop_assert!(b.len() <= policy::MAX_VALUE_BYTES);
+            proptest::prop_assert!(!b.chars().any(char::is_control));
+            if text.len() <= policy::MAX_VALUE_BYTES && !text.chars().any(char::is_control) {
+                proptest::prop_assert_eq!(&*b, text.as_str());
+            }
         }
     }
 }

@@ -40,6 +40,7 @@
 //! - [`kafka`]: the one place that knows topic/group names and client settings;
 //!   [`broker`]: the embedded Kafka-compatible broker (tansu) for one machine.
 //! - [`generate`]: deterministic realistic log lines; [`demo`]: everything in one process.
+//! - [`secrets`]: the one place that redacts URLs (database, SMTP, webhook) for output.
 //! - [`cli`]: the command line; [`args`]: its options, one struct per stage, flattened into
 //!   the stage's command and into `demo`.
 
@@ -57,6 +58,7 @@ pub mod import;
 pub mod kafka;
 pub mod positions;
 pub mod preprocess;
+pub mod secrets;
 pub mod serve;
 pub mod sketch;
 pub mod store;

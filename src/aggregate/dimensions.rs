@@ -25,18 +25,49 @@ use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 
 use crate::countries::{CountryCode, continent_of};
-use crate::event::PageView;
+use crate::event::{PageView, policy};
 use crate::sketch::{Hll, bucket_of};
 use crate::store::{
     Amount, DimensionHourIncrement, DimensionIncrement, FlushBatch, HistogramIncrement,
     MinuteIncrement, UniqueSketch,
 };
 
-/// The value under which a dimension reports what [`TopK`] could not attribute.
-pub const OTHER: &str = "(other)";
+/// The value under which a dimension reports what [`TopK`] could not attribute (and what
+/// the store's compaction folds).
+pub use crate::store::OTHER;
 
 /// Distinct values kept per dimension, partition and flush interval by default.
 pub const DEFAULT_TOP_K: usize = 1000;
+
+/// Values kept in the database per dimension (and per dimension and hour) by default: as
+/// many as one API read returns at most (`limit` ≤ 1,000), plus `(other)`.
+pub const DEFAULT_KEEP_VALUES: u32 = 1000;
+
+/// What a flush keeps (see [`fill_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// Seconds of minutes and hours kept before the newest one written; `None` keeps all.
+    pub retention: Option<i64>,
+    /// The latest event time (seconds since the epoch) that pruning counts from: the wall
+    /// clock plus `--max-future`. An event time past it (a line dated 9999 from a producer
+    /// that does not dead-letter it) never prunes the history.
+    pub latest: i64,
+    /// Values kept per dimension and per dimension and hour (the rest go to `(other)`).
+    pub values: u32,
+}
+
+impl Keep {
+    /// `retention` and `values`, with the wall clock now plus `max_future` as the latest
+    /// event time.
+    pub fn now(retention: Option<i64>, max_future: std::time::Duration, values: u32) -> Keep {
+        let ahead = i64::try_from(max_future.as_secs()).unwrap_or(i64::MAX);
+        Keep {
+            retention,
+            latest: chrono::Utc::now().timestamp().saturating_add(ahead),
+            values,
+        }
+    }
+}
 
 /// One way of grouping visits. The name is what `--dimensions`, the API and the database use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -472,7 +503,9 @@ impl Counts {
             self.unreadable += 1;
             return;
         };
-        let amount = Amount::visit(event.bytes, event.is_bot);
+        // Events from another producer or an earlier version may not follow the value
+        // policy: it is applied again where a value becomes a key.
+        let amount = Amount::visit(policy::response_bytes(event.bytes), event.is_bot);
         let minute = minute_of(&event.time);
         let hour = minute.map_or(NO_HOUR, |m| m - m.rem_euclid(3600));
         let top_k = self.top_k;
@@ -481,7 +514,7 @@ impl Counts {
                 hours
                     .entry(hour)
                     .or_insert_with(|| TopK::new(top_k))
-                    .add(v, amount);
+                    .add(&policy::bounded(v), amount);
             }
         }
         if let Some(minute) = minute {
@@ -510,12 +543,16 @@ impl Counts {
         }
         *self
             .histograms
-            .entry((Metric::Bytes, country, bucket_of(event.bytes)))
+            .entry((Metric::Bytes, country, bucket_of(amount.bytes)))
             .or_default() += 1;
         if let Some(t) = event.request_time_us {
             *self
                 .histograms
-                .entry((Metric::RequestTime, country, bucket_of(t)))
+                .entry((
+                    Metric::RequestTime,
+                    country,
+                    bucket_of(policy::request_time_us(t)),
+                ))
                 .or_default() += 1;
         }
     }
@@ -564,13 +601,16 @@ impl Counts {
 }
 
 /// Adds what `counts` (one per flushed partition) counted to `batch`, summed over
-/// partitions and sorted. With `retention` (seconds), minutes older than that before the
-/// newest one written are deleted by the same flush.
+/// partitions and sorted. With a retention (seconds), minutes and hours older than that
+/// before the newest one written (but never later than `keep.latest`) are deleted by the
+/// same flush, and the flush keeps `keep.values` values per dimension.
 pub fn fill_batch<'a>(
     batch: &mut FlushBatch,
     counts: impl Iterator<Item = &'a Counts>,
-    retention: Option<i64>,
+    keep: Keep,
 ) {
+    let retention = keep.retention;
+    batch.keep_values = Some(keep.values);
     let mut countries: HashMap<CountryCode, u64> = HashMap::new();
     let mut values: HashMap<(Dimension, &str), Amount> = HashMap::new();
     let mut minutes: HashMap<(i64, CountryCode), Amount> = HashMap::new();
@@ -620,7 +660,7 @@ pub fn fill_batch<'a>(
     batch.dimensions.sort();
     batch.prune_hours_before = retention
         .zip(hourly.keys().map(|(_, h, _)| *h).max())
-        .map(|(keep, newest)| newest - keep);
+        .map(|(r, newest)| newest.min(keep.latest).saturating_sub(r));
     batch.dimension_hours = hourly
         .into_iter()
         .map(|((d, hour, value), amount)| DimensionHourIncrement {
@@ -633,7 +673,7 @@ pub fn fill_batch<'a>(
     batch.dimension_hours.sort();
     batch.prune_minutes_before = retention
         .zip(minutes.keys().map(|(m, _)| *m).max())
-        .map(|(keep, newest)| newest - keep);
+        .map(|(r, newest)| newest.min(keep.latest).saturating_sub(r));
     batch.minutes = minutes
         .into_iter()
         .map(|((minute, c), amount)| MinuteIncrement {
@@ -937,7 +977,12 @@ mod tests {
         later.time = Cow::Borrowed("2026-01-01T10:00:00Z");
         p1.add(us, Some(&later), &mut buf);
         let mut batch = FlushBatch::default();
-        fill_batch(&mut batch, [&p0, &p1].into_iter(), Some(3600));
+        let keep = Keep {
+            retention: Some(3600),
+            latest: i64::MAX,
+            values: 10,
+        };
+        fill_batch(&mut batch, [&p0, &p1].into_iter(), keep);
         assert_eq!(batch.increments, vec![("GB".into(), 2), ("US".into(), 2)]);
         let dims: Vec<(&str, u64, u64)> = batch
             .dimensions

@@ -22,7 +22,7 @@ use crate::event::PageView;
 use crate::kafka::{AGGREGATE_GROUP, EVENTS_TOPIC, KafkaSettings};
 use crate::positions::{Flushed, GroupMember, Pending, Recorded, sleep_until, source_of_message};
 use crate::store::Store;
-use dimensions::{Counts, Dimension};
+use dimensions::{Counts, Dimension, Keep};
 
 /// How often counts are written when not configured: the talk's 5 seconds.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -52,6 +52,12 @@ pub struct AggregateConfig {
     /// Visits per minute older than this (before the newest minute written) are deleted;
     /// `None` keeps them all.
     pub minute_retention: Option<Duration>,
+    /// Values kept per dimension (and per dimension and hour) in the database; the rest is
+    /// folded into `(other)` by each flush.
+    pub keep_values: u32,
+    /// Minutes and hours are never pruned against an event time past the wall clock plus
+    /// this (see [`dimensions::fill_batch`]).
+    pub max_future: Duration,
 }
 
 /// Running totals for logs, summaries and tests.
@@ -97,9 +103,6 @@ pub async fn run(
         config.store.clone(),
         shutdown.clone(),
     )?;
-    let retention = config
-        .minute_retention
-        .map(|r| i64::try_from(r.as_secs()).unwrap_or(i64::MAX));
     // Values of a dimension that are not a slice of the event, built here without allocating.
     let mut buf = String::new();
     let next_flush = tokio::time::sleep(config.flush_interval);
@@ -113,7 +116,7 @@ pub async fn run(
             _ = shared.wake.notified() => member.position().await,
             _ = sleep_until(position_due), if position_due.is_some() => member.position().await,
             _ = flush_due(next_flush.as_mut(), config.flush_now.as_deref()) => {
-                let wait = if flush(&mut member, &stats, retention, FLUSH_TIMEOUT).await {
+                let wait = if flush(&mut member, &stats, &config, FLUSH_TIMEOUT).await {
                     config.flush_interval
                 } else {
                     member.backoff()
@@ -143,7 +146,7 @@ pub async fn run(
         }
     }
     // Best effort, bounded: what is not flushed now is re-read by the next owner.
-    flush(&mut member, &stats, retention, FINAL_FLUSH_TIMEOUT).await;
+    flush(&mut member, &stats, &config, FINAL_FLUSH_TIMEOUT).await;
     member.leave().await;
     Ok(())
 }
@@ -153,14 +156,18 @@ pub async fn run(
 async fn flush(
     member: &mut GroupMember<Counts>,
     stats: &AggregateStats,
-    retention: Option<i64>,
+    config: &AggregateConfig,
     timeout: Duration,
 ) -> bool {
     let is_final = timeout == FINAL_FLUSH_TIMEOUT;
+    let retention = config
+        .minute_retention
+        .map(|r| i64::try_from(r.as_secs()).unwrap_or(i64::MAX));
     let outcome = member
         .flush(timeout, is_final, |pending| {
             let mut batch = std::mem::take(&mut pending.batch);
-            dimensions::fill_batch(&mut batch, pending.counts(), retention);
+            let keep = Keep::now(retention, config.max_future, config.keep_values);
+            dimensions::fill_batch(&mut batch, pending.counts(), keep);
             pending.batch = batch;
         })
         .await;

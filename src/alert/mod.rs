@@ -63,6 +63,9 @@ pub struct AlertConfig {
     pub idle_timeout: Duration,
     /// Time between two flushes (window counts, offsets) and window closes.
     pub flush_interval: Duration,
+    /// An event further ahead of the wall clock than this does not move the clocks (it is
+    /// counted as unreadable): one line dated 9999 would make every later event late.
+    pub max_future: Duration,
 }
 
 /// Running totals for logs and tests.
@@ -106,6 +109,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AlertError> {
     let lateness = i64::try_from(config.lateness.as_secs()).unwrap_or(i64::MAX);
+    let max_future = i64::try_from(config.max_future.as_secs()).unwrap_or(i64::MAX);
     let mut member = GroupMember::join(
         &config.kafka,
         &config.group,
@@ -156,11 +160,12 @@ pub async fn run(
                         let event = m
                             .payload()
                             .and_then(|p| serde_json::from_slice::<AlertEvent<'_>>(p).ok());
+                        let horizon = chrono::Utc::now().timestamp().saturating_add(max_future);
                         match event.and_then(|e| Some((window::seconds_of(&e.time)?, e.status))) {
-                            Some((t, status)) => {
+                            Some((t, status)) if t <= horizon => {
                                 w.add(t, status, country);
                             }
-                            None => w.unreadable += 1,
+                            _ => w.unreadable += 1,
                         }
                     };
                     if member.record(m.partition(), m.offset(), source, count)

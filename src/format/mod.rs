@@ -80,6 +80,9 @@ pub enum ParseError {
     BadJson(String),
     #[error("a W3C directive, not a request")]
     Directive,
+    /// Further ahead of the wall clock than `--max-future` allows.
+    #[error("timestamp in the future: {0}")]
+    Future(String),
 }
 
 pub use crate::event::MAX_LINE_BYTES;

@@ -226,6 +226,9 @@ pub struct GroupMember<A: Accumulator + Send + Sync + 'static> {
     failures: u32,
     /// Partitions whose stored positions referred to a recreated topic (for stats).
     pub recreated_topics_seen: u64,
+    /// Flushes the database refused for their data and that were written with the
+    /// offending values counted as `(invalid)` (for stats; the database counts them too).
+    pub data_errors: u64,
 }
 
 impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
@@ -272,6 +275,7 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
             identity: TopicIdentity::default(),
             failures: 0,
             recreated_topics_seen: 0,
+            data_errors: 0,
         })
     }
 
@@ -474,13 +478,34 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
                 return Flushed::Nothing;
             }
             fill(&mut pending);
-            let write = tokio::time::timeout(timeout, self.store.flush(&pending.batch));
-            let outcome = tokio::select! {
-                r = write => r.unwrap_or(Err(StoreError::Timeout(timeout))),
-                // At shutdown the final flush (with its own short timeout) follows.
-                _ = self.shutdown.cancelled(), if !is_final => {
-                    self.shared.tally().restore(pending);
-                    return Flushed::Failed { store_error: false };
+            // A data error is not retried as it is (it would fail the same way forever and
+            // stall every partition of the batch): the values that may have caused it are
+            // counted as `(invalid)`, then every value, so the totals stay exact.
+            let mut quarantined = 0;
+            let outcome = loop {
+                let write = tokio::time::timeout(timeout, self.store.flush(&pending.batch));
+                let outcome = tokio::select! {
+                    r = write => r.unwrap_or(Err(StoreError::Timeout(timeout))),
+                    // At shutdown the final flush (with its own short timeout) follows.
+                    _ = self.shutdown.cancelled(), if !is_final => {
+                        self.shared.tally().restore(pending);
+                        return Flushed::Failed { store_error: false };
+                    }
+                };
+                match outcome {
+                    Err(err) if err.is_data_error() && quarantined < 2 => {
+                        let error = crate::event::policy::bounded(&err.to_string()).into_owned();
+                        let moved = pending.batch.quarantine(&error, quarantined == 1);
+                        quarantined += 1;
+                        self.data_errors += 1;
+                        tracing::error!(
+                            group = %self.group,
+                            %error,
+                            values = moved,
+                            "the database refused this flush's data; writing it again with those values counted as (invalid)"
+                        );
+                    }
+                    other => break other,
                 }
             };
             match outcome {

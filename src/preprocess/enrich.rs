@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use super::geo::GeoDb;
 use super::useragent::UaParser;
 use crate::countries::CountryCode;
+use crate::event::policy::{bounded, bounded_cow, request_time_us, response_bytes};
 use crate::event::{PageView, Source, rfc3339_seconds, visitor_hex, visitor_id};
 use crate::format::{LogFormat, ParseError};
 
@@ -12,7 +13,14 @@ use crate::format::{LogFormat, ParseError};
 pub struct Enricher {
     pub geo: GeoDb,
     pub user_agents: UaParser,
+    /// How far ahead of the wall clock an event's time may be; later lines are
+    /// dead-lettered ([`ParseError::Future`]): one line dated 9999 would otherwise become
+    /// the newest minute, and every earlier minute and hour would be pruned against it.
+    pub max_future: chrono::TimeDelta,
 }
+
+/// `--max-future` when not given: a day covers every time zone and clock skew.
+pub const DEFAULT_MAX_FUTURE: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// An enriched line, ready to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +36,15 @@ impl Enricher {
         Enricher {
             geo,
             user_agents: UaParser::default(),
+            max_future: chrono::TimeDelta::from_std(DEFAULT_MAX_FUTURE)
+                .unwrap_or(chrono::TimeDelta::MAX),
         }
+    }
+
+    /// The same, accepting event times up to `max_future` ahead of the wall clock.
+    pub fn with_max_future(mut self, max_future: std::time::Duration) -> Enricher {
+        self.max_future = chrono::TimeDelta::from_std(max_future).unwrap_or(chrono::TimeDelta::MAX);
+        self
     }
 
     /// Parses and enriches one raw line of `format`. The error's text is the dead-letter
@@ -51,6 +67,14 @@ impl Enricher {
     ) -> Result<CountryCode, ParseError> {
         json.clear();
         let line = format.parse(raw)?;
+        if chrono::Utc::now()
+            .checked_add_signed(self.max_future)
+            .is_some_and(|limit| line.time > limit)
+        {
+            return Err(ParseError::Future(
+                rfc3339_seconds(line.time).as_str().to_owned(),
+            ));
+        }
         let ip = format.client_ip(&line.host, line.forwarded_for.as_deref());
         let country = self.geo.country_of(ip);
         let client = self.user_agents.classify(line.user_agent.as_deref());
@@ -63,20 +87,20 @@ impl Enricher {
         ));
         let view = PageView {
             time: Cow::Borrowed(stamp.as_str()),
-            ip: Cow::Borrowed(ip),
+            ip: bounded(ip),
             country_code: Cow::Borrowed(country.as_str()),
-            browser: Cow::Borrowed(&client.browser),
-            browser_version: Cow::Borrowed(&client.browser_version),
-            os: Cow::Borrowed(&client.os),
+            browser: bounded(&client.browser),
+            browser_version: bounded(&client.browser_version),
+            os: bounded(&client.os),
             device: Cow::Borrowed(client.device),
             is_bot: client.is_bot,
-            method: line.method,
-            path: line.path,
+            method: bounded_cow(line.method),
+            path: bounded_cow(line.path),
             status: line.status,
-            bytes: line.bytes,
-            referrer: line.referrer,
-            vhost: line.vhost,
-            request_time_us: line.request_time_us,
+            bytes: response_bytes(line.bytes),
+            referrer: line.referrer.map(bounded_cow),
+            vhost: line.vhost.map(bounded_cow),
+            request_time_us: line.request_time_us.map(request_time_us),
             // Hex digits only.
             visitor: std::str::from_utf8(&visitor).ok().map(Cow::Borrowed),
             source,

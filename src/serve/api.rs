@@ -183,7 +183,7 @@ pub struct CountryRow {
 const PANEL_ROWS: u32 = 10;
 /// `limit` when not given, and its ceiling.
 const DEFAULT_LIMIT: u32 = 50;
-const MAX_LIMIT: u32 = 10_000;
+const MAX_LIMIT: u32 = 1_000;
 /// The longest bounded time series (a week of minutes).
 const MAX_MINUTES: u32 = 7 * 24 * 60;
 

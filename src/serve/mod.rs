@@ -3,18 +3,24 @@
 //! - [`api`]: one JSON handler per panel, and the snapshot of everything the page shows;
 //! - [`live`]: the push channel (Server-Sent Events after each flush);
 //! - [`pipeline`]: pipeline health from the brokers and the database, and `/metrics`;
-//! - this module: the routes, the static page, binding and shutdown.
+//! - [`guard`]: Host check, access token, request limits, security headers;
+//! - this module: the routes, the static page, the connections (bounded in number, each
+//!   with a header-read timeout), binding and shutdown.
 
 pub mod api;
+pub(crate) mod guard;
 pub mod live;
 pub mod pipeline;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Router;
 use axum::response::Html;
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::KafkaSettings;
@@ -26,8 +32,9 @@ pub use api::{
     DimensionResponse, HistogramResponse, TimeseriesResponse, UniquesResponse,
 };
 
-/// The dashboard page: static HTML whose script polls `/api/countries`. Every value is put
-/// into the page with `textContent`, never as HTML, so nothing from a log line can inject markup.
+/// The dashboard page: static HTML whose script reads the API and listens to `/api/events`.
+/// Every value is put into the page with `textContent`, never as HTML, so nothing from a log
+/// line can inject markup (and the Content-Security-Policy allows no other script).
 const DASHBOARD: &str = include_str!("dashboard.html");
 
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +48,46 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// The server's limits and access control (`serve`, `demo`; see [`crate::args::ServeArgs`]).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Every request but `/healthz` needs this token (bearer, or the cookie of `?token=`).
+    pub auth_token: Option<String>,
+    /// Host names accepted besides localhost and loopback addresses while bound to loopback.
+    pub allowed_hosts: Vec<String>,
+    /// Open connections at most; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Pages subscribed to `/api/events` at most; further ones get 503.
+    pub max_subscribers: usize,
+    /// Handlers running at once; further requests wait (up to the request timeout).
+    pub max_requests: usize,
+    /// A connection that has not sent a whole request head within this is closed (idle
+    /// keep-alive connections included).
+    pub header_timeout: Duration,
+    /// A handler that takes longer is answered 503.
+    pub request_timeout: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            auth_token: None,
+            allowed_hosts: Vec::new(),
+            max_connections: 2048,
+            max_subscribers: 1024,
+            max_requests: 64,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// What every handler reads.
 #[derive(Clone)]
 pub(crate) struct AppState {
     store: Store,
-    /// The latest snapshot, for the push channel.
-    live: live::Latest,
+    /// The latest snapshot and the subscribers, for the push channel.
+    live: live::Live,
     /// Ends the push streams, so that open pages do not hold a graceful shutdown up.
     shutdown: CancellationToken,
     health: Arc<pipeline::Health>,
@@ -56,13 +97,21 @@ pub(crate) struct AppState {
 /// The HTTP routes, for the server and for tests; watches the database for flushes (and,
 /// with `kafka`, the dead-letter topic) until `shutdown`. Without `kafka` the pipeline's
 /// health says so and everything else works.
-pub fn router(store: Store, kafka: Option<KafkaSettings>, shutdown: CancellationToken) -> Router {
+/// `bound` is the address the server listens on (the Host check applies on loopback).
+pub fn router(
+    store: Store,
+    kafka: Option<KafkaSettings>,
+    config: &ServeConfig,
+    bound: SocketAddr,
+    shutdown: CancellationToken,
+) -> Router {
     let reasons = Arc::new(pipeline::ReasonTally::default());
     if let Some(k) = &kafka {
         reasons.start(k.clone(), shutdown.clone());
     }
+    let guard = Arc::new(guard::Guard::new(bound, config, DASHBOARD));
     let state = AppState {
-        live: live::start(store.clone(), shutdown.clone()),
+        live: live::start(store.clone(), config.max_subscribers, shutdown.clone()),
         store,
         shutdown,
         health: Arc::new(pipeline::Health::new(kafka)),
@@ -83,6 +132,7 @@ pub fn router(store: Store, kafka: Option<KafkaSettings>, shutdown: Cancellation
         .route("/metrics", get(pipeline::metrics))
         .route("/healthz", get(healthz))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(guard, guard::guard))
 }
 
 /// Binds `listen` and serves until `shutdown`. Returns the bound address through `bound`
@@ -96,15 +146,68 @@ pub async fn bind(listen: SocketAddr) -> Result<TcpListener, ServeError> {
         })
 }
 
+/// Serves until `shutdown`: at most `config.max_connections` connections at once (the next
+/// waits in the listen backlog), each closed when a request head does not arrive within
+/// `config.header_timeout`. At shutdown the open connections are asked to finish and given a
+/// few seconds.
 pub async fn run(
     listener: TcpListener,
     store: Store,
     kafka: Option<KafkaSettings>,
+    config: ServeConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    axum::serve(listener, router(store, kafka, shutdown.clone()))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    let bound = listener.local_addr()?;
+    if config.auth_token.is_none() && !bound.ip().is_loopback() {
+        tracing::warn!(
+            %bound,
+            "the dashboard listens on a network address without --auth-token: the statistics are public to anyone who can reach it"
+        );
+    }
+    let app = router(store, kafka, &config, bound, shutdown.clone());
+    let max = config.max_connections.max(1);
+    let slots = Arc::new(Semaphore::new(max));
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = Arc::clone(&slots).acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let (header_timeout, shutdown) = (config.header_timeout, shutdown.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(3), conn).await;
+                }
+            }
+        });
+    }
+    // Every connection gives its slot back when it ends.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(Duration::from_secs(4), slots.acquire_many(all)).await;
     Ok(())
 }
 

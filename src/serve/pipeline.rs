@@ -497,6 +497,18 @@ async fn metrics_text(state: &AppState) -> Result<String, StoreError> {
     }
     let _ = writeln!(
         out,
+        "# HELP pageviews_flush_data_errors_total Flushes the database refused for their data, written again with the offending values counted as (invalid).\n# TYPE pageviews_flush_data_errors_total counter"
+    );
+    for (group, f) in &flushes {
+        let _ = writeln!(
+            out,
+            "pageviews_flush_data_errors_total{{group=\"{}\"}} {}",
+            label(group),
+            f.data_errors
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP pageviews_flush_duration_seconds Time from a flush's start to its commit.\n# TYPE pageviews_flush_duration_seconds histogram"
     );
     for (group, f) in &flushes {

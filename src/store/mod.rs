@@ -141,6 +141,16 @@ const MIGRATIONS: &[&str] = &[
         attempts BIGINT NOT NULL,
         last_error TEXT,
         PRIMARY KEY (consumer_group, id))",
+    // Top-N reads of a dimension (the dashboard) and compaction (the values with the fewest
+    // visits) walk this index instead of sorting every value.
+    "CREATE INDEX IF NOT EXISTS dimension_counts_by_visits
+        ON dimension_counts (dimension, visits DESC, value)",
+    // Flushes that met a data error and were written with the offending values counted as
+    // `(invalid)` (see FlushBatch::quarantine): for /metrics and the pipeline's health.
+    "CREATE TABLE IF NOT EXISTS flush_data_errors (
+        consumer_group TEXT PRIMARY KEY,
+        errors BIGINT NOT NULL,
+        last_error TEXT NOT NULL)",
 ];
 
 /// The columns (and SQL types) the statements rely on, checked at open so that a table of the
@@ -285,6 +295,14 @@ const EXPECTED_COLUMNS: &[(&str, &[(&str, SqlType)])] = &[
             ("last_error", SqlType::Text),
         ],
     ),
+    (
+        "flush_data_errors",
+        &[
+            ("consumer_group", SqlType::Text),
+            ("errors", SqlType::BigInt),
+            ("last_error", SqlType::Text),
+        ],
+    ),
 ];
 
 /// Upper bounds (ms) of the flush duration buckets; the last is +Inf.
@@ -323,12 +341,25 @@ pub struct FlushDurations {
     /// (upper bound in ms, flushes in that bucket only), every bucket of
     /// [`FLUSH_BUCKETS_MS`] in order.
     pub buckets: Vec<(i64, u64)>,
+    /// Flushes written after a data error, with the offending values as `(invalid)`.
+    pub data_errors: u64,
 }
+
+/// The `le_ms` under which [`FLUSH_STATS`] reports a group's data errors.
+const DATA_ERROR_ROW: i64 = -1;
+
+/// Every group's flush-duration rows, and its data errors as one more row (the same SQL on
+/// both databases).
+const FLUSH_STATS: &str = "SELECT consumer_group, le_ms, flushes, total_ms FROM flush_stats
+     UNION ALL SELECT consumer_group, -1, errors, 0 FROM flush_data_errors";
 
 impl FlushDurations {
     /// From stored rows (le_ms, flushes, total_ms).
     fn from_rows(rows: &[(i64, u64, u64)]) -> FlushDurations {
+        let (errors, rows): (Vec<&(i64, u64, u64)>, Vec<_>) =
+            rows.iter().partition(|r| r.0 == DATA_ERROR_ROW);
         FlushDurations {
+            data_errors: errors.iter().map(|r| r.1).sum(),
             count: rows.iter().map(|r| r.1).sum(),
             sum_ms: rows.iter().map(|r| r.2).sum(),
             buckets: FLUSH_BUCKETS_MS
@@ -399,6 +430,7 @@ fn schema_problem(
 /// Errors from the statistics database.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The URL as [`crate::secrets::redact`] shows it.
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB")]
     UnsupportedUrl(String),
     #[error("cannot open database {url}: {} (check --database / PAGEVIEWS_DATABASE)", causes(.source.as_ref()))]
@@ -427,6 +459,38 @@ pub enum StoreError {
     Task(String),
     #[error("unreadable row in the database: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether the database refused the data itself (a value too long for an index, a
+    /// number out of range, a constraint): retrying the same flush would fail the same way
+    /// forever, so the caller must change what it writes (`FlushBatch::quarantine`).
+    /// PostgreSQL SQLSTATE classes 22 (data exception), 23 (integrity constraint) and 54
+    /// (program limit exceeded); SQLite TOOBIG, CONSTRAINT, MISMATCH and RANGE. Everything
+    /// else (connections, locks, serialization failures, timeouts) is transient.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => e
+                .code()
+                .is_some_and(|c| matches!(&c.code()[..2], "22" | "23" | "54")),
+            StoreError::Sqlite(libsql::Error::SqliteFailure(code, _)) => {
+                // Primary result codes (the low byte): TOOBIG 18, CONSTRAINT 19,
+                // MISMATCH 20, RANGE 25.
+                matches!(code & 0xff, 18 | 19 | 20 | 25)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `{table}.{column} + excluded.{column}` in an upsert, saturating at BIGINT's largest value
+/// (PostgreSQL fails the statement on overflow, SQLite turns the sum into a REAL): the same
+/// SQL on both databases.
+pub(crate) fn saturating_add(table: &str, column: &str) -> String {
+    format!(
+        "CASE WHEN {table}.{column} > 9223372036854775807 - excluded.{column} \
+         THEN 9223372036854775807 ELSE {table}.{column} + excluded.{column} END"
+    )
 }
 
 /// An error and its sources on one line: the PostgreSQL driver's own messages ("db error",
@@ -507,6 +571,125 @@ pub struct FlushBatch {
     pub histograms: Vec<HistogramIncrement>,
     /// An alerting group's flush ([`crate::alert`]); `None` for the aggregator.
     pub alert: Option<AlertFlush>,
+    /// Values kept per dimension in `dimension_counts` and per dimension and hour in
+    /// `dimension_hours`: the flush folds the values with the fewest visits beyond this into
+    /// `(other)` for every dimension (and hour) it wrote. `None` keeps every value.
+    pub keep_values: Option<u32>,
+    /// Set by [`FlushBatch::quarantine`]: the data error that made this batch's values
+    /// `(invalid)`, recorded in `flush_data_errors` by the same transaction.
+    pub data_error: Option<String>,
+}
+
+/// The value under which a flush counts what the database refused (see
+/// [`FlushBatch::quarantine`]).
+pub const INVALID: &str = "(invalid)";
+
+/// The value that compaction folds values into (the same as the aggregator's top-K).
+pub const OTHER: &str = "(other)";
+
+impl FlushBatch {
+    /// After a data error (`error`): counts every dimension value that may have caused it
+    /// under [`INVALID`], so that the flush can be written with exact totals and no
+    /// partition stalls. With `everything` false only suspicious values move (longer than
+    /// 200 bytes, or not printable ASCII); with `everything` true all of them do (a second
+    /// data error: the cause was not a value we can recognise). Returns how many rows moved.
+    pub fn quarantine(&mut self, error: &str, everything: bool) -> usize {
+        let suspicious =
+            |v: &str| everything || v.len() > 200 || !v.bytes().all(|b| (0x20..0x7f).contains(&b));
+        let mut moved = 0;
+        let mut dims: Vec<DimensionIncrement> = Vec::with_capacity(self.dimensions.len());
+        for mut d in std::mem::take(&mut self.dimensions) {
+            if d.value != INVALID && suspicious(&d.value) {
+                d.value = INVALID.to_owned();
+                moved += 1;
+            }
+            dims.push(d);
+        }
+        self.dimensions = merge_rows(
+            dims,
+            |d| (d.dimension.clone(), d.value.clone()),
+            |a, b| a.amount += b.amount,
+        );
+        let mut hours = Vec::with_capacity(self.dimension_hours.len());
+        for mut d in std::mem::take(&mut self.dimension_hours) {
+            if d.value != INVALID && suspicious(&d.value) {
+                d.value = INVALID.to_owned();
+                moved += 1;
+            }
+            hours.push(d);
+        }
+        self.dimension_hours = merge_rows(
+            hours,
+            |d| (d.dimension.clone(), d.hour, d.value.clone()),
+            |a, b| a.amount += b.amount,
+        );
+        self.data_error = Some(crate::event::policy::bounded(error).into_owned());
+        moved
+    }
+}
+
+/// `rows` with the rows of equal `key` merged by `add` (PostgreSQL refuses an upsert that
+/// touches one row twice), sorted by key.
+fn merge_rows<T, K: Ord>(rows: Vec<T>, key: impl Fn(&T) -> K, add: impl Fn(&mut T, T)) -> Vec<T> {
+    let mut map: std::collections::BTreeMap<K, T> = std::collections::BTreeMap::new();
+    for r in rows {
+        match map.entry(key(&r)) {
+            std::collections::btree_map::Entry::Occupied(mut e) => add(e.get_mut(), r),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(r);
+            }
+        }
+    }
+    map.into_values().collect()
+}
+
+/// Counts a flush written after a data error (parameters: the group, the error).
+const RECORD_DATA_ERROR: &str =
+    "INSERT INTO flush_data_errors (consumer_group, errors, last_error) VALUES (?1, 1, ?2)
+     ON CONFLICT (consumer_group) DO UPDATE
+     SET errors = flush_data_errors.errors + 1, last_error = excluded.last_error";
+
+/// The (dimension) and (dimension, hour) pairs a flush wrote, which its compaction looks at:
+/// hours about to be pruned are left out.
+fn compaction_targets(batch: &FlushBatch) -> (Vec<&str>, Vec<(&str, i64)>) {
+    let mut dims: Vec<&str> = batch
+        .dimensions
+        .iter()
+        .map(|d| d.dimension.as_str())
+        .collect();
+    dims.sort_unstable();
+    dims.dedup();
+    let mut hours: Vec<(&str, i64)> = batch
+        .dimension_hours
+        .iter()
+        .map(|d| (d.dimension.as_str(), d.hour))
+        .filter(|(_, h)| batch.prune_hours_before.is_none_or(|b| *h >= b))
+        .collect();
+    hours.sort_unstable();
+    hours.dedup();
+    (dims, hours)
+}
+
+/// The compaction statements (see [`FlushBatch::keep_values`]), the same on both databases
+/// (`?N` placeholders; PostgreSQL's through [`dollar_params`]): the rows of one dimension (and hour) beyond the first
+/// `keep` by visits, then their deletion. Parameters: the dimension, `keep`, then the hour.
+fn compaction_queries(hourly: bool) -> (String, String) {
+    let (table, hour) = if hourly {
+        ("dimension_hours", " AND hour = ?3")
+    } else {
+        ("dimension_counts", "")
+    };
+    // `LIMIT -1` (SQLite) and `LIMIT ALL` (PostgreSQL) differ; a huge limit is the same.
+    let beyond = format!(
+        "FROM {table} WHERE dimension = ?1{hour} AND value <> '{OTHER}'
+         ORDER BY visits DESC, value LIMIT 9223372036854775807 OFFSET ?2"
+    );
+    (
+        format!("SELECT value, visits, bytes, humans {beyond}"),
+        format!(
+            "DELETE FROM {table} WHERE dimension = ?1{hour} AND value IN (SELECT value {beyond})"
+        ),
+    )
 }
 
 /// What an alerting group's flush writes besides its positions.
@@ -658,11 +841,12 @@ impl Amount {
     }
 }
 
+/// Saturating: a sum of hostile byte counts stops at the largest value instead of wrapping.
 impl std::ops::AddAssign for Amount {
     fn add_assign(&mut self, o: Amount) {
-        self.visits += o.visits;
-        self.bytes += o.bytes;
-        self.humans += o.humans;
+        self.visits = self.visits.saturating_add(o.visits);
+        self.bytes = self.bytes.saturating_add(o.bytes);
+        self.humans = self.humans.saturating_add(o.humans);
     }
 }
 
@@ -716,10 +900,23 @@ pub struct DimensionCounts {
     pub distinct: u64,
 }
 
+/// `SUM(column)` as a BIGINT that stops at the largest BIGINT instead of failing (PostgreSQL
+/// raises "bigint out of range", SQLite "integer overflow"): saturated byte counts of hostile
+/// lines must not make a panel unreadable. SQLite's `TOTAL` is exact below 2^53 (9 PB).
+/// `sign` tells the database (`?` SQLite, `$` PostgreSQL), as in [`dimension_queries`].
+fn capped_sum(column: &str, sign: char) -> String {
+    if sign == '$' {
+        format!("CAST(LEAST(COALESCE(SUM({column}), 0), 9223372036854775807) AS BIGINT)")
+    } else {
+        format!("CAST(MIN(TOTAL({column}), 9223372036854775807.0) AS BIGINT)")
+    }
+}
+
 /// The two queries of [`Store::dimension_counts`] (its top values, then its totals and
 /// distinct values), the same on both databases but for the placeholder sign (`?` or `$`).
 /// Parameters: the dimension, then the first hour when `since`. All time reads the running
-/// totals; a time range sums the hourly counts.
+/// totals (top values through the `dimension_counts_by_visits` index, never a sort of every
+/// value); a time range sums the hourly counts.
 fn dimension_queries(since: bool, limit: u32, sign: char) -> (String, String) {
     let (table, hours) = if since {
         ("dimension_hours", format!("AND hour >= {sign}2"))
@@ -727,17 +924,38 @@ fn dimension_queries(since: bool, limit: u32, sign: char) -> (String, String) {
         ("dimension_counts", String::new())
     };
     let filter = format!("FROM {table} WHERE dimension = {sign}1 {hours}");
+    let sum = |c| capped_sum(c, sign);
+    let top = if since {
+        format!(
+            "SELECT value, {} AS v, {}, {} {filter} GROUP BY value ORDER BY v DESC, value LIMIT {limit}",
+            sum("visits"),
+            sum("bytes"),
+            sum("humans")
+        )
+    } else {
+        format!(
+            "SELECT value, visits, bytes, humans {filter} ORDER BY visits DESC, value LIMIT {limit}"
+        )
+    };
     (
+        top,
         format!(
-            "SELECT value, CAST(SUM(visits) AS BIGINT) AS v, CAST(SUM(bytes) AS BIGINT),
-                    CAST(SUM(humans) AS BIGINT)
-             {filter} GROUP BY value ORDER BY v DESC, value LIMIT {limit}"
+            "SELECT {}, {}, {}, COUNT(DISTINCT value) {filter}",
+            sum("visits"),
+            sum("bytes"),
+            sum("humans")
         ),
-        format!(
-            "SELECT CAST(COALESCE(SUM(visits), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT),
-                    CAST(COALESCE(SUM(humans), 0) AS BIGINT), COUNT(DISTINCT value)
-             {filter}"
-        ),
+    )
+}
+
+/// The per-minute series over all countries (parameter: the first minute).
+fn minutes_query(sign: char) -> String {
+    format!(
+        "SELECT minute, {}, {}, {} FROM minute_counts WHERE minute >= {sign}1
+         GROUP BY minute ORDER BY minute",
+        capped_sum("visits", sign),
+        capped_sum("bytes", sign),
+        capped_sum("humans", sign)
     )
 }
 
@@ -831,7 +1049,7 @@ impl Store {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Store::Postgres(PostgresStore::open(url).await?));
         }
-        Err(StoreError::UnsupportedUrl(url.to_owned()))
+        Err(StoreError::UnsupportedUrl(crate::secrets::redact(url)))
     }
 
     /// Stored next offsets and source watermarks of `topic` for `group`.
@@ -1707,6 +1925,126 @@ mod tests {
     #[tokio::test]
     async fn postgres_sketches_merge() {
         sketches_merge(&testing::fresh_postgres_url().await).await;
+    }
+
+    /// Hostile values at the store: tables stay within `keep_values` (the rest in `(other)`,
+    /// sums exact), byte sums saturate instead of failing, and a value the database refuses
+    /// (PostgreSQL: a 3,500-byte key) is a data error that `quarantine` turns into a flush
+    /// that commits with exact totals.
+    async fn hostile_values_are_bounded(url: &str) {
+        let store = Store::open(url).await.unwrap();
+        let amount = |visits, bytes| Amount {
+            visits,
+            bytes,
+            humans: visits,
+        };
+        let dim = |v: String, a: Amount| DimensionIncrement {
+            dimension: "path".into(),
+            value: v,
+            amount: a,
+        };
+        let hour = |v: String, a: Amount| DimensionHourIncrement {
+            dimension: "path".into(),
+            hour: 3600,
+            value: v,
+            amount: a,
+        };
+        // 30 values, the i-th with i+1 visits, kept to 10.
+        let mut offset = 0;
+        let mut expected_visits = 0;
+        for round in 0..3i64 {
+            let mut b = batch(
+                &[("NL", 1)],
+                &[(0, (round > 0).then_some(offset), offset + 1)],
+            );
+            offset += 1;
+            b.keep_values = Some(10);
+            for i in 0..10u64 {
+                let n = round as u64 * 10 + i + 1;
+                expected_visits += n;
+                b.dimensions
+                    .push(dim(format!("/v{n:02}"), amount(n, i64::MAX as u64)));
+                b.dimension_hours
+                    .push(hour(format!("/v{n:02}"), amount(n, 1)));
+            }
+            b.dimensions.sort();
+            b.dimension_hours.sort();
+            assert_eq!(store.flush(&b).await.unwrap(), FlushOutcome::Committed);
+        }
+        let path = store.dimension_counts("path", None, 1000).await.unwrap();
+        assert_eq!(path.distinct, 11, "{path:?}");
+        assert_eq!(path.total_visits, expected_visits);
+        // The ten with the most visits are kept as they are.
+        let kept: Vec<(&str, u64)> = path
+            .values
+            .iter()
+            .map(|v| (v.value.as_str(), v.visits))
+            .collect();
+        let mut want: Vec<(String, u64)> =
+            (21..=30).rev().map(|n| (format!("/v{n:02}"), n)).collect();
+        want.insert(0, (OTHER.to_owned(), (1..=20).sum()));
+        let want: Vec<(&str, u64)> = want.iter().map(|(v, n)| (v.as_str(), *n)).collect();
+        assert_eq!(kept, want);
+        // Every byte sum saturated at the largest BIGINT instead of failing the flush.
+        assert!(
+            path.values.iter().all(|v| v.bytes == i64::MAX as u64),
+            "{path:?}"
+        );
+        let hours = store
+            .dimension_counts("path", Some(3600), 1000)
+            .await
+            .unwrap();
+        assert_eq!(hours.distinct, 11);
+        assert_eq!(hours.total_visits, expected_visits);
+
+        // A value too long for PostgreSQL's index (random, so that compression cannot shrink
+        // it below 2,704 bytes): a data error, quarantined, then committed.
+        let long: String = {
+            use rand::{Rng, SeedableRng};
+            rand::rngs::StdRng::seed_from_u64(7)
+                .sample_iter(rand::distr::Alphanumeric)
+                .take(6000)
+                .map(char::from)
+                .collect()
+        };
+        let mut b = batch(&[("NL", 2)], &[(0, Some(offset), offset + 1)]);
+        b.dimensions = vec![
+            dim("/ok".into(), amount(1, 5)),
+            dim(format!("/{long}"), amount(1, 7)),
+        ];
+        match store.flush(&b).await {
+            Ok(FlushOutcome::Committed) => assert!(url.starts_with("sqlite")),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => {
+                assert!(url.starts_with("postgres"), "{e}");
+                assert!(e.is_data_error(), "not a data error: {e}");
+                assert_eq!(b.quarantine(&e.to_string(), false), 1);
+                assert_eq!(store.flush(&b).await.unwrap(), FlushOutcome::Committed);
+                let path = store.dimension_counts("path", None, 1000).await.unwrap();
+                assert_eq!(path.total_visits, expected_visits + 2);
+                let invalid = path.values.iter().find(|v| v.value == INVALID).unwrap();
+                assert_eq!((invalid.visits, invalid.bytes), (1, 7));
+                let flushes = store.flush_durations().await.unwrap();
+                assert_eq!(flushes[0].1.data_errors, 1, "{flushes:?}");
+            }
+        }
+        // A connection that is refused is not a data error.
+        match Store::open("postgres://nobody@127.0.0.1:1/none").await {
+            Err(refused) => assert!(!refused.is_data_error(), "{refused}"),
+            Ok(_) => panic!("a closed port answered"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sqlite_hostile_values_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        hostile_values_are_bounded(&format!("sqlite://{}", dir.path().join("h.db").display()))
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_hostile_values_are_bounded() {
+        hostile_values_are_bounded(&testing::fresh_postgres_url().await).await;
     }
 
     #[tokio::test]

@@ -10,12 +10,13 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use super::{
     AlertArg, AlertStatus, CloseRequest, CountryCount, DimensionCounts, EXPECTED_COLUMNS,
     FlushBatch, FlushOutcome, MIGRATIONS, MinutePoint, SqlType, StoreError, StoredAlert,
     StoredPositions, TopicIdentity, UniqueCount, ValueCount, alert_sql, count, dollar_params,
-    flush_bucket, schema_problem, sql_count, stored_alert,
+    flush_bucket, saturating_add, schema_problem, sql_count, stored_alert,
 };
 
 /// Offsets compare-and-set: returns the partitions whose offset moved (or was created).
@@ -52,29 +53,45 @@ const UPSERT_COUNTS: &str = "INSERT INTO country_stats (country_code, visit_coun
      ON CONFLICT (country_code) DO UPDATE
      SET visit_count = country_stats.visit_count + excluded.visit_count, updated_at = excluded.updated_at";
 
-const UPSERT_DIMENSIONS: &str = "INSERT INTO dimension_counts (dimension, value, visits, bytes, humans)
-     SELECT d, v, n, b, h FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS u(d, v, n, b, h)
-     ON CONFLICT (dimension, value) DO UPDATE
-     SET visits = dimension_counts.visits + excluded.visits,
-         bytes = dimension_counts.bytes + excluded.bytes,
-         humans = dimension_counts.humans + excluded.humans";
+/// `SET visits = …, bytes = …, humans = …` of an upsert into `table`, each sum saturating.
+fn add_amounts(table: &str) -> String {
+    format!(
+        "SET visits = {}, bytes = {}, humans = {}",
+        saturating_add(table, "visits"),
+        saturating_add(table, "bytes"),
+        saturating_add(table, "humans")
+    )
+}
 
-const UPSERT_DIMENSION_HOURS: &str = "INSERT INTO dimension_hours (dimension, hour, value, visits, bytes, humans)
-     SELECT d, h, v, n, b, m FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[]) AS u(d, h, v, n, b, m)
-     ON CONFLICT (dimension, hour, value) DO UPDATE
-     SET visits = dimension_hours.visits + excluded.visits,
-         bytes = dimension_hours.bytes + excluded.bytes,
-         humans = dimension_hours.humans + excluded.humans";
+static UPSERT_DIMENSIONS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO dimension_counts (dimension, value, visits, bytes, humans)
+         SELECT d, v, n, b, h FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS u(d, v, n, b, h)
+         ON CONFLICT (dimension, value) DO UPDATE {}",
+        add_amounts("dimension_counts")
+    )
+});
+
+static UPSERT_DIMENSION_HOURS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO dimension_hours (dimension, hour, value, visits, bytes, humans)
+         SELECT d, h, v, n, b, m FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[]) AS u(d, h, v, n, b, m)
+         ON CONFLICT (dimension, hour, value) DO UPDATE {}",
+        add_amounts("dimension_hours")
+    )
+});
 
 /// `$1` NULL deletes nothing.
 const PRUNE_HOURS: &str = "DELETE FROM dimension_hours WHERE hour < $1::int8";
 
-const UPSERT_MINUTES: &str = "INSERT INTO minute_counts (minute, country_code, visits, bytes, humans)
-     SELECT m, c, n, b, h FROM unnest($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS u(m, c, n, b, h)
-     ON CONFLICT (minute, country_code) DO UPDATE
-     SET visits = minute_counts.visits + excluded.visits,
-         bytes = minute_counts.bytes + excluded.bytes,
-         humans = minute_counts.humans + excluded.humans";
+static UPSERT_MINUTES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO minute_counts (minute, country_code, visits, bytes, humans)
+         SELECT m, c, n, b, h FROM unnest($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) AS u(m, c, n, b, h)
+         ON CONFLICT (minute, country_code) DO UPDATE {}",
+        add_amounts("minute_counts")
+    )
+});
 
 const UPSERT_HISTOGRAMS: &str = "INSERT INTO histogram_buckets (metric, scope, bucket, visits)
      SELECT m, s, b, n FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[]) AS u(m, s, b, n)
@@ -112,7 +129,7 @@ pub struct PostgresStore {
 impl PostgresStore {
     pub async fn open(url: &str) -> Result<PostgresStore, StoreError> {
         let open_err = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
-            url: redact(url),
+            url: crate::secrets::redact(url),
             source,
         };
         let config: tokio_postgres::Config = url
@@ -165,7 +182,7 @@ impl PostgresStore {
             let found = tables.remove(*table).unwrap_or_default();
             if let Some(problem) = schema_problem(table, &found, SqlType::postgres) {
                 return Err(StoreError::Schema {
-                    url: redact(url),
+                    url: crate::secrets::redact(url),
                     table: (*table).to_owned(),
                     problem,
                 });
@@ -416,8 +433,8 @@ impl PostgresStore {
                 tx.prepare_cached(UPSERT_WATERMARKS),
                 tx.prepare_cached(UPSERT_TOPIC_IDS),
                 tx.prepare_cached(UPSERT_COUNTS),
-                tx.prepare_cached(UPSERT_DIMENSIONS),
-                tx.prepare_cached(UPSERT_MINUTES),
+                tx.prepare_cached(&UPSERT_DIMENSIONS),
+                tx.prepare_cached(&UPSERT_MINUTES),
                 tx.prepare_cached(PRUNE_MINUTES),
                 tx.prepare_cached(UPSERT_HISTOGRAMS)
             )?;
@@ -507,7 +524,7 @@ impl PostgresStore {
             let bytes: Vec<i64> = hs.iter().map(|d| sql_count(d.amount.bytes)).collect();
             let humans: Vec<i64> = hs.iter().map(|d| sql_count(d.amount.humans)).collect();
             let (upsert, prune) = futures::try_join!(
-                tx.prepare_cached(UPSERT_DIMENSION_HOURS),
+                tx.prepare_cached(&UPSERT_DIMENSION_HOURS),
                 tx.prepare_cached(PRUNE_HOURS)
             )?;
             let upsert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
@@ -519,8 +536,23 @@ impl PostgresStore {
                 tx.execute(&prune, &prune_params),
             )?;
         }
+        if let Some(keep) = batch.keep_values {
+            let (dims, hours) = super::compaction_targets(batch);
+            for d in dims {
+                compact(&tx, d, None, keep).await?;
+            }
+            for (d, hour) in hours {
+                compact(&tx, d, Some(hour), keep).await?;
+            }
+        }
         if !batch.uniques.is_empty() {
             merge_uniques(&tx, &batch.uniques).await?;
+        }
+        if let Some(error) = &batch.data_error {
+            let record = tx
+                .prepare_cached(&dollar_params(super::RECORD_DATA_ERROR))
+                .await?;
+            tx.execute(&record, &[&batch.consumer_group, error]).await?;
         }
         if let Some(alert) = &batch.alert {
             flush_alert(&tx, &batch.consumer_group, &batch.topic, alert).await?;
@@ -568,26 +600,18 @@ impl PostgresStore {
         country: Option<&str>,
     ) -> Result<Vec<MinutePoint>, StoreError> {
         let client = self.client().await?;
-        let rows =
-            match country {
-                Some(c) => {
-                    client
-                        .query(
-                            "SELECT minute, visits, bytes, humans FROM minute_counts
-                         WHERE minute >= $1 AND country_code = $2 ORDER BY minute",
-                            &[&since, &c],
-                        )
-                        .await?
-                }
-                None => client
+        let rows = match country {
+            Some(c) => {
+                client
                     .query(
-                        "SELECT minute, CAST(SUM(visits) AS BIGINT), CAST(SUM(bytes) AS BIGINT),
-                                CAST(SUM(humans) AS BIGINT)
-                         FROM minute_counts WHERE minute >= $1 GROUP BY minute ORDER BY minute",
-                        &[&since],
+                        "SELECT minute, visits, bytes, humans FROM minute_counts
+                         WHERE minute >= $1 AND country_code = $2 ORDER BY minute",
+                        &[&since, &c],
                     )
-                    .await?,
-            };
+                    .await?
+            }
+            None => client.query(&super::minutes_query('$'), &[&since]).await?,
+        };
         rows.iter()
             .map(|r| {
                 Ok(MinutePoint {
@@ -656,12 +680,7 @@ impl PostgresStore {
 
     pub async fn flush_stats(&self) -> Result<Vec<(String, i64, u64, u64)>, StoreError> {
         let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT consumer_group, le_ms, flushes, total_ms FROM flush_stats",
-                &[],
-            )
-            .await?;
+        let rows = client.query(super::FLUSH_STATS, &[]).await?;
         rows.iter()
             .map(|r| {
                 Ok((
@@ -755,14 +774,56 @@ async fn merge_uniques(
 }
 
 /// The URL without its password, for error messages.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
+/// Folds the values of `dimension` (in `hour`, or all time) beyond the `keep` with the most
+/// visits into `(other)`.
+async fn compact(
+    tx: &deadpool_postgres::Transaction<'_>,
+    dimension: &str,
+    hour: Option<i64>,
+    keep: u32,
+) -> Result<(), StoreError> {
+    let (select, delete) = super::compaction_queries(hour.is_some());
+    let keep = i64::from(keep);
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&dimension, &keep];
+    if let Some(h) = &hour {
+        params.push(h);
     }
+    let select = tx.prepare_cached(&dollar_params(&select)).await?;
+    let mut folded = super::Amount::default();
+    for r in tx.query(&select, &params).await? {
+        folded += super::Amount {
+            visits: count(r.try_get(1)?),
+            bytes: count(r.try_get(2)?),
+            humans: count(r.try_get(3)?),
+        };
+    }
+    if folded.is_zero() {
+        return Ok(());
+    }
+    let delete = tx.prepare_cached(&dollar_params(&delete)).await?;
+    tx.execute(&delete, &params).await?;
+    let (visits, bytes, humans) = (
+        vec![sql_count(folded.visits)],
+        vec![sql_count(folded.bytes)],
+        vec![sql_count(folded.humans)],
+    );
+    let (names, values) = (vec![dimension], vec![super::OTHER]);
+    match hour {
+        None => {
+            let upsert = tx.prepare_cached(&UPSERT_DIMENSIONS).await?;
+            tx.execute(&upsert, &[&names, &values, &visits, &bytes, &humans])
+                .await?;
+        }
+        Some(h) => {
+            let upsert = tx.prepare_cached(&UPSERT_DIMENSION_HOURS).await?;
+            tx.execute(
+                &upsert,
+                &[&names, &vec![h], &values, &visits, &bytes, &humans],
+            )
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// An alerting group's part of a flush: window counts (those of closed windows counted as

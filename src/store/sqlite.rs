@@ -259,13 +259,8 @@ impl SqliteStore {
                     .await?
                 }
                 None => {
-                    conn.query(
-                        "SELECT minute, CAST(SUM(visits) AS BIGINT), CAST(SUM(bytes) AS BIGINT),
-                                CAST(SUM(humans) AS BIGINT)
-                         FROM minute_counts WHERE minute >= ?1 GROUP BY minute ORDER BY minute",
-                        params![since],
-                    )
-                    .await?
+                    conn.query(&super::minutes_query('?'), params![since])
+                        .await?
                 }
             };
             let mut out = Vec::new();
@@ -354,12 +349,7 @@ impl SqliteStore {
 
     pub async fn flush_stats(&self) -> Result<Vec<(String, i64, u64, u64)>, StoreError> {
         self.with_conn(|conn| async move {
-            let mut rows = conn
-                .query(
-                    "SELECT consumer_group, le_ms, flushes, total_ms FROM flush_stats",
-                    (),
-                )
-                .await?;
+            let mut rows = conn.query(super::FLUSH_STATS, ()).await?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().await? {
                 out.push((
@@ -794,6 +784,15 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
         )
         .await?;
     }
+    if let Some(keep) = batch.keep_values {
+        let (dims, hours) = super::compaction_targets(batch);
+        for d in dims {
+            compact(&tx, d, None, keep).await?;
+        }
+        for (d, hour) in hours {
+            compact(&tx, d, Some(hour), keep).await?;
+        }
+    }
     add_amounts(
         &tx,
         "minute_counts",
@@ -859,6 +858,10 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
         )
         .await?;
     }
+    if let Some(error) = &batch.data_error {
+        tx.execute(super::RECORD_DATA_ERROR, params![group, error.as_str()])
+            .await?;
+    }
     let (le, ms) = flush_bucket(started.elapsed());
     tx.execute(
         "INSERT INTO flush_stats (consumer_group, le_ms, flushes, total_ms) VALUES (?1, ?2, 1, ?3)
@@ -869,6 +872,57 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
     .await?;
     tx.commit().await?;
     Ok(FlushOutcome::Committed)
+}
+
+/// Folds the values of `dimension` (in `hour`, or all time) beyond the `keep` with the most
+/// visits into `(other)`.
+async fn compact(
+    tx: &libsql::Transaction,
+    dimension: &str,
+    hour: Option<i64>,
+    keep: u32,
+) -> Result<(), StoreError> {
+    use libsql::Value::{Integer, Text};
+    let (select, delete) = super::compaction_queries(hour.is_some());
+    let mut args = vec![Text(dimension.to_owned()), Integer(i64::from(keep))];
+    args.extend(hour.map(Integer));
+    let mut folded = Amount::default();
+    let mut rows = tx.query(&select, args.clone()).await?;
+    while let Some(row) = rows.next().await? {
+        folded += Amount {
+            visits: count(row.get::<i64>(1)?),
+            bytes: count(row.get::<i64>(2)?),
+            humans: count(row.get::<i64>(3)?),
+        };
+    }
+    drop(rows);
+    if folded.is_zero() {
+        return Ok(());
+    }
+    tx.execute(&delete, args).await?;
+    let other = Text(super::OTHER.to_owned());
+    match hour {
+        None => {
+            let key = vec![Text(dimension.to_owned()), other];
+            add_amounts(
+                tx,
+                "dimension_counts",
+                &["dimension", "value"],
+                std::iter::once((key, folded)),
+            )
+            .await
+        }
+        Some(h) => {
+            let key = vec![Text(dimension.to_owned()), Integer(h), other];
+            add_amounts(
+                tx,
+                "dimension_hours",
+                &["dimension", "hour", "value"],
+                std::iter::once((key, folded)),
+            )
+            .await
+        }
+    }
 }
 
 /// Adds visits, bytes and humans to the rows of `table` keyed by the `keys` columns, inserting
@@ -888,10 +942,11 @@ async fn add_amounts(
         .prepare(&format!(
             "INSERT INTO {table} ({columns}, visits, bytes, humans) VALUES ({})
              ON CONFLICT ({columns}) DO UPDATE
-             SET visits = {table}.visits + excluded.visits,
-                 bytes = {table}.bytes + excluded.bytes,
-                 humans = {table}.humans + excluded.humans",
-            placeholders.join(", ")
+             SET visits = {}, bytes = {}, humans = {}",
+            placeholders.join(", "),
+            super::saturating_add(table, "visits"),
+            super::saturating_add(table, "bytes"),
+            super::saturating_add(table, "humans"),
         ))
         .await?;
     for (mut values, amount) in rows {

@@ -127,6 +127,7 @@ pub async fn start_server(c: &Cluster) -> (SocketAddr, Stage) {
         listener,
         c.store.clone(),
         Some(c.kafka.clone()),
+        pageviews::serve::ServeConfig::default(),
         stop.clone(),
     );
     let handle = tokio::spawn(async move { run.await.unwrap() });
@@ -175,6 +176,8 @@ pub fn start_aggregator(c: &Cluster, flush: Duration) -> (Stage, Arc<AggregateSt
         // Large enough that every count of these tests is exact (the bound is unit-tested).
         top_k: 1 << 20,
         minute_retention: None,
+        keep_values: 1 << 20,
+        max_future: std::time::Duration::from_secs(86_400),
     };
     let stats = Arc::new(AggregateStats::default());
     let (st, stop) = (Arc::clone(&stats), CancellationToken::new());

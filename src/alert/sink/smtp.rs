@@ -27,6 +27,18 @@ impl Header for AlertId {
     }
 }
 
+/// Whether `url` has a user or password and may talk plain text: `smtp://` without
+/// `tls=required` (`tls=opportunistic` falls back to plain text when the server offers no
+/// STARTTLS).
+fn sends_credentials_in_clear(url: &str) -> bool {
+    let Ok(u) = url::Url::parse(url) else {
+        return false;
+    };
+    let credentials = !u.username().is_empty() || u.password().is_some();
+    let tls = u.scheme() == "smtps" || u.query_pairs().any(|(k, v)| k == "tls" && v == "required");
+    credentials && !tls
+}
+
 /// Sends alerts through one SMTP server.
 pub struct Email {
     transport: AsyncSmtpTransport<Tokio1Executor>,
@@ -46,17 +58,26 @@ fn mailbox(option: &'static str, address: &str) -> Result<Mailbox, SinkError> {
 
 impl Email {
     /// `url`: `smtp://host:port` (plain), `smtp://user:pass@host:port?tls=required`
-    /// (STARTTLS), `smtps://user:pass@host:port` (TLS); `timeout` per message.
+    /// (STARTTLS), `smtps://user:pass@host:port` (TLS); `timeout` per message. Credentials
+    /// over a connection that may be plain text are refused unless `insecure`.
     pub fn new(
         url: &str,
         from: &str,
         to: &[String],
         timeout: Duration,
+        insecure: bool,
     ) -> Result<Email, SinkError> {
+        let shown = crate::secrets::redact(url);
+        if !insecure && sends_credentials_in_clear(url) {
+            return Err(SinkError::SmtpUrl {
+                url: shown,
+                reason: "it has credentials but no TLS: they would cross the network in clear text; use smtps:// or ?tls=required, or pass --smtp-insecure".into(),
+            });
+        }
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
             .map_err(|e| SinkError::SmtpUrl {
-                url: url.to_owned(),
-                reason: chain(&e),
+                url: shown,
+                reason: crate::secrets::redact(&chain(&e)),
             })?
             .timeout(Some(timeout))
             .build();

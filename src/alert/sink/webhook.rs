@@ -9,7 +9,12 @@ use crate::alert::window::Alert;
 pub struct Webhook {
     client: reqwest::Client,
     url: reqwest::Url,
+    /// The URL as messages show it ([`crate::secrets::redact`]: a webhook's path is its token).
+    shown: String,
 }
+
+/// The most of an error response's body read (and quoted in the error).
+const MAX_ERROR_BODY: usize = 4096;
 
 /// The body of one POST: Slack's incoming-webhook shape plus the structured alert.
 #[derive(serde::Serialize)]
@@ -33,17 +38,21 @@ struct AlertFields<'a> {
 impl Webhook {
     /// A webhook at `url` (http or https); a request that takes longer than `timeout` failed.
     pub fn new(url: &str, timeout: Duration) -> Result<Webhook, SinkError> {
+        let shown = crate::secrets::redact(url);
         let parsed = reqwest::Url::parse(url).map_err(|e| SinkError::WebhookUrl {
-            url: url.to_owned(),
+            url: shown.clone(),
             reason: e.to_string(),
         })?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(SinkError::WebhookUrl {
-                url: url.to_owned(),
+                url: shown.clone(),
                 reason: "use http:// or https://".into(),
             });
         }
         let client = reqwest::Client::builder()
+            // A redirect could send the alert (and on 307/308 its body again) anywhere, from
+            // https to http included: the configured URL is the only destination.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("pageviews/", env!("CARGO_PKG_VERSION")))
@@ -52,6 +61,7 @@ impl Webhook {
         Ok(Webhook {
             client,
             url: parsed,
+            shown,
         })
     }
 
@@ -81,13 +91,13 @@ impl Webhook {
             .json(&Webhook::body(alert))
             .send()
             .await;
-        let response = match sent {
+        let mut response = match sent {
             Ok(r) => r,
             Err(e) => {
                 return Err(DeliveryError::Unavailable(format!(
                     "POST {}: {}",
-                    self.url,
-                    chain(&e)
+                    self.shown,
+                    chain(&e.without_url())
                 )));
             }
         };
@@ -95,10 +105,24 @@ impl Webhook {
         if status.is_success() {
             return Ok(());
         }
-        let text = response.text().await.unwrap_or_default();
+        // At most MAX_ERROR_BODY bytes of whatever the receiver sends back.
+        let mut body = Vec::new();
+        while body.len() < MAX_ERROR_BODY {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        body.truncate(MAX_ERROR_BODY);
+        let text = String::from_utf8_lossy(&body);
         let text: String = text.chars().take(200).collect();
-        let what = format!("POST {} answered {status}: {}", self.url, text.trim());
-        if status.is_client_error() && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
+        let text = crate::event::policy::bounded(text.trim());
+        let what = format!("POST {} answered {status}: {text}", self.shown);
+        if status.is_redirection() {
+            Err(DeliveryError::Refused(format!(
+                "{what} (redirects are not followed: give --webhook the final URL)"
+            )))
+        } else if status.is_client_error() && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
             Err(DeliveryError::Refused(format!("{what} (check --webhook)")))
         } else {
             Err(DeliveryError::Unavailable(what))
