@@ -4,9 +4,11 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use pageviews::aggregate::dimensions::Dimension;
 use pageviews::aggregate::{self, AggregateConfig, AggregateStats};
@@ -468,5 +470,68 @@ pub fn sse_first_update(addr: SocketAddr, path: &str) -> (String, String) {
         let n = s.read(&mut chunk).expect("no update event within 20 s");
         assert!(n > 0, "stream ended before an update: {text}");
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The binary under test (`PAGEVIEWS_TEST_BIN` runs these tests against another build).
+pub fn bin() -> PathBuf {
+    std::env::var_os("PAGEVIEWS_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pageviews")))
+}
+
+/// A command for `program` with a clean environment (no PAGEVIEWS_* or RUST_LOG from the
+/// caller) and its data in `data_dir`.
+pub fn command(program: &Path, data_dir: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PAGEVIEWS_") || k == "RUST_LOG" || k == "RUST_BACKTRACE" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("PAGEVIEWS_DATA_DIR", data_dir);
+    cmd
+}
+
+/// Runs `cmd` to its end, killing it (and failing the test) after `patience`.
+pub fn run_within(mut cmd: Command, patience: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    // Drain the pipes while waiting, so a chatty child never blocks on a full pipe.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + patience;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {patience:?}; stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.join().unwrap()),
+                String::from_utf8_lossy(&err.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
     }
 }
