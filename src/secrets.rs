@@ -3,9 +3,9 @@
 //! error that names one goes through [`redact`]; options that can carry one hide their
 //! environment values in `--help`.
 
-/// `url` as it may be shown: the password of any URL replaced by `***`, an http(s) URL cut
-/// after its host and port (a webhook's path and query are its token), `password=` values of
-/// a query or of a `key=value` connection string replaced. Text that is not a URL keeps
+/// `url` as it may be shown: the password of any URL replaced by `***`; a URL that is not a
+/// database's or a mail server's cut after its host and port (a webhook's path and query are
+/// its token); `password=` values of a query or of a `key=value` connection string replaced. Text that is not a URL keeps
 /// everything but `password=` values.
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
@@ -13,7 +13,11 @@ pub fn redact(url: &str) -> String {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
             }
-            if matches!(u.scheme(), "http" | "https") {
+            let keeps_path = matches!(
+                u.scheme(),
+                "postgres" | "postgresql" | "postgress" | "sqlite" | "smtp" | "smtps"
+            );
+            if !keeps_path {
                 let path = (u.path() != "/" || u.query().is_some() || u.fragment().is_some())
                     .then_some("/***");
                 u.set_query(None);
@@ -89,13 +93,14 @@ mod tests {
             ),
             ("http://127.0.0.1:9/hook?key=abc", "http://127.0.0.1:9/***"),
             ("http://127.0.0.1:9/", "http://127.0.0.1:9/"),
+            ("ftp://hooks.example/S3CRET", "ftp://hooks.example/***"),
             (
                 "sqlite://pageviews-data/pageviews.db",
                 "sqlite://pageviews-data/pageviews.db",
             ),
         ] {
             assert_eq!(redact(url), shown, "{url}");
-            for secret in ["pw9", "hunter2", "XXXXSECRET", "abc"] {
+            for secret in ["pw9", "hunter2", "XXXXSECRET", "abc", "S3CRET"] {
                 assert!(!redact(url).contains(secret), "{url}");
             }
         }
