@@ -14,7 +14,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
-use pageviews::aggregate::dimensions::{Counts, DEFAULT_TOP_K, Dimension, fill_batch};
+use pageviews::aggregate::dimensions::{
+    Counts, DEFAULT_KEEP_VALUES, DEFAULT_TOP_K, Dimension, Keep, fill_batch,
+};
 use pageviews::countries::CountryCode;
 use pageviews::event::{PageView, Source};
 use pageviews::format::LogFormat;
@@ -175,7 +177,13 @@ fn measure(
         }],
         ..FlushBatch::default()
     };
-    fill_batch(&mut batch, std::iter::once(&counts), None);
+    // The default compaction (--keep-values) is part of the flush's cost.
+    let keep = Keep {
+        retention: None,
+        latest: i64::MAX,
+        values: DEFAULT_KEEP_VALUES,
+    };
+    fill_batch(&mut batch, std::iter::once(&counts), keep);
     runtime
         .block_on(store.flush(&batch))
         .expect("the flush commits");
