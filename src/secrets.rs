@@ -15,7 +15,14 @@ pub fn redact(url: &str) -> String {
             }
             let keeps_path = matches!(
                 u.scheme(),
-                "postgres" | "postgresql" | "postgress" | "sqlite" | "smtp" | "smtps"
+                "postgres"
+                    | "postgresql"
+                    | "postgress"
+                    | "sqlite"
+                    | "mysql"
+                    | "mariadb"
+                    | "smtp"
+                    | "smtps"
             );
             if !keeps_path {
                 let path = (u.path() != "/" || u.query().is_some() || u.fragment().is_some())

@@ -12,6 +12,7 @@
 
 mod postgres;
 mod sqlite;
+mod tls;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -2220,6 +2221,57 @@ mod tests {
             source = s.source();
         }
         assert!(refused, "no io::Error in the chain of {err:?}");
+    }
+
+    /// `sslmode` with the machine's PostgreSQL, which serves TLS with Debian's self-signed
+    /// "snakeoil" certificate (issued for `localhost`).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_connections_use_tls_as_sslmode_says() {
+        const ROOT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+        assert!(
+            std::path::Path::new(ROOT).exists(),
+            "this test needs PostgreSQL with TLS and its certificate at {ROOT} (Debian's default)"
+        );
+        let base = testing::fresh_postgres_url().await;
+        let with = |extra: &str| format!("{base}&{extra}");
+        let tls = |store: &Store| match store {
+            Store::Postgres(p) => p.clone(),
+            Store::Sqlite(_) => unreachable!(),
+        };
+        // Encrypted, certificate unchecked (libpq's `require`).
+        let store = Store::open(&with("sslmode=require")).await.unwrap();
+        assert!(tls(&store).uses_tls().await.unwrap());
+        let store = Store::open(&with("sslmode=disable")).await.unwrap();
+        assert!(!tls(&store).uses_tls().await.unwrap());
+        // The chain against the given root, the name not checked.
+        let store = Store::open(&with(&format!("sslmode=verify-ca&sslrootcert={ROOT}")))
+            .await
+            .unwrap();
+        assert!(tls(&store).uses_tls().await.unwrap());
+        // Chain and name: the certificate names localhost, not 127.0.0.1.
+        let by_name = with(&format!("sslmode=verify-full&sslrootcert={ROOT}")).replacen(
+            "@127.0.0.1:",
+            "@localhost:",
+            1,
+        );
+        let store = Store::open(&by_name).await.unwrap();
+        assert!(tls(&store).uses_tls().await.unwrap());
+        let by_address = with(&format!("sslmode=verify-full&sslrootcert={ROOT}"));
+        match Store::open(&by_address).await {
+            Err(e) => assert!(e.to_string().contains("certificate"), "{e}"),
+            Ok(_) => panic!("verify-full accepted a certificate for another name"),
+        }
+        // Other roots (the public CAs' bundle) do not vouch for the self-signed certificate.
+        let public = "/etc/ssl/certs/ca-certificates.crt";
+        let others = with(&format!("sslmode=verify-full&sslrootcert={public}")).replacen(
+            "@127.0.0.1:",
+            "@localhost:",
+            1,
+        );
+        match Store::open(&others).await {
+            Err(e) => assert!(e.to_string().contains("certificate"), "{e}"),
+            Ok(_) => panic!("verify-full trusted a certificate no given root signed"),
+        }
     }
 
     #[tokio::test]

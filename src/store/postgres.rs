@@ -7,7 +7,6 @@
 //! COMMIT. Statements are prepared once per pooled connection.
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -132,12 +131,15 @@ impl PostgresStore {
             url: crate::secrets::redact(url),
             source,
         };
-        let config: tokio_postgres::Config = url
+        let (driver_url, check, root) =
+            super::tls::split_url(url).map_err(|e| open_err(e.into()))?;
+        let config: tokio_postgres::Config = driver_url
             .parse()
             .map_err(|e: tokio_postgres::Error| open_err(Box::new(e)))?;
+        let tls = super::tls::connector(check, root.as_ref()).map_err(|e| open_err(e.into()))?;
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -193,6 +195,18 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(StoreError::Pool)
+    }
+
+    /// Whether this store's connections are encrypted (for tests of `sslmode`).
+    pub async fn uses_tls(&self) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+                &[],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
     }
 
     pub async fn load_positions(
