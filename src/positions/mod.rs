@@ -226,9 +226,6 @@ pub struct GroupMember<A: Accumulator + Send + Sync + 'static> {
     failures: u32,
     /// Partitions whose stored positions referred to a recreated topic (for stats).
     pub recreated_topics_seen: u64,
-    /// Flushes the database refused for their data and that were written with the
-    /// offending values counted as `(invalid)` (for stats; the database counts them too).
-    pub data_errors: u64,
 }
 
 impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
@@ -275,7 +272,6 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
             identity: TopicIdentity::default(),
             failures: 0,
             recreated_topics_seen: 0,
-            data_errors: 0,
         })
     }
 
@@ -497,7 +493,6 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
                         let error = crate::event::policy::bounded(&err.to_string()).into_owned();
                         let moved = pending.batch.quarantine(&error, quarantined == 1);
                         quarantined += 1;
-                        self.data_errors += 1;
                         tracing::error!(
                             group = %self.group,
                             %error,

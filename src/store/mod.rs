@@ -597,51 +597,52 @@ impl FlushBatch {
     pub fn quarantine(&mut self, error: &str, everything: bool) -> usize {
         let suspicious =
             |v: &str| everything || v.len() > 200 || !v.bytes().all(|b| (0x20..0x7f).contains(&b));
-        let mut moved = 0;
-        let mut dims: Vec<DimensionIncrement> = Vec::with_capacity(self.dimensions.len());
-        for mut d in std::mem::take(&mut self.dimensions) {
-            if d.value != INVALID && suspicious(&d.value) {
-                d.value = INVALID.to_owned();
-                moved += 1;
-            }
-            dims.push(d);
-        }
-        self.dimensions = merge_rows(
-            dims,
+        let moved = quarantine_rows(
+            &mut self.dimensions,
+            |d| (&mut d.value, &mut d.amount),
             |d| (d.dimension.clone(), d.value.clone()),
-            |a, b| a.amount += b.amount,
-        );
-        let mut hours = Vec::with_capacity(self.dimension_hours.len());
-        for mut d in std::mem::take(&mut self.dimension_hours) {
-            if d.value != INVALID && suspicious(&d.value) {
-                d.value = INVALID.to_owned();
-                moved += 1;
-            }
-            hours.push(d);
-        }
-        self.dimension_hours = merge_rows(
-            hours,
+            suspicious,
+        ) + quarantine_rows(
+            &mut self.dimension_hours,
+            |d| (&mut d.value, &mut d.amount),
             |d| (d.dimension.clone(), d.hour, d.value.clone()),
-            |a, b| a.amount += b.amount,
+            suspicious,
         );
         self.data_error = Some(crate::event::policy::bounded(error).into_owned());
         moved
     }
 }
 
-/// `rows` with the rows of equal `key` merged by `add` (PostgreSQL refuses an upsert that
-/// touches one row twice), sorted by key.
-fn merge_rows<T, K: Ord>(rows: Vec<T>, key: impl Fn(&T) -> K, add: impl Fn(&mut T, T)) -> Vec<T> {
-    let mut map: std::collections::BTreeMap<K, T> = std::collections::BTreeMap::new();
-    for r in rows {
-        match map.entry(key(&r)) {
-            std::collections::btree_map::Entry::Occupied(mut e) => add(e.get_mut(), r),
+/// Renames the `suspicious` values of `rows` to [`INVALID`], then merges the rows of equal
+/// `key` (PostgreSQL refuses an upsert that touches one row twice), sorted by key. Returns how
+/// many rows were renamed.
+fn quarantine_rows<T, K: Ord>(
+    rows: &mut Vec<T>,
+    parts: impl Fn(&mut T) -> (&mut String, &mut Amount),
+    key: impl Fn(&T) -> K,
+    suspicious: impl Fn(&str) -> bool,
+) -> usize {
+    let mut moved = 0;
+    let mut merged: std::collections::BTreeMap<K, T> = std::collections::BTreeMap::new();
+    for mut r in std::mem::take(rows) {
+        let (value, _) = parts(&mut r);
+        if value.as_str() != INVALID && suspicious(value) {
+            *value = INVALID.to_owned();
+            moved += 1;
+        }
+        match merged.entry(key(&r)) {
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                let (_, amount) = parts(&mut r);
+                let add = *amount;
+                *parts(e.get_mut()).1 += add;
+            }
             std::collections::btree_map::Entry::Vacant(e) => {
                 e.insert(r);
             }
         }
     }
-    map.into_values().collect()
+    *rows = merged.into_values().collect();
+    moved
 }
 
 /// Counts a flush written after a data error (parameters: the group, the error).
@@ -2221,6 +2222,39 @@ mod tests {
             source = s.source();
         }
         assert!(refused, "no io::Error in the chain of {err:?}");
+    }
+
+    #[test]
+    fn quarantine_merges_what_it_renames() {
+        let dim = |v: &str, visits| DimensionIncrement {
+            dimension: "path".into(),
+            value: v.into(),
+            amount: Amount {
+                visits,
+                bytes: visits,
+                humans: 0,
+            },
+        };
+        let mut b = FlushBatch {
+            dimensions: vec![
+                dim("/ok", 1),
+                dim("/\u{1}", 2),
+                dim(&"x".repeat(300), 3),
+                dim(INVALID, 4),
+            ],
+            ..FlushBatch::default()
+        };
+        assert_eq!(b.quarantine("index row size", false), 2);
+        let rows: Vec<(&str, u64)> = b
+            .dimensions
+            .iter()
+            .map(|d| (d.value.as_str(), d.amount.visits))
+            .collect();
+        assert_eq!(rows, vec![(INVALID, 9), ("/ok", 1)]);
+        assert_eq!(b.data_error.as_deref(), Some("index row size"));
+        assert_eq!(b.quarantine("again", true), 1);
+        assert_eq!(b.dimensions.len(), 1);
+        assert_eq!(b.dimensions[0].amount.visits, 10);
     }
 
     /// `sslmode` with the machine's PostgreSQL, which serves TLS with Debian's self-signed

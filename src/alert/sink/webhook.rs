@@ -129,3 +129,93 @@ impl Webhook {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-shot HTTP server on loopback that answers `response` to every request, counting
+    /// requests; its URL with a secret path.
+    async fn answering(
+        response: &'static str,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/services/T0/B0/S3CRETPATH",
+            listener.local_addr().unwrap()
+        );
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = std::sync::Arc::clone(&hits);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(response.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        (url, hits)
+    }
+
+    fn alert() -> Alert {
+        Alert {
+            id: "errors/2026-01-01T00:00:00Z".into(),
+            rule: "errors".into(),
+            kind: "error_share".into(),
+            window_start: "2026-01-01T00:00:00Z".into(),
+            window_end: "2026-01-01T00:01:00Z".into(),
+            subject: None,
+            value: 0.5,
+            threshold: 0.2,
+            text: "errors".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed_and_the_url_is_redacted() {
+        let (target, target_hits) = answering("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+        let redirect: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: {target}\r\ncontent-length: 0\r\n\r\n"
+            )
+            .into_boxed_str(),
+        );
+        let (url, hits) = answering(redirect).await;
+        let hook = Webhook::new(&url, Duration::from_secs(5)).unwrap();
+        let err = hook.deliver(&alert()).await.unwrap_err();
+        let DeliveryError::Refused(text) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(text.contains("redirects are not followed"), "{text}");
+        assert!(!text.contains("S3CRETPATH"), "{text}");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(target_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn an_error_body_is_read_up_to_4_kib_and_the_url_is_redacted() {
+        let body = "e".repeat(1 << 20);
+        let response: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        );
+        let (url, _) = answering(response).await;
+        let hook = Webhook::new(&url, Duration::from_secs(5)).unwrap();
+        let err = hook.deliver(&alert()).await.unwrap_err();
+        let DeliveryError::Unavailable(text) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(text.len() < 400, "{} bytes", text.len());
+        assert!(!text.contains("S3CRETPATH"), "{text}");
+        // A refused connection: reqwest's error names no URL either.
+        let closed =
+            Webhook::new("http://127.0.0.1:1/hook/S3CRETPATH", Duration::from_secs(5)).unwrap();
+        let err = closed.deliver(&alert()).await.unwrap_err();
+        assert!(!err.to_string().contains("S3CRETPATH"), "{err}");
+    }
+}
