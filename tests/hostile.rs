@@ -15,11 +15,7 @@ use std::time::Duration;
 use common::{cluster, command, expected_counts, run_within};
 use pageviews::aggregate::dimensions::{Dimension, minute_of};
 use pageviews::event::policy::MAX_RESPONSE_BYTES;
-use pageviews::kafka::DEAD_LETTER_TOPIC;
 use pageviews::store::Store;
-use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
 
 /// Values kept per dimension (and per hour) in this test.
 const KEEP: u64 = 100;
@@ -301,33 +297,11 @@ async fn hostile_traffic(database: Option<String>) {
     assert_eq!(hours.total_visits, valid - 1);
 
     // The future line and the invalid UTF-8 are dead letters, each with its reason.
-    let consumer: StreamConsumer = c
-        .kafka
-        .client_config(
-            pageviews::kafka::ClientRole::Consumer,
-            &[
-                ("group.id", "hostile-dlq"),
-                ("auto.offset.reset", "earliest"),
-            ],
-        )
-        .create()
-        .unwrap();
-    consumer.subscribe(&[DEAD_LETTER_TOPIC]).unwrap();
-    let mut reasons = Vec::new();
-    while reasons.len() < 2 {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .expect("two dead letters within 30 s")
-            .unwrap();
-        let headers = m.headers().unwrap();
-        let reason = headers
-            .iter()
-            .find(|h| h.key == pageviews::event::headers::REASON)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap();
-        reasons.push(reason);
-    }
+    let mut reasons: Vec<String> = common::dead_letters(&c, 2)
+        .await
+        .into_iter()
+        .map(|(reason, _)| reason)
+        .collect();
     reasons.sort();
     assert_eq!(
         reasons,

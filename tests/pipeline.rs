@@ -9,15 +9,12 @@ use std::time::Duration;
 use common::*;
 use pageviews::generate::LineGenerator;
 use pageviews::import::{self, ImportConfig, Input};
-use pageviews::kafka::DEAD_LETTER_TOPIC;
 use pageviews::preprocess::PreprocessStats;
 use pageviews::serve::pipeline::PipelineResponse;
 use pageviews::serve::{
     CountriesResponse, Dashboard, DimensionResponse, HistogramResponse, TimeseriesResponse,
     UniquesResponse,
 };
-use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
 
 fn generated(n: usize, seed: u64) -> Vec<Vec<u8>> {
@@ -389,32 +386,10 @@ async fn malformed_lines_are_dead_lettered_with_reasons() {
     );
 
     // Every dead letter carries its reason and the (possibly cut) original bytes.
-    let consumer: StreamConsumer = c
-        .kafka
-        .client_config(
-            pageviews::kafka::ClientRole::Consumer,
-            &[
-                ("group.id", "test-dlq-reader"),
-                ("auto.offset.reset", "earliest"),
-            ],
-        )
-        .create()
-        .unwrap();
-    consumer.subscribe(&[DEAD_LETTER_TOPIC]).unwrap();
     let mut reasons = Vec::new();
-    while reasons.len() < 6 {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        let h = m.headers().unwrap();
-        let reason = pageviews::preprocess::header(h, pageviews::event::headers::REASON).unwrap();
-        let reason = String::from_utf8(reason.to_vec()).unwrap();
+    for (reason, len) in common::dead_letters(&c, 6).await {
         if reason.starts_with("line too long") {
-            assert_eq!(
-                m.payload().unwrap().len(),
-                pageviews::import::MAX_LINE_BYTES + 1
-            );
+            assert_eq!(len, pageviews::import::MAX_LINE_BYTES + 1);
         }
         reasons.push(reason);
     }

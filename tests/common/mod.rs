@@ -535,3 +535,35 @@ pub fn run_within(mut cmd: Command, patience: Duration) -> Output {
         stderr: err.join().unwrap(),
     }
 }
+
+/// The first `n` dead letters on `c`'s dead-letter topic: (reason, payload length), in the
+/// order read (each waited for up to 30 s).
+pub async fn dead_letters(c: &Cluster, n: usize) -> Vec<(String, usize)> {
+    use pageviews::kafka::{ClientRole, DEAD_LETTER_TOPIC};
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = c
+        .kafka
+        .client_config(
+            ClientRole::Consumer,
+            &[
+                ("group.id", "test-dlq-reader"),
+                ("auto.offset.reset", "earliest"),
+            ],
+        )
+        .create()
+        .unwrap();
+    consumer.subscribe(&[DEAD_LETTER_TOPIC]).unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {n} dead letters within 30 s", out.len()))
+            .unwrap();
+        let h = m.headers().unwrap();
+        let reason = pageviews::preprocess::header(h, pageviews::event::headers::REASON).unwrap();
+        let reason = String::from_utf8(reason.to_vec()).unwrap();
+        out.push((reason, m.payload().map_or(0, <[u8]>::len)));
+    }
+    out
+}
