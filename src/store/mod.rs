@@ -651,25 +651,24 @@ const RECORD_DATA_ERROR: &str =
      ON CONFLICT (consumer_group) DO UPDATE
      SET errors = flush_data_errors.errors + 1, last_error = excluded.last_error";
 
-/// The (dimension) and (dimension, hour) pairs a flush wrote, which its compaction looks at:
-/// hours about to be pruned are left out.
-fn compaction_targets(batch: &FlushBatch) -> (Vec<&str>, Vec<(&str, i64)>) {
-    let mut dims: Vec<&str> = batch
+/// What a flush's compaction looks at: each dimension it wrote (hour `None`: all time) and
+/// each (dimension, hour) it wrote, hours about to be pruned left out.
+fn compaction_targets(batch: &FlushBatch) -> Vec<(&str, Option<i64>)> {
+    let mut targets: Vec<(&str, Option<i64>)> = batch
         .dimensions
         .iter()
-        .map(|d| d.dimension.as_str())
+        .map(|d| (d.dimension.as_str(), None))
+        .chain(
+            batch
+                .dimension_hours
+                .iter()
+                .filter(|d| batch.prune_hours_before.is_none_or(|b| d.hour >= b))
+                .map(|d| (d.dimension.as_str(), Some(d.hour))),
+        )
         .collect();
-    dims.sort_unstable();
-    dims.dedup();
-    let mut hours: Vec<(&str, i64)> = batch
-        .dimension_hours
-        .iter()
-        .map(|d| (d.dimension.as_str(), d.hour))
-        .filter(|(_, h)| batch.prune_hours_before.is_none_or(|b| *h >= b))
-        .collect();
-    hours.sort_unstable();
-    hours.dedup();
-    (dims, hours)
+    targets.sort_unstable();
+    targets.dedup();
+    targets
 }
 
 /// The compaction statements (see [`FlushBatch::keep_values`]), the same on both databases

@@ -551,12 +551,8 @@ impl PostgresStore {
             )?;
         }
         if let Some(keep) = batch.keep_values {
-            let (dims, hours) = super::compaction_targets(batch);
-            for d in dims {
-                compact(&tx, d, None, keep).await?;
-            }
-            for (d, hour) in hours {
-                compact(&tx, d, Some(hour), keep).await?;
+            for (d, hour) in super::compaction_targets(batch) {
+                compact(&tx, d, hour, keep).await?;
             }
         }
         if !batch.uniques.is_empty() {

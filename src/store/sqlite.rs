@@ -785,12 +785,8 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
         .await?;
     }
     if let Some(keep) = batch.keep_values {
-        let (dims, hours) = super::compaction_targets(batch);
-        for d in dims {
-            compact(&tx, d, None, keep).await?;
-        }
-        for (d, hour) in hours {
-            compact(&tx, d, Some(hour), keep).await?;
+        for (d, hour) in super::compaction_targets(batch) {
+            compact(&tx, d, hour, keep).await?;
         }
     }
     add_amounts(
