@@ -13,25 +13,11 @@ use std::time::{Duration, Instant};
 
 use pageviews::store::Store;
 
-/// `pageviews generate` output as lines.
+/// `pageviews generate` output as lines, written to `path` as well.
 fn generate(lines: u64, seed: u64, path: &Path) -> Vec<Vec<u8>> {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = command(&bin(), dir.path());
-    cmd.args([
-        "generate",
-        "--lines",
-        &lines.to_string(),
-        "--seed",
-        &seed.to_string(),
-    ]);
-    let out = run_within(cmd, Duration::from_secs(60));
-    assert!(out.status.success());
-    std::fs::write(path, &out.stdout).unwrap();
-    out.stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect()
+    let lines = common::generated_by_binary(lines, seed);
+    common::write_lines(path, &lines);
+    lines
 }
 
 /// The arguments of `demo --input FILE --exit-when-drained` on the in-memory broker.

@@ -8,11 +8,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{cluster, command, expected_counts, run_within};
+use common::{cluster, command, expected_counts, generated_by_binary, run_within, write_lines};
 use pageviews::aggregate::dimensions::{Dimension, minute_of};
 use pageviews::event::policy::MAX_RESPONSE_BYTES;
 use pageviews::store::Store;
@@ -42,37 +41,9 @@ struct Input {
     with_referrer: u64,
 }
 
-fn write(path: &Path, lines: &[Vec<u8>]) {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    for l in lines {
-        f.write_all(l).unwrap();
-        f.write_all(b"\n").unwrap();
-    }
-    f.flush().unwrap();
-}
-
-/// `pageviews generate` lines (all on 2026-01-01 in the first minute).
-fn generated(n: u64, seed: u64, dir: &Path) -> Vec<Vec<u8>> {
-    let mut cmd = command(&common::bin(), dir);
-    cmd.args([
-        "generate",
-        "--lines",
-        &n.to_string(),
-        "--seed",
-        &seed.to_string(),
-    ]);
-    let out = run_within(cmd, Duration::from_secs(60));
-    assert!(out.status.success());
-    out.stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect()
-}
-
 fn prepare(dir: &Path) -> Input {
-    let before = generated(3_000, 1, dir);
-    let after = generated(1_000, 2, dir);
+    let before = generated_by_binary(3_000, 1);
+    let after = generated_by_binary(1_000, 2);
     let mut valid: Vec<(String, u64)> = Vec::new();
     let mut with_referrer = 0;
     for l in before.iter().chain(&after) {
@@ -168,10 +139,10 @@ fn prepare(dir: &Path) -> Input {
     counted("2026-01-01T12:30:01Z", 15, true);
 
     let files = ["before.log", "hostile.log", "hostile.json", "after.log"].map(|f| dir.join(f));
-    write(&files[0], &before);
-    write(&files[1], &hostile);
-    write(&files[2], &json);
-    write(&files[3], &after);
+    write_lines(&files[0], &before);
+    write_lines(&files[1], &hostile);
+    write_lines(&files[2], &json);
+    write_lines(&files[3], &after);
     Input {
         files: files.to_vec(),
         lines: (before.len() + hostile.len() + json.len() + after.len()) as u64,

@@ -567,3 +567,23 @@ pub async fn dead_letters(c: &Cluster, n: usize) -> Vec<(String, usize)> {
     }
     out
 }
+
+/// `pageviews generate --lines N --seed S` (the real binary) as lines.
+pub fn generated_by_binary(lines: u64, seed: u64) -> Vec<Vec<u8>> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(&bin(), dir.path());
+    cmd.args([
+        "generate",
+        "--lines",
+        &lines.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]);
+    let out = run_within(cmd, Duration::from_secs(60));
+    assert!(out.status.success());
+    out.stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
