@@ -62,6 +62,17 @@ pub enum ClientRole {
 /// build, back to back). 10 ms keeps the memory bound and costs nothing measurable.
 pub const FETCH_QUEUE_BACKOFF: (&str, &str) = ("fetch.queue.backoff.ms", "10");
 
+/// Every producer of the pipeline (import, preprocess and its dead letters) compresses its
+/// record batches with LZ4. Log lines and their events repeat most of their bytes (agents,
+/// paths, referrers), so a batch shrinks several times over, and every copy of it costs that
+/// much less: the socket, the broker's storage (the SQLite file and its write-ahead log, or the
+/// memory storage's heap) and the fetches. The batches are stored and fetched as they are, so
+/// only the producer compresses and only the consumer decompresses. Measured with
+/// `demo --input <1,000,000 real lines> --exit-when-drained`, back to back, same build: SQLite
+/// broker storage 100k -> 136k lines/s, memory storage 133k -> 150k lines/s. Kafka brokers
+/// take LZ4 since 0.8; `-X compression.type=none` turns it off.
+pub const COMPRESSION: (&str, &str) = ("compression.type", "lz4");
+
 /// The group session of the preprocessors and aggregators: a member that stops heartbeating
 /// (killed, or its host gone) loses its partitions after 10 s, Kafka's classic default, instead
 /// of librdkafka's 45 s, during which a dead worker's partitions are counted by nobody (the

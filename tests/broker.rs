@@ -151,7 +151,7 @@ type Seen = (
 );
 
 /// Reads `count` messages of partition 0 of the raw topic from `offset`, with small fetch
-/// limits so that one partition takes many fetches.
+/// limits so that one partition takes many fetches, and every batch's CRC checked.
 fn read_back(kafka: &KafkaSettings, offset: i64, count: usize) -> Vec<Seen> {
     use rdkafka::Message;
     use rdkafka::message::Headers;
@@ -163,6 +163,7 @@ fn read_back(kafka: &KafkaSettings, offset: i64, count: usize) -> Vec<Seen> {
                 ("fetch.max.bytes", "20000"),
                 ("max.partition.fetch.bytes", "20000"),
                 ("message.max.bytes", "20000"),
+                ("check.crcs", "true"),
             ],
         )
         .create()
@@ -198,6 +199,24 @@ fn read_back(kafka: &KafkaSettings, offset: i64, count: usize) -> Vec<Seen> {
         }
     }
     seen
+}
+
+/// A new embedded broker on the SQLite file in `dir`, once a stopped one has let go of it
+/// (under load its storage can hold the file's lock a little after `stop`: "database is
+/// locked").
+async fn restart_on_sqlite(dir: &std::path::Path) -> EmbeddedBroker {
+    let mut waited = Duration::ZERO;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        waited += Duration::from_millis(500);
+        match EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), BrokerStorage::Sqlite, dir)
+            .await
+        {
+            Ok(b) => break b,
+            Err(e) if waited < Duration::from_secs(15) && e.to_string().contains("locked") => {}
+            Err(e) => panic!("broker did not start again on its file: {e}"),
+        }
+    }
 }
 
 /// What the SQLite storage's produce and fetch paths promise (see the `lite.rs` entry of
@@ -286,22 +305,7 @@ async fn sqlite_storage_round_trips_records_across_batches_and_restarts() {
     // The same file, a new broker, once the stopped one has let go of it (under load its
     // storage can hold the file's lock a little after `stop`: "database is locked").
     broker.stop();
-    let mut waited = Duration::ZERO;
-    let broker = loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        waited += Duration::from_millis(500);
-        match EmbeddedBroker::start(
-            "127.0.0.1:0".parse().unwrap(),
-            BrokerStorage::Sqlite,
-            dir.path(),
-        )
-        .await
-        {
-            Ok(b) => break b,
-            Err(e) if waited < Duration::from_secs(15) && e.to_string().contains("locked") => {}
-            Err(e) => panic!("broker did not start again on its file: {e}"),
-        }
-    };
+    let broker = restart_on_sqlite(dir.path()).await;
     let kafka = with_topics(&broker).await;
     let reader = kafka.clone();
     let (again, high, next) = tokio::task::spawn_blocking(move || {
@@ -379,4 +383,310 @@ async fn a_read_from_inside_a_batch_misses_nothing() {
         }
         broker.stop();
     }
+}
+
+/// A free TCP port on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `pageviews broker` on SQLite storage in `dir`, as its own process (so that it can be
+/// killed with SIGKILL), and settings for it once it answers, with our topics.
+async fn broker_process(dir: &std::path::Path, port: u16) -> (std::process::Child, KafkaSettings) {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pageviews"))
+        .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--broker-storage", "sqlite", "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn,tansu_storage=off,tansu_service=off")
+        .env_remove("PAGEVIEWS_BROKERS")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let kafka = KafkaSettings::new(format!("127.0.0.1:{port}"));
+    kafka
+        .wait_until_reachable(Duration::from_secs(30))
+        .await
+        .unwrap();
+    kafka.create_topics(1).await.unwrap();
+    (child, kafka)
+}
+
+/// One stored row of the SQLite storage's `record_batch` table, with the fields of its
+/// Kafka batch header read from the blob itself (big-endian, at the offsets of the v2 format).
+#[derive(Debug)]
+struct StoredBatch {
+    base_offset: i64,
+    last_offset: i64,
+    header_base_offset: i64,
+    batch_length: usize,
+    last_offset_delta: i64,
+    record_count: i64,
+    blob_len: usize,
+}
+
+/// Every stored batch of partition 0 of the raw topic in `broker.db`, in offset order, and the
+/// partition's high watermark.
+async fn stored_batches(file: &std::path::Path) -> (Vec<StoredBatch>, i64) {
+    let db = libsql::Builder::new_local(file).build().await.unwrap();
+    let conn = db.connect().unwrap();
+    let topition = "(select tp.id from topition tp join topic t on t.id = tp.topic \
+                    where t.name = ?1 and tp.partition = 0)";
+    let mut rows = conn
+        .query(
+            &format!(
+                "select base_offset, last_offset, batch from record_batch \
+                 where topition = {topition} order by base_offset"
+            ),
+            [RAW_TOPIC],
+        )
+        .await
+        .unwrap();
+    let mut batches = vec![];
+    while let Some(row) = rows.next().await.unwrap() {
+        let blob = row.get::<Vec<u8>>(2).unwrap();
+        let be = |at: usize, n: usize| -> i64 {
+            blob[at..at + n]
+                .iter()
+                .fold(0i64, |acc, b| (acc << 8) | i64::from(*b))
+        };
+        batches.push(StoredBatch {
+            base_offset: row.get::<i64>(0).unwrap(),
+            last_offset: row.get::<i64>(1).unwrap(),
+            header_base_offset: be(0, 8),
+            batch_length: usize::try_from(be(8, 4)).unwrap(),
+            last_offset_delta: be(23, 4),
+            record_count: be(57, 4),
+            blob_len: blob.len(),
+        });
+    }
+    let mut rows = conn
+        .query(
+            &format!("select high from watermark where topition = {topition}"),
+            [RAW_TOPIC],
+        )
+        .await
+        .unwrap();
+    let high = rows
+        .next()
+        .await
+        .unwrap()
+        .and_then(|row| row.get::<Option<i64>>(0).unwrap())
+        .unwrap_or(0);
+    (batches, high)
+}
+
+/// The SQLite storage keeps each produced batch as one row (PATCHED.md), written in one
+/// transaction with the high watermark: a broker killed with SIGKILL in the middle of a
+/// stream of produce requests leaves only whole batches, contiguous from offset 0 to the high
+/// watermark, each one's header agreeing with its row. After a restart every record up to the
+/// high watermark reads back (CRCs checked), and new records continue the offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_during_produce_leaves_whole_batches() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (mut child, kafka) = broker_process(dir.path(), port).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let (kafka, stop, acked) = (kafka.clone(), Arc::clone(&stop), Arc::clone(&acked));
+        std::thread::spawn(move || {
+            let producer: BaseProducer = kafka
+                .client_config(
+                    ClientRole::Producer,
+                    &[("linger.ms", "2"), ("message.timeout.ms", "3000")],
+                )
+                .create()
+                .unwrap();
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..500 {
+                    let payload = format!("seq {seq:09} {}", "p".repeat((seq % 97) as usize));
+                    if producer
+                        .send(BaseRecord::<(), str>::to(RAW_TOPIC).payload(&payload))
+                        .is_ok()
+                    {
+                        seq += 1;
+                    }
+                }
+                if producer.flush(Duration::from_secs(3)).is_ok() {
+                    acked.store(seq, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Kill the broker once a good number of batches are in, while the producer keeps going.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::Relaxed) < 20_000 {
+        assert!(std::time::Instant::now() < deadline, "producer stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let acked_before_kill = acked.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    producer.join().unwrap();
+
+    let (batches, high) = stored_batches(&dir.path().join("broker.db")).await;
+    assert!(batches.len() > 10, "{} batches stored", batches.len());
+    let mut next = 0;
+    for b in &batches {
+        assert_eq!(b.base_offset, next, "batches are contiguous: {b:?}");
+        assert_eq!(b.header_base_offset, b.base_offset, "{b:?}");
+        assert_eq!(b.batch_length + 12, b.blob_len, "whole batch stored: {b:?}");
+        assert_eq!(b.last_offset_delta, b.last_offset - b.base_offset, "{b:?}");
+        assert_eq!(b.record_count, b.last_offset_delta + 1, "{b:?}");
+        next = b.last_offset + 1;
+    }
+    assert_eq!(high, next, "the high watermark ends the last whole batch");
+    assert!(
+        u64::try_from(high).unwrap() >= acked_before_kill,
+        "{high} stored, {acked_before_kill} acknowledged before the kill"
+    );
+
+    let (mut child, kafka) = broker_process(dir.path(), port).await;
+    let reader = kafka.clone();
+    let count = usize::try_from(high).unwrap();
+    let (seen, more) = tokio::task::spawn_blocking(move || {
+        let seen = read_back(&reader, 0, count);
+        let producer: BaseProducer = reader
+            .client_config(ClientRole::Producer, &[("linger.ms", "0")])
+            .create()
+            .unwrap();
+        producer
+            .send(BaseRecord::<(), str>::to(RAW_TOPIC).payload("after the kill"))
+            .unwrap();
+        producer.flush(Duration::from_secs(30)).unwrap();
+        let more = read_back(&reader, i64::try_from(count).unwrap(), 1);
+        (seen, more)
+    })
+    .await
+    .unwrap();
+    let offsets: Vec<i64> = seen.iter().map(|s| s.0).collect();
+    assert_eq!(offsets, (0..high).collect::<Vec<_>>());
+    for (offset, _, payload, _) in &seen {
+        let payload = String::from_utf8(payload.clone().unwrap()).unwrap();
+        assert!(payload.starts_with("seq "), "offset {offset}: {payload:?}");
+    }
+    assert_eq!(more[0].0, high);
+    assert_eq!(more[0].2.as_deref(), Some(&b"after the kill"[..]));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// A `broker.db` written before batches were stored as rows (tansu 0.6.0's layout: a row per
+/// record in `record`, a row per header in `header`) is read as it is: its records come back
+/// with their keys and headers, from the start and from the middle, ListOffsets answers its
+/// log start and end, and new records, stored as batches, continue its offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_db_in_the_row_per_record_layout_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _) = broker_with_topics(BrokerStorage::Sqlite, dir.path()).await;
+    broker.stop();
+    // 500 records as 0.6.0 wrote them: every 3rd with a key, every 4th with two headers.
+    let expected: Vec<Seen> = (0..500i64)
+        .map(|i| {
+            let key = (i % 3 == 0).then(|| format!("k{i}").into_bytes());
+            let headers = if i % 4 == 0 {
+                vec![
+                    ("h1".to_owned(), Some(format!("v{i}").into_bytes())),
+                    ("h2".to_owned(), None),
+                ]
+            } else {
+                vec![]
+            };
+            (i, key, Some(format!("legacy {i}").into_bytes()), headers)
+        })
+        .collect();
+    {
+        let db = libsql::Builder::new_local(dir.path().join("broker.db"))
+            .build()
+            .await
+            .unwrap();
+        let conn = db.connect().unwrap();
+        // The stopped broker may hold the file a moment longer.
+        let mut rows = conn.query("pragma busy_timeout = 15000", ()).await.unwrap();
+        while rows.next().await.unwrap().is_some() {}
+        drop(rows);
+        let mut rows = conn
+            .query(
+                "select tp.id from topition tp join topic t on t.id = tp.topic \
+                 where t.name = ?1 and tp.partition = 0",
+                [RAW_TOPIC],
+            )
+            .await
+            .unwrap();
+        let topition = rows.next().await.unwrap().unwrap().get::<i64>(0).unwrap();
+        drop(rows);
+        let now = 1_700_000_000_000i64;
+        conn.execute("begin", ()).await.unwrap();
+        for (offset, key, value, headers) in &expected {
+            conn.execute(
+                "insert into record (topition, offset_id, attributes, timestamp, k, v) \
+                 values (?1, ?2, 0, ?3, ?4, ?5)",
+                libsql::params![topition, *offset, now + offset, key.clone(), value.clone()],
+            )
+            .await
+            .unwrap();
+            for (k, v) in headers {
+                conn.execute(
+                    "insert into header (topition, offset_id, k, v) values (?1, ?2, ?3, ?4)",
+                    libsql::params![topition, *offset, k.as_bytes().to_vec(), v.clone()],
+                )
+                .await
+                .unwrap();
+            }
+        }
+        conn.execute(
+            "update watermark set low = 0, high = 500 where topition = ?1",
+            [topition],
+        )
+        .await
+        .unwrap();
+        conn.execute("commit", ()).await.unwrap();
+    }
+    let broker = restart_on_sqlite(dir.path()).await;
+    let kafka = with_topics(&broker).await;
+    let reader = kafka.clone();
+    let (all, middle, low, high, after) = tokio::task::spawn_blocking(move || {
+        let all = read_back(&reader, 0, 500);
+        let middle = read_back(&reader, 250, 250);
+        let consumer: BaseConsumer = reader
+            .client_config(ClientRole::Consumer, &[("group.id", "legacy-watermarks")])
+            .create()
+            .unwrap();
+        let (low, high) = consumer
+            .fetch_watermarks(RAW_TOPIC, 0, Duration::from_secs(10))
+            .unwrap();
+        let producer: BaseProducer = reader
+            .client_config(ClientRole::Producer, &[("linger.ms", "20")])
+            .create()
+            .unwrap();
+        for i in 0..100 {
+            producer
+                .send(BaseRecord::<(), str>::to(RAW_TOPIC).payload(&format!("new {i}")))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+        let after = read_back(&reader, 450, 150);
+        (all, middle, low, high, after)
+    })
+    .await
+    .unwrap();
+    assert!(all == expected, "legacy records read back differ");
+    assert!(middle == expected[250..], "legacy records from 250 differ");
+    assert_eq!((low, high), (0, 500));
+    let offsets: Vec<i64> = after.iter().map(|s| s.0).collect();
+    assert_eq!(offsets, (450..600).collect::<Vec<_>>());
+    assert_eq!(after[49].2.as_deref(), Some(&b"legacy 499"[..]));
+    assert_eq!(after[50].2.as_deref(), Some(&b"new 0"[..]));
+    assert_eq!(after[149].2.as_deref(), Some(&b"new 99"[..]));
+    broker.stop();
 }

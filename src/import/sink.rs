@@ -86,6 +86,7 @@ impl LineSink {
                 ClientRole::Producer,
                 &[
                     ("enable.idempotence", "true"),
+                    crate::kafka::COMPRESSION,
                     ("linger.ms", "5"),
                     ("batch.num.messages", "10000"),
                     ("queue.buffering.max.messages", "200000"),

@@ -171,6 +171,7 @@ pub async fn run(
                 // speed (measured on the SQLite broker storage; see the README's benchmarks),
                 // for 45 ms more latency, far below the aggregator's flush interval.
                 ("linger.ms", "50"),
+                crate::kafka::COMPRESSION,
                 ("batch.num.messages", "10000"),
                 ("queue.buffering.max.messages", "200000"),
             ],

@@ -21,7 +21,10 @@ use std::{
     result,
     str::FromStr as _,
     collections::HashMap,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -221,6 +224,9 @@ pub(crate) struct Delegate {
     lake: Option<House>,
 
     vacuum_into: Option<String>,
+
+    /// pageviews patch: records of 0.6.0's row per record layout are left in this file.
+    legacy_records: Arc<AtomicBool>,
 }
 
 #[derive(Clone, Debug)]
@@ -769,6 +775,239 @@ impl Delegate {
             .ok_or(Error::Api(ErrorCode::UnknownTopicOrPartition))
     }
 
+    /// pageviews patch: a fetch from the records of a `broker.db` written in 0.6.0's layout
+    /// (a row per record, a row per header), read as 0.6.0 read them, once more grouped into
+    /// batches of equal attributes and producer; nothing when no such record is in range.
+    async fn fetch_legacy(
+        &self,
+        connection: &PoolConnection,
+        topition_id: i64,
+        offset: i64,
+        high_watermark: i64,
+        max_bytes: u32,
+    ) -> Result<Vec<deflated::Batch>> {
+        // pageviews patch: one ordered range scan that stops at `max_bytes`, and one query
+        // for the headers of the records read, through cached statements. 0.6.0 summed the
+        // sizes of every record up to the high watermark with a window function before it
+        // applied the limit, then ran one header query per record. As in Kafka, the first
+        // record is returned even when it alone is larger than `max_bytes`, so that a consumer
+        // never stalls on it (0.6.0 returned nothing, for ever). See PATCHED.md.
+        let mut records: Vec<FetchedRecord> = vec![];
+        let mut bytes = 0u64;
+
+        connection.query_each(
+            "lite/record_range.sql",
+            (topition_id, offset, high_watermark),
+            |row| {
+                let k = row.get::<Option<Vec<u8>>>(3)?.map(Bytes::from);
+                let v = row.get::<Option<Vec<u8>>>(4)?.map(Bytes::from);
+
+                let size = k.as_ref().map_or(0, Bytes::len) + v.as_ref().map_or(0, Bytes::len);
+                bytes += size as u64;
+
+                if !records.is_empty() && bytes >= u64::from(max_bytes) {
+                    return Ok(false);
+                }
+
+                records.push(FetchedRecord {
+                    offset: row.get::<i64>(0)?,
+                    attributes: row.get::<Option<i32>>(1)?.unwrap_or(0) as i16,
+                    timestamp: LiteTimestamp::try_from(row.get_value(2)?)
+                        .and_then(|system_time| to_timestamp(&system_time.0).map_err(Into::into))?,
+                    key: k,
+                    value: v,
+                    producer_id: row.get::<Option<i64>>(5)?.unwrap_or(-1),
+                    producer_epoch: row.get::<Option<i32>>(6)?.unwrap_or(-1) as i16,
+                    headers: vec![],
+                });
+
+                Ok(bytes < u64::from(max_bytes))
+            },
+        )
+        .await?;
+
+        if let (Some(first), Some(last)) = (records.first(), records.last()) {
+            let first_offset = first.offset;
+            let last_offset = last.offset;
+            let mut index = 0;
+
+            connection.query_each(
+                "lite/header_range.sql",
+                (topition_id, first_offset, last_offset),
+                |row| {
+                    let offset = row.get::<i64>(0)?;
+
+                    while records.get(index).is_some_and(|record| record.offset < offset) {
+                        index += 1;
+                    }
+
+                    if let Some(record) = records.get_mut(index)
+                        && record.offset == offset
+                    {
+                        let mut header = Header::builder();
+
+                        if let Some(k) = row.get::<Option<Vec<u8>>>(1)? {
+                            header = header.key(Bytes::from(k));
+                        }
+
+                        if let Some(v) = row.get::<Option<Vec<u8>>>(2)? {
+                            header = header.value(Bytes::from(v));
+                        }
+
+                        record.headers.push(header);
+                    }
+
+                    Ok(true)
+                },
+            )
+            .await?;
+        }
+
+        let mut batches = vec![];
+        let mut batch_builder: Option<inflated::Builder> = None;
+
+        for record in records {
+            let same_batch = batch_builder.as_ref().is_some_and(|builder| {
+                builder.attributes == record.attributes
+                    && builder.producer_id == record.producer_id
+                    && builder.producer_epoch == record.producer_epoch
+            });
+
+            let builder = match batch_builder.take() {
+                Some(builder) if same_batch => builder,
+                previous => {
+                    if let Some(previous) = previous {
+                        batches.push(previous.build().and_then(TryInto::try_into)?);
+                    }
+
+                    inflated::Batch::builder()
+                        .base_offset(record.offset)
+                        .base_timestamp(record.timestamp)
+                        .attributes(record.attributes)
+                        .producer_id(record.producer_id)
+                        .producer_epoch(record.producer_epoch)
+                }
+            };
+
+            let offset_delta = i32::try_from(record.offset - builder.base_offset)?;
+            let timestamp_delta = record.timestamp - builder.base_timestamp;
+
+            let record_builder = record.headers.into_iter().fold(
+                Record::builder()
+                    .offset_delta(offset_delta)
+                    .timestamp_delta(timestamp_delta)
+                    .key(record.key)
+                    .value(record.value),
+                |record_builder, header| record_builder.header(header),
+            );
+
+            batch_builder = Some(
+                builder
+                    .record(record_builder)
+                    .last_offset_delta(offset_delta),
+            );
+        }
+
+        if let Some(builder) = batch_builder {
+            batches.push(builder.build().and_then(TryInto::try_into)?);
+        }
+
+        Ok(batches)
+    }
+
+    /// pageviews patch: one partition's answer to `ListOffsets` (see PATCHED.md): the log
+    /// start, the log end (the last stable offset for read-committed readers), or the first
+    /// record at or after a timestamp, found inside the first stored batch that reaches it;
+    /// offset -1 when no record is that late, as Kafka answers.
+    async fn list_offset(
+        &self,
+        c: &PoolConnection,
+        topition: &Topition,
+        offset_type: &ListOffset,
+        isolation_level: IsolationLevel,
+    ) -> Result<ListOffsetResponse> {
+        let at = |offset: i64, timestamp: Option<SystemTime>| ListOffsetResponse {
+            timestamp,
+            offset: Some(offset),
+            ..Default::default()
+        };
+
+        match offset_type {
+            ListOffset::Earliest => {
+                let stage = self.offset_stage(topition).await?;
+                Ok(at(stage.log_start, None))
+            }
+
+            ListOffset::Latest => {
+                let stage = self.offset_stage(topition).await?;
+                Ok(at(
+                    if isolation_level == IsolationLevel::ReadCommitted {
+                        stage.last_stable
+                    } else {
+                        stage.high_watermark
+                    },
+                    None,
+                ))
+            }
+
+            ListOffset::Timestamp(timestamp) => {
+                if self.legacy_records.load(Ordering::Relaxed)
+                    && let Some(row) = c
+                        .query_opt(
+                            "list_latest_offset_timestamp.sql",
+                            (
+                                self.cluster.as_str(),
+                                topition.topic(),
+                                topition.partition(),
+                                LiteTimestamp::from(timestamp),
+                            ),
+                        )
+                        .await?
+                {
+                    let offset = row.get::<i64>(0)?;
+                    let timestamp = row
+                        .get_value(1)
+                        .map_err(Into::into)
+                        .and_then(LiteTimestamp::try_from)
+                        .map(SystemTime::from)?;
+                    return Ok(at(offset, Some(timestamp)));
+                }
+
+                let topition_id = c.topition_id(&self.cluster, topition).await?;
+                let wanted = to_timestamp(timestamp)?;
+                let mut found = None;
+
+                c.query_each(
+                    "lite/record_batch_at_time.sql",
+                    (topition_id, wanted),
+                    |row| {
+                        found = Some((row.get::<i64>(0)?, row.get::<Vec<u8>>(1)?));
+                        Ok(false)
+                    },
+                )
+                .await?;
+
+                if let Some((base_offset, encoded)) = found {
+                    let batch = inflated::Batch::try_from(deflated::Batch::try_from(
+                        Bytes::from(encoded),
+                    )?)?;
+
+                    for record in &batch.records {
+                        let time = batch.base_timestamp + record.timestamp_delta;
+                        if time >= wanted {
+                            return Ok(at(
+                                base_offset + i64::from(record.offset_delta),
+                                Some(to_system_time(time)?),
+                            ));
+                        }
+                    }
+                }
+
+                Ok(at(-1, None))
+            }
+        }
+    }
+
     #[instrument(skip_all)]
     async fn produce_in_tx(
         &self,
@@ -799,11 +1038,22 @@ impl Delegate {
 
         debug!(?low, ?high);
 
-        let inflated = inflated::Batch::try_from(deflated).inspect_err(|err| error!(?err))?;
+        // pageviews patch: the records are decoded only for a schema registry or a lake; the
+        // batch itself is stored as it arrived (see PATCHED.md).
+        let inflated = if self.schemas.is_some() || self.lake.is_some() {
+            Some(inflated::Batch::try_from(deflated.clone()).inspect_err(|err| error!(?err))?)
+        } else {
+            None
+        };
+        let decoded = || {
+            inflated
+                .as_ref()
+                .ok_or_else(|| Error::Message("record batch not decoded".into()))
+        };
 
         debug!(after_inflate = elapsed_millis(start));
 
-        let attributes = BatchAttribute::try_from(inflated.attributes)?;
+        let attributes = BatchAttribute::try_from(deflated.attributes)?;
 
         debug!(after_attributes = elapsed_millis(start));
 
@@ -828,12 +1078,12 @@ impl Delegate {
                 })
                 .inspect(|schema_validation| debug!(schema_validation))?
         {
-            schemas.validate(topition.topic(), &inflated).await?;
+            schemas.validate(topition.topic(), decoded()?).await?;
         }
 
         debug!(after_validation = elapsed_millis(start));
 
-        let last_offset_delta = i64::from(inflated.last_offset_delta);
+        let last_offset_delta = i64::from(deflated.last_offset_delta);
 
         if self.schemas.is_none()
             || self.lake.is_none()
@@ -858,62 +1108,43 @@ impl Delegate {
                     })
                     .inspect(|tansu_lake_sink| debug!(tansu_lake_sink))?)
         {
-            // pageviews patch: the partition's row id once per batch, then plain inserts
-            // through cached statements (0.6.0 joined cluster, topic and topition again for
-            // every record and every header, with a statement prepared each time).
+            // pageviews patch: the batch is one row, stored as it arrived with its base offset
+            // set (0.6.0 wrote one row per record and one per header; see PATCHED.md).
             let topition_id = connection.topition_id(&self.cluster, topition).await?;
-
-            // As SQLite's `current_timestamp` writes it (UTC, to the second).
-            let written_at = chrono::DateTime::<chrono::Utc>::from(SystemTime::now())
-                .format("%Y-%m-%d %H:%M:%S")
-                .to_string();
 
             let (producer_id, producer_epoch) = if transaction_id.is_none() {
                 (None, None)
             } else {
-                (Some(inflated.producer_id), Some(inflated.producer_epoch))
+                (Some(deflated.producer_id), Some(deflated.producer_epoch))
             };
 
-            for (delta, record) in inflated.records.iter().enumerate() {
-                let delta = i64::try_from(delta)?;
-                let offset = high.unwrap_or_default() + delta;
-                let key = record.key.as_deref();
-                let value = record.value.as_deref();
+            let base_offset = high.unwrap_or_default();
+            let max_timestamp = deflated.max_timestamp.max(deflated.base_timestamp);
+            let mut stored = deflated.clone();
+            stored.base_offset = base_offset;
+            let encoded = Bytes::from(stored);
+            let written_at = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
 
-                _ = connection
-                    .execute(
-                        "lite/record_insert_by_id.sql",
-                        (
-                            topition_id,
-                            offset,
-                            inflated.attributes,
-                            producer_id,
-                            producer_epoch,
-                            inflated.base_timestamp + record.timestamp_delta,
-                            key,
-                            value,
-                            written_at.as_str(),
-                        ),
-                    )
-                    .await
-                    .inspect_err(|err| error!(?err, ?topic, ?partition, ?offset))
-                    .map_err(unique_constraint(ErrorCode::UnknownServerError))?;
+            debug!(?producer_id, ?producer_epoch, base_offset, bytes = encoded.len());
 
-                for header in record.headers.iter().as_ref() {
-                    let key = header.key.as_deref();
-                    let value = header.value.as_deref();
-
-                    _ = connection
-                        .execute(
-                            "lite/header_insert_by_id.sql",
-                            (topition_id, offset, key, value, written_at.as_str()),
-                        )
-                        .await
-                        .inspect_err(|err| {
-                            error!(?err, ?topic, ?partition, ?offset, ?key, ?value);
-                        });
-                }
-            }
+            _ = connection
+                .execute(
+                    "lite/record_batch_insert.sql",
+                    (
+                        topition_id,
+                        base_offset,
+                        base_offset + last_offset_delta,
+                        max_timestamp,
+                        i64::try_from(encoded.len())?,
+                        Vec::<u8>::from(encoded),
+                        written_at,
+                    ),
+                )
+                .await
+                .inspect_err(|err| error!(?err, ?topic, ?partition, base_offset))
+                .map_err(unique_constraint(ErrorCode::UnknownServerError))?;
 
             debug!(after_record_insert = elapsed_millis(start));
 
@@ -929,8 +1160,8 @@ impl Delegate {
                             (
                                 self.cluster.as_str(),
                                 transaction_id,
-                                inflated.producer_id,
-                                inflated.producer_epoch,
+                                deflated.producer_id,
+                                deflated.producer_epoch,
                                 topic,
                                 partition,
                                 offset_start,
@@ -938,7 +1169,7 @@ impl Delegate {
                             ),
                         )
                         .await
-                        .inspect(|n| debug!(cluster = ?self.cluster, ?transaction_id, ?inflated.producer_id, ?inflated.producer_epoch, ?topic, ?partition, ?offset_start, ?offset_end, ?n))
+                        .inspect(|n| debug!(cluster = ?self.cluster, ?transaction_id, ?deflated.producer_id, ?deflated.producer_epoch, ?topic, ?partition, ?offset_start, ?offset_end, ?n))
                         .inspect_err(|err| error!(?err))?;
             }
 
@@ -972,7 +1203,7 @@ impl Delegate {
                 topition.topic(),
                 topition.partition(),
                 high.unwrap_or_default(),
-                &inflated,
+                decoded()?,
                 config,
             )
             .await
@@ -1423,6 +1654,10 @@ static DDL: LazyLock<Cache> = LazyLock::new(|| {
             include_sql!("ddl/045-header-index.sql"),
         ),
         (
+            "046-record-batch.sql",
+            include_sql!("ddl/046-record-batch.sql"),
+        ),
+        (
             "050-txn-offset-commit.sql",
             include_sql!("ddl/050-txn-offset-commit.sql"),
         ),
@@ -1444,7 +1679,7 @@ static DDL: LazyLock<Cache> = LazyLock::new(|| {
 });
 
 /// pageviews patch: statements of the SQLite backend only (see PATCHED.md).
-static LITE_SQL: [(&str, &str); 5] = [
+static LITE_SQL: [(&str, &str); 8] = [
     ("lite/topition_id.sql", include_str!("lite/topition_id.sql")),
     (
         "lite/record_insert_by_id.sql",
@@ -1456,6 +1691,18 @@ static LITE_SQL: [(&str, &str); 5] = [
     ),
     ("lite/record_range.sql", include_str!("lite/record_range.sql")),
     ("lite/header_range.sql", include_str!("lite/header_range.sql")),
+    (
+        "lite/record_batch_insert.sql",
+        include_str!("lite/record_batch_insert.sql"),
+    ),
+    (
+        "lite/record_batch_range.sql",
+        include_str!("lite/record_batch_range.sql"),
+    ),
+    (
+        "lite/record_batch_at_time.sql",
+        include_str!("lite/record_batch_at_time.sql"),
+    ),
 ];
 
 pub(crate) static SQL: LazyLock<Cache> = LazyLock::new(|| {
@@ -2050,6 +2297,22 @@ impl Builder<String, i32, Url, Url> {
                 .inspect_err(|err| error!(name, ?err));
         }
 
+        // pageviews patch: a file written by 0.6.0 keeps its records in the row per record
+        // layout; they stay readable (see PATCHED.md).
+        let legacy_records = {
+            let mut rows = connection
+                .query(include_str!("lite/legacy_records.sql"), ())
+                .await?;
+            let legacy = match rows.next().await? {
+                Some(row) => row.get::<i64>(0)? != 0,
+                None => false,
+            };
+            if legacy {
+                tracing::info!("broker storage holds records in tansu 0.6.0's layout: read as they are");
+            }
+            Arc::new(AtomicBool::new(legacy))
+        };
+
         let (sender, receiver) = bounded_channel(1);
         let mut server = JoinSet::new();
 
@@ -2067,6 +2330,7 @@ impl Builder<String, i32, Url, Url> {
                 schemas: self.schemas,
                 lake: self.lake,
                 vacuum_into,
+                legacy_records,
             };
 
             server.spawn(async move {
@@ -2477,135 +2741,52 @@ impl Storage for Delegate {
             max_bytes
         );
 
-        // pageviews patch: one ordered range scan that stops at `max_bytes`, and one query
-        // for the headers of the records read, through cached statements. 0.6.0 summed the
-        // sizes of every record up to the high watermark with a window function before it
-        // applied the limit, then ran one header query per record. As in Kafka, the first
-        // record is returned even when it alone is larger than `max_bytes`, so that a consumer
-        // never stalls on it (0.6.0 returned nothing, for ever). See PATCHED.md.
+        // pageviews patch: the stored batches from the one that holds `offset`, as they were
+        // produced, without decoding a record: one range scan that stops at `max_bytes`, the
+        // first batch always returned even when it alone is larger (as Kafka does, so that a
+        // consumer never stalls on it). Records of a `broker.db` written in 0.6.0's row per
+        // record layout are read the old way first. See PATCHED.md.
         let c = self.connection().await?;
 
         let topition_id = c.topition_id(&self.cluster, topition).await?;
 
-        let mut records: Vec<FetchedRecord> = vec![];
+        if self.legacy_records.load(Ordering::Relaxed) {
+            let batches = self
+                .fetch_legacy(&c, topition_id, offset, high_watermark, max_bytes)
+                .await?;
+
+            if !batches.is_empty() {
+                return Ok(batches);
+            }
+        }
+
+        let mut batches = vec![];
         let mut bytes = 0u64;
 
         c.query_each(
-            "lite/record_range.sql",
+            "lite/record_batch_range.sql",
             (topition_id, offset, high_watermark),
             |row| {
-                let k = row.get::<Option<Vec<u8>>>(3)?.map(Bytes::from);
-                let v = row.get::<Option<Vec<u8>>>(4)?.map(Bytes::from);
+                let base_offset = row.get::<i64>(0)?;
+                let encoded = row.get::<Vec<u8>>(2)?;
+                let size = encoded.len() as u64;
 
-                let size = k.as_ref().map_or(0, Bytes::len) + v.as_ref().map_or(0, Bytes::len);
-                bytes += size as u64;
-
-                if !records.is_empty() && bytes >= u64::from(max_bytes) {
+                if !batches.is_empty() && bytes + size > u64::from(max_bytes) {
                     return Ok(false);
                 }
 
-                records.push(FetchedRecord {
-                    offset: row.get::<i64>(0)?,
-                    attributes: row.get::<Option<i32>>(1)?.unwrap_or(0) as i16,
-                    timestamp: LiteTimestamp::try_from(row.get_value(2)?)
-                        .and_then(|system_time| to_timestamp(&system_time.0).map_err(Into::into))?,
-                    key: k,
-                    value: v,
-                    producer_id: row.get::<Option<i64>>(5)?.unwrap_or(-1),
-                    producer_epoch: row.get::<Option<i32>>(6)?.unwrap_or(-1) as i16,
-                    headers: vec![],
-                });
+                bytes += size;
+
+                let mut batch = deflated::Batch::try_from(Bytes::from(encoded))?;
+                batch.base_offset = base_offset;
+                batches.push(batch);
 
                 Ok(bytes < u64::from(max_bytes))
             },
         )
         .await?;
 
-        if let (Some(first), Some(last)) = (records.first(), records.last()) {
-            let first_offset = first.offset;
-            let last_offset = last.offset;
-            let mut index = 0;
-
-            c.query_each(
-                "lite/header_range.sql",
-                (topition_id, first_offset, last_offset),
-                |row| {
-                    let offset = row.get::<i64>(0)?;
-
-                    while records.get(index).is_some_and(|record| record.offset < offset) {
-                        index += 1;
-                    }
-
-                    if let Some(record) = records.get_mut(index)
-                        && record.offset == offset
-                    {
-                        let mut header = Header::builder();
-
-                        if let Some(k) = row.get::<Option<Vec<u8>>>(1)? {
-                            header = header.key(Bytes::from(k));
-                        }
-
-                        if let Some(v) = row.get::<Option<Vec<u8>>>(2)? {
-                            header = header.value(Bytes::from(v));
-                        }
-
-                        record.headers.push(header);
-                    }
-
-                    Ok(true)
-                },
-            )
-            .await?;
-        }
-
-        let mut batches = vec![];
-        let mut batch_builder: Option<inflated::Builder> = None;
-
-        for record in records {
-            let same_batch = batch_builder.as_ref().is_some_and(|builder| {
-                builder.attributes == record.attributes
-                    && builder.producer_id == record.producer_id
-                    && builder.producer_epoch == record.producer_epoch
-            });
-
-            let builder = match batch_builder.take() {
-                Some(builder) if same_batch => builder,
-                previous => {
-                    if let Some(previous) = previous {
-                        batches.push(previous.build().and_then(TryInto::try_into)?);
-                    }
-
-                    inflated::Batch::builder()
-                        .base_offset(record.offset)
-                        .base_timestamp(record.timestamp)
-                        .attributes(record.attributes)
-                        .producer_id(record.producer_id)
-                        .producer_epoch(record.producer_epoch)
-                }
-            };
-
-            let offset_delta = i32::try_from(record.offset - builder.base_offset)?;
-            let timestamp_delta = record.timestamp - builder.base_timestamp;
-
-            let record_builder = record.headers.into_iter().fold(
-                Record::builder()
-                    .offset_delta(offset_delta)
-                    .timestamp_delta(timestamp_delta)
-                    .key(record.key)
-                    .value(record.value),
-                |record_builder, header| record_builder.header(header),
-            );
-
-            batch_builder = Some(
-                builder
-                    .record(record_builder)
-                    .last_offset_delta(offset_delta),
-            );
-        }
-
-        if let Some(builder) = batch_builder {
-            batches.push(builder.build().and_then(TryInto::try_into)?);
-        } else {
+        if batches.is_empty() {
             batches.push(
                 inflated::Batch::builder()
                     .build()
@@ -2861,97 +3042,14 @@ impl Storage for Delegate {
         let mut responses = vec![];
 
         for (topition, offset_type) in offsets {
-            let query = match (offset_type, isolation_level) {
-                (ListOffset::Earliest, _) => "list_earliest_offset.sql",
-                (ListOffset::Latest, IsolationLevel::ReadCommitted) => {
-                    "list_latest_offset_committed.sql"
-                }
-                (ListOffset::Latest, IsolationLevel::ReadUncommitted) => {
-                    "list_latest_offset_uncommitted.sql"
-                }
-                (ListOffset::Timestamp(_), _) => "list_latest_offset_timestamp.sql",
-            };
-
-            debug!(?query);
-
-            let list_offset = match offset_type {
-                ListOffset::Earliest | ListOffset::Latest => c
-                    .query_opt(
-                        query,
-                        (
-                            self.cluster.as_str(),
-                            topition.topic(),
-                            topition.partition(),
-                        ),
-                    )
-                    .await
-                    .inspect_err(|err| error!(?err, cluster = self.cluster, ?topition)),
-
-                ListOffset::Timestamp(timestamp) => c
-                    .query_opt(
-                        query,
-                        (
-                            self.cluster.as_str(),
-                            topition.topic(),
-                            topition.partition(),
-                            LiteTimestamp::from(timestamp),
-                        ),
-                    )
-                    .await
-                    .inspect_err(|err| error!(?err)),
-            }
-            .inspect_err(|err| {
-                error!(?err, cluster = self.cluster, ?topition);
-            })
-            .inspect(|result| debug!(?result))?
-            .map_or_else(
-                || {
-                    let timestamp = None;
-                    let offset = Some(0);
-                    debug!(
-                        cluster = self.cluster,
-                        ?topition,
-                        ?offset_type,
-                        offset,
-                        ?timestamp
-                    );
-
-                    Ok(ListOffsetResponse {
-                        timestamp,
-                        offset,
-                        ..Default::default()
-                    })
-                },
-                |row| {
-                    debug!(?row);
-
-                    row.get::<i64>(0)
-                        .map_err(Into::into)
-                        .map(Some)
-                        .and_then(|offset| {
-                            row.get_value(1)
-                                .map_err(Into::into)
-                                .and_then(LiteTimestamp::try_from)
-                                .map(SystemTime::from)
-                                .map(Some)
-                                .map(|timestamp| {
-                                    debug!(
-                                        cluster = self.cluster,
-                                        ?topition,
-                                        ?offset_type,
-                                        offset,
-                                        ?timestamp
-                                    );
-
-                                    ListOffsetResponse {
-                                        timestamp,
-                                        offset,
-                                        ..Default::default()
-                                    }
-                                })
-                        })
-                },
-            )?;
+            // pageviews patch: the log start and the log end from the partition's watermarks,
+            // a timestamp from the stored batches (see PATCHED.md). 0.6.0 read the record
+            // table for all three, answered 0 for an empty partition whatever was asked, and
+            // could not see the records of a partition whose head was deleted.
+            let list_offset = self
+                .list_offset(&c, topition, offset_type, isolation_level)
+                .await
+                .inspect_err(|err| error!(?err, cluster = self.cluster, ?topition))?;
 
             responses.push((topition.clone(), list_offset));
         }

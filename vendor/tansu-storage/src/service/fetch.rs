@@ -197,10 +197,16 @@ impl FetchService {
             *max_bytes =
                 u32::try_from(fetched.byte_size()).map(|bytes| max_bytes.saturating_sub(bytes))?;
 
-            offset += fetched
-                .iter()
-                .map(|batch| batch.record_count as i64)
-                .sum::<i64>();
+            // pageviews patch: the next fetch starts after the last batch returned. 0.6.0 added
+            // the record counts to the requested offset, which overshoots when the first batch
+            // began before that offset (a fetch from inside a batch), and the next fetch could
+            // then start inside a later batch and skip the small batches in between.
+            offset = fetched
+                .last()
+                .filter(|batch| batch.record_count > 0)
+                .map_or(offset, |batch| {
+                    offset.max(batch.base_offset + i64::from(batch.last_offset_delta) + 1)
+                });
 
             debug!(?offset, ?fetched);
 
