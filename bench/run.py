@@ -384,6 +384,8 @@ def stages(work, path, lines):
     ok = wait_until(lambda: (c.total() or 0) >= lines, 900, step=0.5)
     while imp.poll() is None:
         time.sleep(0.2)
+    db = c.data / "broker.db"
+    disk = sum(f.stat().st_size for f in c.data.glob("broker.db*")) if db.exists() else None
     cpu = {"import": imp.cpu_seconds or 0.0,
            "broker": (c.broker.cpu_now() or 0) - base["broker"],
            "preprocess": (pre.cpu_now() or 0) - base["preprocess"],
@@ -393,7 +395,7 @@ def stages(work, path, lines):
     if not ok or total != lines:
         log(f"stages run: counted {total} of {lines}; logs in {c.work}")
         return None
-    return cpu
+    return cpu, disk
 
 
 def freshness(work, path, rate=10_000):
@@ -570,13 +572,17 @@ def bench(work):
             row("import, durable (SQLite) broker", "FAILED", ">= 0.8x bare producer", "", False)
 
     if want("stages"):
-        cpu = stages(work, path, LINES)
-        if cpu:
+        measured = stages(work, demo_path, demo_lines)
+        if measured:
+            cpu, disk = measured
+            if disk:
+                row("broker.db (+ WAL) per line, raw line and event", f"{disk / demo_lines:.0f} bytes",
+                    "", f"{disk / 2**20:.0f} MiB for {demo_lines:,} lines")
             total = sum(cpu.values())
             for stage, secs in cpu.items():
-                row(f"CPU per line: {stage}", f"{secs / LINES * 1e6:.2f} CPU-us ({secs:.1f} CPU-s)",
+                row(f"CPU per line: {stage}", f"{secs / demo_lines * 1e6:.2f} CPU-us ({secs:.1f} CPU-s)",
                     "", f"{secs / total:.0%} of all")
-            row("CPU per line: all stages", f"{total / LINES * 1e6:.2f} CPU-us ({total:.1f} CPU-s)")
+            row("CPU per line: all stages", f"{total / demo_lines * 1e6:.2f} CPU-us ({total:.1f} CPU-s)")
         else:
             row("CPU per stage", "FAILED", "", "", False)
 

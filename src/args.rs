@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 
 use crate::aggregate::AggregateConfig;
 use crate::aggregate::dimensions::{self, DEFAULT_KEEP_VALUES, DEFAULT_TOP_K, Dimension};
-use crate::broker::BrokerStorage;
+use crate::broker::{BrokerRetention, BrokerStorage};
 use crate::kafka::{self, KafkaSettings};
 use crate::preprocess::PreprocessConfig;
 use crate::preprocess::enrich::Enricher;
@@ -82,13 +82,72 @@ impl Common {
     }
 }
 
-/// The embedded broker's storage (`broker`, `demo`).
+/// The embedded broker's storage and retention (`broker`, `demo`).
 #[derive(Debug, Clone, Args)]
 pub struct BrokerStorageArgs {
     /// Embedded broker storage: sqlite (durable file <data-dir>/broker.db) or memory (lost at
     /// exit).
     #[arg(long, value_enum, default_value_t = BrokerStorage::Sqlite)]
     pub broker_storage: BrokerStorage,
+    /// How long the embedded broker keeps messages (Kafka's retention.ms, for topics that set
+    /// none): older record batches are deleted from the head of each partition. `forever`
+    /// keeps everything.
+    #[arg(long, default_value = "7days", value_parser = parse_retention)]
+    pub retention: Retention,
+    /// Also keep each partition of the embedded broker under this many bytes (Kafka's
+    /// retention.bytes, for topics that set none). Default: no size limit.
+    #[arg(long, value_name = "BYTES")]
+    pub retention_bytes: Option<u64>,
+}
+
+impl BrokerStorageArgs {
+    /// The embedded broker's retention as these options set it.
+    pub fn retention(&self) -> BrokerRetention {
+        BrokerRetention {
+            time: self.retention.0,
+            bytes: self.retention_bytes,
+        }
+    }
+}
+
+/// A retention time, or none (`forever`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    match s {
+        "forever" | "none" | "unlimited" => Ok(Retention(None)),
+        _ => humantime::parse_duration(s)
+            .map(|d| Retention(Some(d)))
+            .map_err(|e| format!("{e} (a duration such as 7days or 12h, or forever)")),
+    }
+}
+
+/// Retention set on the topics when `topics` creates them (`topics`).
+#[derive(Debug, Clone, Args)]
+pub struct TopicRetentionArgs {
+    /// retention.ms of the topics created (a duration, or forever). Default: unset, so the
+    /// cluster's default applies (the embedded broker's --retention, 7 days unless set).
+    #[arg(long, value_parser = parse_retention)]
+    pub retention: Option<Retention>,
+    /// retention.bytes of each partition of the topics created. Default: unset.
+    #[arg(long, value_name = "BYTES")]
+    pub retention_bytes: Option<u64>,
+}
+
+impl TopicRetentionArgs {
+    /// Topic configs for these options.
+    pub fn configs(&self) -> Vec<(&'static str, String)> {
+        let mut configs = Vec::new();
+        if let Some(Retention(time)) = self.retention {
+            let ms = time.map_or(-1, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
+            configs.push(("retention.ms", ms.to_string()));
+        }
+        if let Some(bytes) = self.retention_bytes {
+            configs.push(("retention.bytes", bytes.to_string()));
+        }
+        configs
+    }
 }
 
 /// How topics are created (`topics`, `demo`).

@@ -33,6 +33,49 @@ pub enum BrokerError {
     Start { addr: SocketAddr, reason: String },
 }
 
+/// How long the embedded broker keeps records: Kafka's `retention.ms` and `retention.bytes`
+/// for the topics that set neither (topics created with those configs keep their own). Both
+/// storages delete whole record batches from the head of each partition and move its log start
+/// (vendor/tansu-storage/PATCHED.md); a consumer whose position falls below it is told
+/// OFFSET_OUT_OF_RANGE and starts again at the log start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerRetention {
+    /// Record batches whose newest record is older than this go; `None` keeps them.
+    pub time: Option<std::time::Duration>,
+    /// Record batches go from the head while a partition holds more than this many bytes.
+    pub bytes: Option<u64>,
+}
+
+impl Default for BrokerRetention {
+    /// Kafka's defaults: seven days, no size limit.
+    fn default() -> Self {
+        Self {
+            time: Some(std::time::Duration::from_secs(7 * 24 * 3600)),
+            bytes: None,
+        }
+    }
+}
+
+/// How often the embedded broker applies its retention. Each round deletes at most a few
+/// hundred record batches per partition in short transactions, so it never holds produce or
+/// fetch for long; a large backlog goes over several rounds.
+pub const RETENTION_INTERVAL: &str = "5s";
+
+impl BrokerRetention {
+    /// The storage URL's query: tansu's maintenance interval and our retention defaults.
+    fn query(&self) -> String {
+        let ms = self
+            .time
+            .map_or(-1, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
+        let bytes = self
+            .bytes
+            .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        format!(
+            "maintenance_interval={RETENTION_INTERVAL}&retention_ms={ms}&retention_bytes={bytes}"
+        )
+    }
+}
+
 /// A running embedded broker; dropping it (or [`EmbeddedBroker::stop`]) stops it.
 pub struct EmbeddedBroker {
     addr: SocketAddr,
@@ -47,6 +90,16 @@ impl EmbeddedBroker {
         storage: BrokerStorage,
         data_dir: &Path,
     ) -> Result<EmbeddedBroker, BrokerError> {
+        Self::start_with_retention(listen, storage, data_dir, BrokerRetention::default()).await
+    }
+
+    /// [`EmbeddedBroker::start`] with `retention` for the topics that set none.
+    pub async fn start_with_retention(
+        listen: SocketAddr,
+        storage: BrokerStorage,
+        data_dir: &Path,
+        retention: BrokerRetention,
+    ) -> Result<EmbeddedBroker, BrokerError> {
         let addr = if listen.port() == 0 {
             free_port(listen)?
         } else {
@@ -54,7 +107,7 @@ impl EmbeddedBroker {
         };
         let start_err = |reason: String| BrokerError::Start { addr, reason };
         let storage_url = match storage {
-            BrokerStorage::Memory => "memory://tansu/".to_owned(),
+            BrokerStorage::Memory => format!("memory://tansu/?{}", retention.query()),
             BrokerStorage::Sqlite => {
                 std::fs::create_dir_all(data_dir).map_err(|source| BrokerError::DataDir {
                     path: data_dir.to_owned(),
@@ -68,7 +121,7 @@ impl EmbeddedBroker {
                 // tansu joins the URL path onto the working directory after stripping one
                 // leading '/'; a second '/' keeps the path absolute.
                 let file = dir.join("broker.db");
-                format!("sqlite:///{}", file.display())
+                format!("sqlite:///{}?{}", file.display(), retention.query())
             }
         };
         let storage_url = Url::parse(&storage_url).map_err(|e| start_err(e.to_string()))?;
@@ -95,7 +148,7 @@ impl EmbeddedBroker {
             }
         });
         wait_for_listener(addr).await.map_err(start_err)?;
-        tracing::info!(%addr, ?storage, "embedded broker ready");
+        tracing::info!(%addr, ?storage, ?retention, "embedded broker ready");
         Ok(EmbeddedBroker { addr, task })
     }
 

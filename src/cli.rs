@@ -13,6 +13,7 @@ use crate::aggregate::{self, AggregateStats};
 pub use crate::args::Common;
 use crate::args::{
     AggregateArgs, AlertArgs, BrokerStorageArgs, PreprocessArgs, ServeArgs, TopicArgs,
+    TopicRetentionArgs,
 };
 use crate::broker::EmbeddedBroker;
 use crate::demo::{self, DemoArgs};
@@ -49,7 +50,12 @@ pub enum Command {
         storage: BrokerStorageArgs,
     },
     /// Create the topics if missing (idempotent).
-    Topics(TopicArgs),
+    Topics {
+        #[command(flatten)]
+        topics: TopicArgs,
+        #[command(flatten)]
+        retention: TopicRetentionArgs,
+    },
     /// Send access-log lines to the raw topic, one message per line.
     Import {
         /// Files, glob patterns (quote them) or - for stdin; gzip is detected.
@@ -153,7 +159,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&common, *args, shutdown_on_signal()).await,
         Command::Broker { listen, storage } => {
             let broker_storage = storage.broker_storage;
-            let broker = EmbeddedBroker::start(listen, broker_storage, &common.data_dir).await?;
+            let broker = EmbeddedBroker::start_with_retention(
+                listen,
+                broker_storage,
+                &common.data_dir,
+                storage.retention(),
+            )
+            .await?;
             println!(
                 "broker listening on {} (storage: {broker_storage:?})",
                 broker.bootstrap()
@@ -162,10 +174,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             broker.stop();
             Ok(())
         }
-        Command::Topics(TopicArgs { partitions }) => {
+        Command::Topics {
+            topics: TopicArgs { partitions },
+            retention,
+        } => {
             let kafka = common.kafka(&common.brokers_or_default());
             kafka.wait_until_reachable(Duration::from_secs(10)).await?;
-            kafka.create_topics(partitions).await?;
+            kafka
+                .create_topics_with(partitions, &retention.configs())
+                .await?;
             println!(
                 "topics ready: {}, {}, {}",
                 kafka::RAW_TOPIC,

@@ -119,10 +119,11 @@ pub async fn run(
     let broker = match &common.brokers {
         Some(_) => None,
         None => Some(
-            EmbeddedBroker::start(
+            EmbeddedBroker::start_with_retention(
                 "127.0.0.1:0".parse()?,
                 args.broker.broker_storage,
                 &common.data_dir,
+                args.broker.retention(),
             )
             .await?,
         ),

@@ -241,11 +241,26 @@ impl KafkaSettings {
 
     /// Creates the three topics if missing (idempotent: existing topics are left as they are).
     pub async fn create_topics(&self, partitions: i32) -> Result<(), KafkaSetupError> {
+        self.create_topics_with(partitions, &[]).await
+    }
+
+    /// [`KafkaSettings::create_topics`] with topic `configs` (such as `retention.ms`) on the
+    /// topics it creates; topics that exist keep theirs.
+    pub async fn create_topics_with(
+        &self,
+        partitions: i32,
+        configs: &[(&str, String)],
+    ) -> Result<(), KafkaSetupError> {
         let admin: AdminClient<DefaultClientContext> =
             self.client_config(ClientRole::Admin, &[]).create()?;
         let topics: Vec<NewTopic<'_>> = [RAW_TOPIC, EVENTS_TOPIC, DEAD_LETTER_TOPIC]
             .iter()
-            .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+            .map(|t| {
+                configs.iter().fold(
+                    NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
+                    |topic, (k, v)| topic.set(k, v),
+                )
+            })
             .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin
@@ -268,6 +283,74 @@ impl KafkaSettings {
             }
         }
         Ok(())
+    }
+}
+
+/// Where each partition a consumer was assigned should go on from (its committed offset, read
+/// when it was assigned), for a stage that commits its offsets to Kafka: the first message
+/// it then delivers shows whether the broker still had that position. Below the log start (the
+/// messages deleted by retention while the group was down or behind), librdkafka starts the
+/// partition again at the log start, by `auto.offset.reset`, and the difference is what was
+/// lost. Filled by the rebalance callback, taken by the stage's loop ([`Gaps`]).
+#[derive(Debug, Default)]
+pub struct Assigned {
+    any: std::sync::atomic::AtomicBool,
+    at: Mutex<HashMap<i32, Option<i64>>>,
+}
+
+impl Assigned {
+    /// Partition `partition` was assigned, to go on from `committed` (`None`: unknown).
+    pub fn assign(&self, partition: i32, committed: Option<i64>) {
+        if let Ok(mut at) = self.at.lock() {
+            at.insert(partition, committed);
+            self.any.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The news of `partition`'s assignment, once: `Some(committed)` if it was assigned since.
+    pub fn take(&self, partition: i32) -> Option<Option<i64>> {
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let mut at = self.at.lock().ok()?;
+        let news = at.remove(&partition);
+        if at.is_empty() {
+            self.any.store(false, std::sync::atomic::Ordering::Release);
+        }
+        news
+    }
+}
+
+/// Gaps in the offsets a consumer reads, per partition: messages the broker no longer had
+/// (deleted by retention) between the offset expected and the one delivered. Our producers
+/// write no transaction markers and our topics are not compacted, so within a partition every
+/// offset holds a message: a jump is a loss.
+#[derive(Debug, Default)]
+pub struct Gaps {
+    next: HashMap<i32, i64>,
+}
+
+impl Gaps {
+    /// Where `partition` should go on from now (`None`: unknown, no gap is reported for it
+    /// until it has delivered a message).
+    pub fn expect(&mut self, partition: i32, next: Option<i64>) {
+        match next {
+            Some(n) => self.next.insert(partition, n),
+            None => self.next.remove(&partition),
+        };
+    }
+
+    /// Records the message at `partition`/`offset`; returns the messages lost just before it,
+    /// `(first lost offset, how many)`, if any. A message at or before the expected offset (a
+    /// replay after a rebalance) is no gap.
+    pub fn seen(&mut self, partition: i32, offset: i64) -> Option<(i64, u64)> {
+        let gap = self
+            .next
+            .get(&partition)
+            .filter(|&&next| offset > next)
+            .map(|&next| (next, u64::try_from(offset - next).unwrap_or(0)));
+        self.next.insert(partition, offset + 1);
+        gap
     }
 }
 
@@ -454,6 +537,30 @@ pub fn describe_topic_ids<C: ClientContext>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gaps_are_losses_and_replays_are_not() {
+        let mut gaps = Gaps::default();
+        // Unknown start: the first message is no gap.
+        assert_eq!(gaps.seen(0, 40), None);
+        assert_eq!(gaps.seen(0, 41), None);
+        assert_eq!(gaps.seen(0, 45), Some((42, 3)));
+        // Replayed from a lower committed offset after a rebalance: no gap.
+        gaps.expect(0, Some(30));
+        assert_eq!(gaps.seen(0, 30), None);
+        // Assigned at committed offset 100, delivered from the log start, 250.
+        gaps.expect(1, Some(100));
+        assert_eq!(gaps.seen(1, 250), Some((100, 150)));
+        gaps.expect(1, None);
+        assert_eq!(gaps.seen(1, 900), None);
+        let assigned = Assigned::default();
+        assert_eq!(assigned.take(1), None);
+        assigned.assign(1, Some(7));
+        assigned.assign(2, None);
+        assert_eq!(assigned.take(1), Some(Some(7)));
+        assert_eq!(assigned.take(1), None);
+        assert_eq!(assigned.take(2), Some(None));
+    }
+
     use super::*;
 
     /// `-X` properties reach only the clients they apply to: a consumer setting given to a

@@ -395,11 +395,18 @@ fn free_port() -> u16 {
 }
 
 /// `pageviews broker` on SQLite storage in `dir`, as its own process (so that it can be
-/// killed with SIGKILL), and settings for it once it answers, with our topics.
-async fn broker_process(dir: &std::path::Path, port: u16) -> (std::process::Child, KafkaSettings) {
+/// killed with SIGKILL), with `extra` options, and settings for it once it answers, with our
+/// topics.
+async fn broker_process(
+    dir: &std::path::Path,
+    port: u16,
+    extra: &[&str],
+) -> (std::process::Child, KafkaSettings) {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_pageviews"))
         .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--broker-storage", "sqlite", "--data-dir"])
+        .args(["--broker-storage", "sqlite"])
+        .args(extra)
+        .arg("--data-dir")
         .arg(dir)
         .env("RUST_LOG", "warn,tansu_storage=off,tansu_service=off")
         .env_remove("PAGEVIEWS_BROKERS")
@@ -431,8 +438,8 @@ struct StoredBatch {
 }
 
 /// Every stored batch of partition 0 of the raw topic in `broker.db`, in offset order, and the
-/// partition's high watermark.
-async fn stored_batches(file: &std::path::Path) -> (Vec<StoredBatch>, i64) {
+/// partition's log start and high watermark.
+async fn stored_batches(file: &std::path::Path) -> (Vec<StoredBatch>, i64, i64) {
     let db = libsql::Builder::new_local(file).build().await.unwrap();
     let conn = db.connect().unwrap();
     let topition = "(select tp.id from topition tp join topic t on t.id = tp.topic \
@@ -467,18 +474,15 @@ async fn stored_batches(file: &std::path::Path) -> (Vec<StoredBatch>, i64) {
     }
     let mut rows = conn
         .query(
-            &format!("select high from watermark where topition = {topition}"),
+            &format!("select low, high from watermark where topition = {topition}"),
             [RAW_TOPIC],
         )
         .await
         .unwrap();
-    let high = rows
-        .next()
-        .await
-        .unwrap()
-        .and_then(|row| row.get::<Option<i64>>(0).unwrap())
-        .unwrap_or(0);
-    (batches, high)
+    let row = rows.next().await.unwrap().unwrap();
+    let low = row.get::<Option<i64>>(0).unwrap().unwrap_or(0);
+    let high = row.get::<Option<i64>>(1).unwrap().unwrap_or(0);
+    (batches, low, high)
 }
 
 /// The SQLite storage keeps each produced batch as one row (PATCHED.md), written in one
@@ -492,7 +496,7 @@ async fn a_broker_killed_during_produce_leaves_whole_batches() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let (mut child, kafka) = broker_process(dir.path(), port).await;
+    let (mut child, kafka) = broker_process(dir.path(), port, &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
     let producer = {
@@ -534,7 +538,8 @@ async fn a_broker_killed_during_produce_leaves_whole_batches() {
     stop.store(true, Ordering::Relaxed);
     producer.join().unwrap();
 
-    let (batches, high) = stored_batches(&dir.path().join("broker.db")).await;
+    let (batches, low, high) = stored_batches(&dir.path().join("broker.db")).await;
+    assert_eq!(low, 0);
     assert!(batches.len() > 10, "{} batches stored", batches.len());
     let mut next = 0;
     for b in &batches {
@@ -551,7 +556,7 @@ async fn a_broker_killed_during_produce_leaves_whole_batches() {
         "{high} stored, {acked_before_kill} acknowledged before the kill"
     );
 
-    let (mut child, kafka) = broker_process(dir.path(), port).await;
+    let (mut child, kafka) = broker_process(dir.path(), port, &[]).await;
     let reader = kafka.clone();
     let count = usize::try_from(high).unwrap();
     let (seen, more) = tokio::task::spawn_blocking(move || {
@@ -625,7 +630,14 @@ async fn a_broker_db_in_the_row_per_record_layout_is_read() {
             .unwrap();
         let topition = rows.next().await.unwrap().unwrap().get::<i64>(0).unwrap();
         drop(rows);
-        let now = 1_700_000_000_000i64;
+        // Written now: the retention (7 days by default) keeps them.
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
         conn.execute("begin", ()).await.unwrap();
         for (offset, key, value, headers) in &expected {
             conn.execute(
@@ -689,4 +701,276 @@ async fn a_broker_db_in_the_row_per_record_layout_is_read() {
     assert_eq!(after[50].2.as_deref(), Some(&b"new 0"[..]));
     assert_eq!(after[149].2.as_deref(), Some(&b"new 99"[..]));
     broker.stop();
+}
+
+/// Produces `count` records of `size` bytes each to partition 0 of the raw topic, `per_batch`
+/// to a flush (so each flush makes at least one record batch), the payload starting with its
+/// index from `first`.
+fn produce_records(
+    kafka: &KafkaSettings,
+    first: usize,
+    count: usize,
+    size: usize,
+    per_batch: usize,
+) {
+    let producer: BaseProducer = kafka
+        .client_config(ClientRole::Producer, &[("linger.ms", "5")])
+        .create()
+        .unwrap();
+    for chunk in (first..first + count).collect::<Vec<_>>().chunks(per_batch) {
+        for i in chunk {
+            let payload = format!("{i:08} {}", "r".repeat(size.saturating_sub(9)));
+            producer
+                .send(
+                    BaseRecord::<(), str>::to(RAW_TOPIC)
+                        .partition(0)
+                        .payload(&payload),
+                )
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+}
+
+/// The log start and high watermark of partition 0 of the raw topic.
+fn watermarks(kafka: &KafkaSettings) -> (i64, i64) {
+    let consumer: BaseConsumer = kafka
+        .client_config(
+            ClientRole::Consumer,
+            &[("group.id", "retention-watermarks")],
+        )
+        .create()
+        .unwrap();
+    consumer
+        .fetch_watermarks(RAW_TOPIC, 0, Duration::from_secs(10))
+        .unwrap()
+}
+
+/// Waits up to `patience` until the log start of partition 0 reaches `at_least`.
+fn wait_for_log_start(kafka: &KafkaSettings, at_least: i64, patience: Duration) -> (i64, i64) {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let (low, high) = watermarks(kafka);
+        if low >= at_least || std::time::Instant::now() > deadline {
+            return (low, high);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Retention by time, on both storages (vendor/tansu-storage/PATCHED.md): a topic with
+/// `retention.ms` of 10 s loses the batches older than that, whole, from the head of the
+/// partition; its log start moves past them (ListOffsets earliest answers it); a consumer that
+/// asks for a deleted offset is told the offset is out of range; the newer records are
+/// untouched and read back exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_time_deletes_old_batches_and_moves_the_log_start() {
+    for storage in [BrokerStorage::Memory, BrokerStorage::Sqlite] {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), storage, dir.path())
+            .await
+            .unwrap();
+        let kafka = KafkaSettings::new(broker.bootstrap());
+        kafka
+            .wait_until_reachable(Duration::from_secs(20))
+            .await
+            .unwrap();
+        kafka
+            .create_topics_with(1, &[("retention.ms", "10000".to_owned())])
+            .await
+            .unwrap();
+        let k = kafka.clone();
+        let (low, high, newer, refused) = tokio::task::spawn_blocking(move || {
+            produce_records(&k, 0, 100, 200, 20);
+            std::thread::sleep(Duration::from_secs(11));
+            produce_records(&k, 100, 100, 200, 20);
+            // Retention runs every 5 s; the newer records expire 10 s after they were written.
+            let (low, high) = wait_for_log_start(&k, 100, Duration::from_secs(8));
+            let newer = read_back(&k, 100, 100);
+            let consumer: BaseConsumer = k
+                .client_config(
+                    ClientRole::Consumer,
+                    &[
+                        ("group.id", "below-log-start"),
+                        ("auto.offset.reset", "error"),
+                    ],
+                )
+                .create()
+                .unwrap();
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition_offset(RAW_TOPIC, 0, rdkafka::Offset::Offset(10))
+                .unwrap();
+            consumer.assign(&tpl).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let refused = loop {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Err(e)) => break Some(e.to_string()),
+                    Some(Ok(m)) => panic!("read offset {} below the log start", {
+                        use rdkafka::Message;
+                        m.offset()
+                    }),
+                    None if std::time::Instant::now() > deadline => break None,
+                    None => {}
+                }
+            };
+            (low, high, newer, refused)
+        })
+        .await
+        .unwrap();
+        assert_eq!((low, high), (100, 200), "{storage:?}: log start and end");
+        let offsets: Vec<i64> = newer.iter().map(|s| s.0).collect();
+        assert_eq!(offsets, (100..200).collect::<Vec<_>>(), "{storage:?}");
+        assert!(
+            newer[0].2.as_deref().unwrap().starts_with(b"00000100 "),
+            "{storage:?}"
+        );
+        let refused = refused.expect("no error for an offset below the log start");
+        // librdkafka with auto.offset.reset=error reports the broker's OFFSET_OUT_OF_RANGE so.
+        assert!(
+            refused.contains("AutoOffsetReset"),
+            "{storage:?}: {refused}"
+        );
+        broker.stop();
+    }
+}
+
+/// Retention by size, on both storages: a topic with `retention.bytes` of 20,000 keeps each
+/// partition under that bound (whole batches deleted from the head; here 40 bytes of batch
+/// header come with each 20 records of 500 bytes), and what it keeps reads back exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_size_keeps_a_partition_under_its_bound() {
+    for storage in [BrokerStorage::Memory, BrokerStorage::Sqlite] {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), storage, dir.path())
+            .await
+            .unwrap();
+        let kafka = KafkaSettings::new(broker.bootstrap());
+        kafka
+            .wait_until_reachable(Duration::from_secs(20))
+            .await
+            .unwrap();
+        kafka
+            .create_topics_with(
+                1,
+                &[
+                    ("retention.bytes", "20000".to_owned()),
+                    ("retention.ms", "-1".to_owned()),
+                ],
+            )
+            .await
+            .unwrap();
+        let k = kafka.clone();
+        let (low, high, kept) = tokio::task::spawn_blocking(move || {
+            produce_records(&k, 0, 400, 500, 20);
+            let (low, high) = wait_for_log_start(&k, 300, Duration::from_secs(12));
+            let kept = read_back(&k, low, usize::try_from(high - low).unwrap());
+            (low, high, kept)
+        })
+        .await
+        .unwrap();
+        assert_eq!(high, 400, "{storage:?}");
+        // 20,000 bytes hold at most 40 records of 500 bytes; whole batches of 20 go.
+        assert!(
+            (high - low) * 500 <= 20_000 && high - low >= 20,
+            "{storage:?}: {} records kept ({low}..{high})",
+            high - low
+        );
+        let offsets: Vec<i64> = kept.iter().map(|s| s.0).collect();
+        assert_eq!(offsets, (low..high).collect::<Vec<_>>(), "{storage:?}");
+        assert!(
+            kept[0]
+                .2
+                .as_deref()
+                .unwrap()
+                .starts_with(format!("{low:08} ").as_bytes()),
+            "{storage:?}"
+        );
+        broker.stop();
+    }
+}
+
+/// A broker on SQLite storage killed with SIGKILL while its retention deletes (a 30 kB
+/// `--retention-bytes` under a stream of 1 kB records, so every round deletes) leaves a
+/// readable log: the stored batches are contiguous from the log start to the high watermark,
+/// the log start is the first stored batch's, and after a restart every kept record reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_during_retention_leaves_a_readable_log() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (mut child, kafka) =
+        broker_process(dir.path(), port, &["--retention-bytes", "30000"]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (kafka, stop) = (kafka.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut next = 0;
+            while !stop.load(Ordering::Relaxed) {
+                produce_records(&kafka, next, 50, 1000, 10);
+                next += 50;
+            }
+        })
+    };
+    // Several retention rounds (every 5 s), then the kill at an arbitrary moment.
+    let started = std::time::Instant::now();
+    loop {
+        let k = kafka.clone();
+        let (low, _) = tokio::task::spawn_blocking(move || watermarks(&k))
+            .await
+            .unwrap();
+        if low > 0 && started.elapsed() > Duration::from_secs(11) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "retention never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(137)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let _ = producer.join();
+
+    let (batches, low, high) = stored_batches(&dir.path().join("broker.db")).await;
+    assert!(low > 0, "nothing was deleted");
+    if let Some(first) = batches.first() {
+        assert_eq!(
+            first.base_offset, low,
+            "the log start is the first stored batch's"
+        );
+    }
+    let mut next = low;
+    for b in &batches {
+        assert_eq!(b.base_offset, next, "batches are contiguous: {b:?}");
+        assert_eq!(b.batch_length + 12, b.blob_len, "whole batch stored: {b:?}");
+        next = b.last_offset + 1;
+    }
+    assert_eq!(next, high, "the stored batches end at the high watermark");
+
+    let (mut child, kafka) =
+        broker_process(dir.path(), port, &["--retention-bytes", "30000"]).await;
+    let k = kafka.clone();
+    let (low2, kept) = tokio::task::spawn_blocking(move || {
+        let (low, high) = watermarks(&k);
+        (
+            low,
+            read_back(&k, low, usize::try_from(high - low).unwrap()),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(low2 >= low);
+    for (i, (offset, _, payload, _)) in kept.iter().enumerate() {
+        assert_eq!(*offset, low2 + i64::try_from(i).unwrap());
+        assert!(
+            payload
+                .as_deref()
+                .unwrap()
+                .starts_with(format!("{offset:08} ").as_bytes())
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

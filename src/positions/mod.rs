@@ -302,16 +302,18 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
         let mut tally = self.shared.tally();
         if let Some(next) = tally.next_offset(partition).filter(|&n| offset > n) {
             // Our producers write no transaction markers and the topic is not compacted: a
-            // jump means the broker did not deliver those messages (what tansu's memory
-            // storage did before vendor/tansu-storage's fetch patch). They will not be
-            // counted; say so.
-            tracing::warn!(
+            // jump means those messages are gone from the broker, deleted by its retention
+            // while this group was behind or down (librdkafka then starts the partition again
+            // at the log start), or never delivered. They cannot be counted; say so, once per
+            // gap: the next message continues from here.
+            tracing::error!(
                 group = %self.group,
                 partition,
                 expected = next,
                 got = offset,
-                skipped = offset - next,
-                "the broker skipped offsets of {}; those events are not counted",
+                lost = offset - next,
+                "{} messages of {} partition {partition} are gone from the broker (deleted by its retention before this group read them); counting goes on from offset {offset}",
+                offset - next,
                 self.topic
             );
         }

@@ -67,6 +67,8 @@ pub struct PreprocessStats {
     /// Distinct lines sent to the dead-letter topic: a line dead-lettered again by the next
     /// owner of its partition after a rebalance counts once (see [`PreprocessStats::dead_letter`]).
     pub dead_letters: AtomicU64,
+    /// Raw lines that the broker deleted (retention) before this group read them.
+    pub lost: AtomicU64,
     /// Per raw partition, the highest offset dead-lettered.
     dead_lettered_up_to: std::sync::Mutex<HashMap<i32, i64>>,
 }
@@ -106,15 +108,20 @@ pub enum PreprocessError {
     Delivery(KafkaError),
 }
 
-/// Logs partition assignments, so an operator (and the chaos test) can see rebalances.
-struct LoggingContext;
+/// Logs partition assignments, so an operator (and the chaos test) can see rebalances, and
+/// notes where each assigned partition goes on from (its committed offset), so that the loop
+/// can tell when the broker no longer had that position.
+#[derive(Default)]
+struct LoggingContext {
+    assigned: crate::kafka::Assigned,
+}
 
 impl rdkafka::client::ClientContext for LoggingContext {}
 
 impl rdkafka::consumer::ConsumerContext for LoggingContext {
     fn post_rebalance(
         &self,
-        _: &rdkafka::consumer::BaseConsumer<Self>,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &rdkafka::consumer::Rebalance<'_>,
     ) {
         use rdkafka::consumer::Rebalance;
@@ -122,7 +129,23 @@ impl rdkafka::consumer::ConsumerContext for LoggingContext {
             tpl.elements().iter().map(|e| e.partition()).collect()
         };
         match rebalance {
-            Rebalance::Assign(tpl) => tracing::info!(partitions = ?partitions(tpl), "assigned"),
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = ?partitions(tpl), "assigned");
+                // A broker round trip, once per assignment; unknown if it fails (then no loss
+                // can be told for the partition's first message).
+                let committed = consumer
+                    .committed_offsets((*tpl).clone(), Duration::from_secs(5))
+                    .ok();
+                for p in partitions(tpl) {
+                    let at = committed.as_ref().and_then(|c| {
+                        match c.find_partition(RAW_TOPIC, p).map(|e| e.offset()) {
+                            Some(rdkafka::Offset::Offset(n)) => Some(n),
+                            _ => None,
+                        }
+                    });
+                    self.assigned.assign(p, at);
+                }
+            }
             Rebalance::Revoke(tpl) => tracing::info!(partitions = ?partitions(tpl), "revoked"),
             Rebalance::Error(e) => tracing::warn!(%e, "rebalance error"),
         }
@@ -155,7 +178,7 @@ pub async fn run(
                 crate::kafka::FETCH_QUEUE_BACKOFF,
             ],
         )
-        .create_with_context(LoggingContext)?;
+        .create_with_context(LoggingContext::default())?;
     let producer: ThreadedProducer<AckContext> = config
         .kafka
         .client_config(
@@ -183,6 +206,7 @@ pub async fn run(
     let mut formats = FormatCache::new(LogFormat::combined());
     let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
     let mut pending: VecDeque<Pending> = VecDeque::with_capacity(MAX_PENDING_BATCHES + 1);
+    let mut gaps = crate::kafka::Gaps::default();
     let mut result = Ok(());
     loop {
         let first = tokio::select! {
@@ -207,7 +231,10 @@ pub async fn run(
             m = consumer.recv() => m,
         };
         match first {
-            Ok(m) => batch.push(m),
+            Ok(m) => {
+                lost_before(&consumer, &mut gaps, &stats, &m);
+                batch.push(m);
+            }
             Err(e) => {
                 tracing::warn!(%e, "consume error");
                 continue;
@@ -216,7 +243,10 @@ pub async fn run(
         let deadline = tokio::time::Instant::now() + BATCH_WAIT;
         while batch.len() < MAX_BATCH {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m),
+                Ok(Ok(m)) => {
+                    lost_before(&consumer, &mut gaps, &stats, &m);
+                    batch.push(m);
+                }
                 Ok(Err(e)) => tracing::warn!(%e, "consume error"),
                 Err(_) => break,
             }
@@ -275,6 +305,35 @@ pub async fn run(
     })
     .await;
     Ok(())
+}
+
+/// Reports the raw lines lost before `m`: its partition's position was no longer on the
+/// broker (deleted by its retention while this group was down or behind), and reading went on
+/// from the log start. One ERROR line with how many, counted in [`PreprocessStats::lost`].
+fn lost_before(
+    consumer: &StreamConsumer<LoggingContext>,
+    gaps: &mut crate::kafka::Gaps,
+    stats: &PreprocessStats,
+    m: &BorrowedMessage<'_>,
+) {
+    if let Some(at) = consumer.context().assigned.take(m.partition()) {
+        gaps.expect(m.partition(), at);
+    }
+    let Some((from, lost)) = gaps.seen(m.partition(), m.offset()) else {
+        return;
+    };
+    stats.lost.fetch_add(lost, Ordering::Relaxed);
+    tracing::error!(
+        topic = m.topic(),
+        partition = m.partition(),
+        from,
+        to = m.offset(),
+        lost,
+        "{lost} raw lines of {} partition {} were deleted by the broker's retention before this group read them; going on from offset {}",
+        m.topic(),
+        m.partition(),
+        m.offset()
+    );
 }
 
 /// A batch sent: its acknowledgements still to come, and per raw partition the next offset to

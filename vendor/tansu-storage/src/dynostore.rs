@@ -61,6 +61,7 @@ use tansu_sans_io::{
     list_groups_response::ListedGroup,
     metadata_response::{MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic},
     record::{Record, deflated, inflated},
+    to_timestamp,
     txn_offset_commit_response::{TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic},
 };
 use tansu_schema::{
@@ -79,6 +80,7 @@ use crate::{
     NamedGroupDetail, OffsetCommitRequest, OffsetStage, ProducerIdResponse, Result,
     ScramCredential, Storage, TopicId, Topition, TxnAddPartitionsRequest, TxnAddPartitionsResponse,
     TxnOffsetCommitRequest, TxnState, UpdateError, Version,
+    Retention, expired_head,
 };
 
 const APPLICATION_JSON: &str = "application/json";
@@ -94,6 +96,9 @@ pub struct DynoStore {
     meta: OptiCon<Meta>,
 
     object_store: Arc<DynObjectStore>,
+
+    /// pageviews patch: the retention of topics that set none (see PATCHED.md).
+    retention: Retention,
 }
 
 type Group = String;
@@ -359,7 +364,147 @@ impl DynoStore {
                 Metron::new(object_store, cluster),
                 Duration::from_millis(5_000),
             )),
+            retention: Retention::default(),
         }
+    }
+
+    /// pageviews patch: the retention of topics that set none (see PATCHED.md).
+    pub fn retention(self, retention: Retention) -> Self {
+        Self { retention, ..self }
+    }
+
+    /// pageviews patch: one round of retention (see PATCHED.md): for each partition of a topic
+    /// that deletes, the record batches from its head that are older than its `retention.ms`
+    /// (by the time each batch was stored) or that keep it over its `retention.bytes` are
+    /// deleted, after the log start has moved past them (a fetch below it is answered
+    /// OFFSET_OUT_OF_RANGE, so none reads a batch being deleted). Returns how many batches.
+    async fn retain(&self, now: SystemTime) -> Result<u64> {
+        let now_ms = to_timestamp(&now)?;
+
+        let topics = self
+            .meta
+            .with(&self.object_store, |meta| {
+                Ok(meta
+                    .topics
+                    .iter()
+                    .map(|(name, metadata)| {
+                        let config = |key: &str| {
+                            metadata.topic.configs.as_deref().and_then(|configs| {
+                                configs
+                                    .iter()
+                                    .find(|config| config.name == key)
+                                    .and_then(|config| config.value.clone())
+                            })
+                        };
+                        (
+                            name.clone(),
+                            metadata.topic.num_partitions,
+                            config("retention.ms"),
+                            config("retention.bytes"),
+                            config("cleanup.policy"),
+                        )
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+
+        let mut deleted = 0;
+
+        for (topic, partitions, ms, bytes, policy) in topics {
+            let retention = self.retention.for_topic(ms.as_deref(), bytes.as_deref());
+            if retention.is_unlimited() || policy.is_some_and(|p| !p.contains("delete")) {
+                continue;
+            }
+
+            for partition in 0..partitions.max(0) {
+                let topition = Topition::new(topic.clone(), partition);
+                deleted += self.retain_partition(&topition, retention, now_ms).await?;
+            }
+        }
+
+        Ok(deleted)
+    }
+
+    /// pageviews patch: retention of one partition (see [`DynoStore::retain`]).
+    async fn retain_partition(
+        &self,
+        topition: &Topition,
+        retention: Retention,
+        now_ms: i64,
+    ) -> Result<u64> {
+        let high = self.offset_stage(topition).await?.high_watermark;
+
+        let location = Path::from(format!(
+            "clusters/{}/topics/{}/partitions/{:0>10}/records/",
+            self.cluster, topition.topic, topition.partition
+        ));
+
+        let mut batches = vec![];
+        let mut list_stream = self.object_store.list(Some(&location));
+        while let Some(meta) = list_stream
+            .next()
+            .await
+            .transpose()
+            .inspect_err(|error| error!(?error, ?topition))
+            .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?
+        {
+            let Some(name) = meta.location.parts().next_back() else {
+                continue;
+            };
+            let Some(base_offset) = name
+                .as_ref()
+                .get(0..20)
+                .and_then(|offset| i64::from_str(offset).ok())
+            else {
+                continue;
+            };
+            let stored_ms = meta.last_modified.timestamp_millis();
+            batches.push((base_offset, stored_ms, meta.location, meta.size));
+        }
+        drop(list_stream);
+        batches.sort_by_key(|batch| batch.0);
+
+        // (last offset, time, bytes): a batch ends where the next begins, the last at `high`.
+        let head = batches
+            .iter()
+            .enumerate()
+            .map(|(i, (_, stored_ms, _, size))| {
+                let end = batches.get(i + 1).map_or(high, |next| next.0);
+                (end - 1, *stored_ms, i64::try_from(*size).unwrap_or(i64::MAX))
+            })
+            .collect::<Vec<_>>();
+        let size = head.iter().map(|batch| batch.2).sum();
+
+        let (count, freed) = expired_head(&head, retention, now_ms, size);
+        let Some(&(last_offset, _, _)) = count.checked_sub(1).and_then(|i| head.get(i)) else {
+            return Ok(0);
+        };
+        let log_start = last_offset + 1;
+
+        let watermark = self.watermarks.lock().map(|mut locked| {
+            locked
+                .entry(topition.to_owned())
+                .or_insert_with(|| OptiCon::<Watermark>::new(self.cluster.as_str(), topition))
+                .to_owned()
+        })?;
+
+        watermark
+            .with_mut(&self.object_store, |watermark| {
+                watermark.low = Some(watermark.low.unwrap_or_default().max(log_start));
+                Ok(())
+            })
+            .await?;
+
+        for (_, _, location, _) in batches.iter().take(count) {
+            self.object_store
+                .delete(location)
+                .await
+                .inspect_err(|error| error!(?error, %location))
+                .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?;
+        }
+
+        debug!(?topition, log_start, count, freed);
+        Ok(count as u64)
     }
 
     pub fn advertised_listener(self, advertised_listener: Url) -> Self {
@@ -1050,12 +1195,15 @@ impl Storage for DynoStore {
                 self.cluster, topition.topic, topition.partition, offset,
             ));
 
-            let get_result = self
-                .object_store
-                .get(&location)
-                .await
-                .inspect_err(|error| error!(?error, ?topition, ?offset, ?min_bytes, ?max_bytes))
-                .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?;
+            // pageviews patch: a batch that retention deleted since the listing is skipped.
+            let get_result = match self.object_store.get(&location).await {
+                Err(object_store::Error::NotFound { .. }) => continue,
+                otherwise => otherwise
+                    .inspect_err(|error| {
+                        error!(?error, ?topition, ?offset, ?min_bytes, ?max_bytes)
+                    })
+                    .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?,
+            };
 
             let size = get_result.meta.size;
 
@@ -1195,6 +1343,22 @@ impl Storage for DynoStore {
             // listing below took the base offset of the most recently written record batch
             // plus one, which is short by the rest of that batch (and arbitrary when batches
             // share a modification time): consumers saw "stale" high watermarks.
+            // pageviews patch: the earliest offset is the partition's log start, which
+            // retention moves forward (see PATCHED.md); 0.6.0 took the base offset of the
+            // batch object written first.
+            if offset_request == &ListOffset::Earliest {
+                let stage = self.offset_stage(topition).await?;
+                responses.push((
+                    topition.to_owned(),
+                    ListOffsetResponse {
+                        error_code: ErrorCode::None,
+                        offset: Some(stage.log_start),
+                        timestamp: None,
+                    },
+                ));
+                continue;
+            }
+
             if offset_request == &ListOffset::Latest {
                 let stage = self.offset_stage(topition).await?;
                 responses.push((
@@ -2626,7 +2790,11 @@ impl Storage for DynoStore {
         Ok(ErrorCode::None)
     }
 
-    async fn maintain(&self, _now: SystemTime) -> Result<()> {
+    async fn maintain(&self, now: SystemTime) -> Result<()> {
+        // pageviews patch: retention by time and size (see PATCHED.md).
+        let deleted = self.retain(now).await?;
+        debug!(deleted);
+
         if let Some(ref lake) = self.lake {
             return lake
                 .maintain()

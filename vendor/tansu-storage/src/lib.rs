@@ -801,6 +801,136 @@ impl MetadataResponse {
 }
 
 /// Offset Stage
+/// pageviews patch: the broker's default retention of a topic's records, for topics that do
+/// not set `retention.ms` or `retention.bytes` themselves (see PATCHED.md). Read from the
+/// storage URL's `retention_ms` (default 7 days, Kafka's) and `retention_bytes` (default
+/// none) query parameters; as in Kafka, a negative value means no limit.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Retention {
+    /// Records whose batch's largest timestamp is older than this many milliseconds go.
+    pub ms: Option<i64>,
+    /// Batches go from the head of a partition while it holds more than this many bytes.
+    pub bytes: Option<i64>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            ms: Some(7 * 24 * 60 * 60 * 1000),
+            bytes: None,
+        }
+    }
+}
+
+impl Retention {
+    /// The defaults in `url`'s query (`retention_ms`, `retention_bytes`).
+    pub fn from_url(url: &Url) -> Self {
+        let mut retention = Self::default();
+        for (k, v) in url.query_pairs() {
+            match k.as_ref() {
+                "retention_ms" => retention.ms = Self::limit(Some(v.as_ref())),
+                "retention_bytes" => retention.bytes = Self::limit(Some(v.as_ref())),
+                _ => {}
+            }
+        }
+        retention
+    }
+
+    /// A topic's `retention.ms` and `retention.bytes` (config values, when set) over these
+    /// defaults. A value that does not read as a number keeps the default.
+    pub fn for_topic(&self, ms: Option<&str>, bytes: Option<&str>) -> Self {
+        let or = |value: Option<&str>, default: Option<i64>| match value {
+            Some(v) if v.trim().parse::<i64>().is_ok() => Self::limit(Some(v)),
+            _ => default,
+        };
+        Self {
+            ms: or(ms, self.ms),
+            bytes: or(bytes, self.bytes),
+        }
+    }
+
+    fn limit(value: Option<&str>) -> Option<i64> {
+        value
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|v| *v >= 0)
+    }
+
+    /// Whether anything is ever deleted.
+    pub fn is_unlimited(&self) -> bool {
+        self.ms.is_none() && self.bytes.is_none()
+    }
+}
+
+/// pageviews patch: the oldest batches of a partition that its retention deletes: the
+/// leading entries of `head` (each `(last offset, largest timestamp in ms, bytes)`, oldest
+/// first) that are older than the time limit, or that the partition cannot keep within the
+/// size limit (`size`: the bytes of the whole partition). Only whole batches from the head
+/// go, as Kafka deletes whole segments. Returns how many, and the bytes they held.
+pub fn expired_head(
+    head: &[(i64, i64, i64)],
+    retention: Retention,
+    now_ms: i64,
+    size: i64,
+) -> (usize, i64) {
+    let cutoff = retention.ms.map(|ms| now_ms.saturating_sub(ms));
+    let mut size = size;
+    let mut freed = 0;
+    let mut count = 0;
+    for &(_, max_timestamp, bytes) in head {
+        let expired = cutoff.is_some_and(|cutoff| max_timestamp < cutoff);
+        let over = retention.bytes.is_some_and(|bound| size > bound);
+        if !(expired || over) {
+            break;
+        }
+        size -= bytes;
+        freed += bytes;
+        count += 1;
+    }
+    (count, freed)
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_topic_configs() {
+        let url = Url::parse("sqlite:///tmp/b.db").unwrap();
+        assert_eq!(Retention::from_url(&url), Retention::default());
+        let url = Url::parse("memory://tansu/?retention_ms=20000&retention_bytes=100").unwrap();
+        let r = Retention::from_url(&url);
+        assert_eq!((r.ms, r.bytes), (Some(20_000), Some(100)));
+        let unlimited = Url::parse("memory://tansu/?retention_ms=-1").unwrap();
+        assert!(Retention::from_url(&unlimited).is_unlimited());
+        let t = r.for_topic(Some("5000"), Some("-1"));
+        assert_eq!((t.ms, t.bytes), (Some(5_000), None));
+        let t = r.for_topic(Some("soon"), None);
+        assert_eq!((t.ms, t.bytes), (Some(20_000), Some(100)));
+    }
+
+    #[test]
+    fn only_the_head_goes() {
+        let by_time = Retention {
+            ms: Some(1_000),
+            bytes: None,
+        };
+        // now 10,000: cutoff 9,000. The third batch is younger, so the fourth (older) stays.
+        let head = [(9, 8_000, 10), (19, 8_999, 10), (29, 9_500, 10), (39, 100, 10)];
+        assert_eq!(expired_head(&head, by_time, 10_000, 40), (2, 20));
+        let by_size = Retention {
+            ms: None,
+            bytes: Some(25),
+        };
+        assert_eq!(expired_head(&head, by_size, 10_000, 40), (2, 20));
+        assert_eq!(expired_head(&head, by_size, 10_000, 25), (0, 0));
+        let unlimited = Retention {
+            ms: None,
+            bytes: None,
+        };
+        assert_eq!(expired_head(&head, unlimited, i64::MAX, 40), (0, 0));
+    }
+}
+
 ///
 /// An offset stage structure represents the `last_stable`, `high_watermark` and `log_start` offsets.
 #[derive(
@@ -1756,6 +1886,7 @@ impl Builder<i32, String, Url, Url> {
             #[cfg(feature = "dynostore")]
             "memory" => Ok(StorageContainer::DynoStore(
                 DynoStore::new(self.cluster_id.as_str(), self.node_id, InMemory::new())
+                    .retention(Retention::from_url(&self.storage))
                     .advertised_listener(self.advertised_listener.clone())
                     .schemas(self.schema_registry)
                     .lake(self.lake_house.clone()),

@@ -33,7 +33,7 @@ use crate::{
     MetadataResponse, NamedGroupDetail, OffsetCommitRequest, OffsetStage, ProducerIdResponse,
     RequestChannelService, RequestStorageService, Result, ScramCredential, Storage, TopicId,
     Topition, TxnAddPartitionsRequest, TxnAddPartitionsResponse, TxnOffsetCommitRequest, TxnState,
-    UpdateError, Version, bounded_channel,
+    Retention, UpdateError, Version, bounded_channel, expired_head,
     sql::{Cache, default_hash, idempotent_sequence_check, remove_comments},
 };
 use async_trait::async_trait;
@@ -227,6 +227,9 @@ pub(crate) struct Delegate {
 
     /// pageviews patch: records of 0.6.0's row per record layout are left in this file.
     legacy_records: Arc<AtomicBool>,
+
+    /// pageviews patch: the retention of topics that set none (see PATCHED.md).
+    retention: Retention,
 }
 
 #[derive(Clone, Debug)]
@@ -1008,6 +1011,178 @@ impl Delegate {
         }
     }
 
+    /// pageviews patch: one round of retention (see PATCHED.md): for each partition of a topic
+    /// that deletes, the batches from its head that are older than its `retention.ms` or that
+    /// keep it over its `retention.bytes` (the topic's configs, else the broker's defaults)
+    /// are deleted and the log start moves past them. At most [`RETENTION_STEPS`] transactions
+    /// of [`RETENTION_STEP`] batches each per partition and round, so that the write loop,
+    /// which serves this between produce requests, is never held for long; the next round
+    /// goes on. Each step is one transaction: a kill leaves the log before or after it.
+    /// Returns how many batches (and records of the old layout) were deleted.
+    async fn retain(&self, now: SystemTime) -> Result<u64> {
+        let now_ms = to_timestamp(&now)?;
+        let c = self.connection().await?;
+
+        let mut partitions = vec![];
+        c.query_each(
+            "lite/retention_partitions.sql",
+            [self.cluster.as_str()],
+            |row| {
+                partitions.push((
+                    row.get::<i64>(0)?,
+                    row.get::<String>(1)?,
+                    row.get::<i32>(2)?,
+                    row.get::<Option<String>>(3)?,
+                    row.get::<Option<String>>(4)?,
+                ));
+                Ok(true)
+            },
+        )
+        .await?;
+
+        let mut deleted = 0;
+
+        for (topition_id, topic, partition, ms, bytes) in partitions {
+            let retention = self.retention.for_topic(ms.as_deref(), bytes.as_deref());
+            if retention.is_unlimited() {
+                continue;
+            }
+
+            if self.legacy_records.load(Ordering::Relaxed) {
+                let (gone, left) = self
+                    .retain_legacy(&c, topition_id, retention, now_ms)
+                    .await?;
+                deleted += gone;
+                if left {
+                    continue;
+                }
+            }
+
+            let mut size = if retention.bytes.is_some() {
+                c.query_first("lite/record_batch_size.sql", [topition_id], |row| {
+                    Ok(row.get::<i64>(0)?)
+                })
+                .await?
+                .unwrap_or_default()
+            } else {
+                0
+            };
+
+            for _ in 0..RETENTION_STEPS {
+                let mut head = vec![];
+                c.query_each(
+                    "lite/record_batch_head.sql",
+                    (topition_id, RETENTION_STEP),
+                    |row| {
+                        head.push((
+                            row.get::<i64>(1)?,
+                            row.get::<i64>(2)?,
+                            row.get::<i64>(3)?,
+                        ));
+                        Ok(true)
+                    },
+                )
+                .await?;
+
+                let (count, freed) = expired_head(&head, retention, now_ms, size);
+                let Some(&(last_offset, _, _)) = count.checked_sub(1).and_then(|i| head.get(i))
+                else {
+                    break;
+                };
+                let log_start = last_offset + 1;
+
+                let tx = c.transaction().await?;
+                let rows = c
+                    .execute(
+                        "lite/record_batch_delete_head.sql",
+                        (topition_id, log_start),
+                    )
+                    .await?;
+                _ = c
+                    .execute("lite/watermark_low_update.sql", (topition_id, log_start))
+                    .await?;
+                c.commit(tx).await?;
+
+                debug!(topic, partition, log_start, rows, freed);
+                deleted += rows as u64;
+                size -= freed;
+
+                if count < head.len() || head.len() < RETENTION_STEP as usize {
+                    break;
+                }
+            }
+        }
+
+        if self.legacy_records.load(Ordering::Relaxed) {
+            let left = c
+                .query_first("lite/legacy_records.sql", (), |row| Ok(row.get::<i64>(0)?))
+                .await?
+                .unwrap_or_default();
+            if left == 0 {
+                self.legacy_records.store(false, Ordering::Relaxed);
+            }
+        }
+
+        Ok(deleted)
+    }
+
+    /// pageviews patch: retention of the records of the row per record layout (0.6.0) of one
+    /// partition, by time only, one step. Returns how many records went and whether any of
+    /// the partition's are left (its batches wait until none is).
+    async fn retain_legacy(
+        &self,
+        c: &PoolConnection,
+        topition_id: i64,
+        retention: Retention,
+        now_ms: i64,
+    ) -> Result<(u64, bool)> {
+        let mut head = vec![];
+        c.query_each(
+            "lite/legacy_head.sql",
+            (topition_id, RETENTION_STEP * 64),
+            |row| {
+                let timestamp = LiteTimestamp::try_from(row.get_value(1)?)
+                    .and_then(|t| to_timestamp(&t.0).map_err(Into::into))
+                    .unwrap_or(i64::MAX);
+                head.push((row.get::<i64>(0)?, timestamp, 0));
+                Ok(true)
+            },
+        )
+        .await?;
+
+        if head.is_empty() {
+            return Ok((0, false));
+        }
+
+        let by_time = Retention {
+            ms: retention.ms,
+            bytes: None,
+        };
+        let (count, _) = expired_head(&head, by_time, now_ms, 0);
+        let Some(&(offset, _, _)) = count.checked_sub(1).and_then(|i| head.get(i)) else {
+            return Ok((0, true));
+        };
+        let log_start = offset + 1;
+
+        let tx = c.transaction().await?;
+        _ = c
+            .execute(
+                "lite/legacy_header_delete_head.sql",
+                (topition_id, log_start),
+            )
+            .await?;
+        let rows = c
+            .execute("lite/legacy_delete_head.sql", (topition_id, log_start))
+            .await?;
+        _ = c
+            .execute("lite/watermark_low_update.sql", (topition_id, log_start))
+            .await?;
+        c.commit(tx).await?;
+
+        let limit = RETENTION_STEP as usize * 64;
+        Ok((rows as u64, count < head.len() || head.len() == limit))
+    }
+
     #[instrument(skip_all)]
     async fn produce_in_tx(
         &self,
@@ -1497,35 +1672,6 @@ impl Delegate {
 
         Ok(())
     }
-
-    #[instrument(skip(self, now), ret)]
-    async fn policy_delete(&self, now: SystemTime) -> Result<u64> {
-        let start = SystemTime::now();
-
-        let now = to_timestamp(&now)?;
-        let retention_ms = u64::try_from(Duration::from_hours(7 * 24).as_millis())?;
-
-        let pc = self.connection().await?;
-        let tx = pc.transaction().await?;
-
-        let deleted = pc
-            .execute(
-                "lite/policy_delete.sql",
-                (self.cluster.as_str(), now, retention_ms),
-            )
-            .await? as u64;
-
-        tx.commit()
-            .await
-            .map_err(Into::into)
-            .and(Ok(deleted))
-            .inspect(|_| {
-                DELEGATE_REQUEST_DURATION.record(
-                    elapsed_millis(start),
-                    &[KeyValue::new("operation", "policy_delete")],
-                )
-            })
-    }
 }
 
 #[derive(Clone, Default, Debug)]
@@ -1678,8 +1824,14 @@ static DDL: LazyLock<Cache> = LazyLock::new(|| {
     Cache::new(BTreeMap::from(mapping))
 });
 
+/// pageviews patch: batches deleted per retention transaction (see [`Delegate::retain`]).
+const RETENTION_STEP: i64 = 64;
+
+/// pageviews patch: retention transactions per partition and maintenance round.
+const RETENTION_STEPS: usize = 8;
+
 /// pageviews patch: statements of the SQLite backend only (see PATCHED.md).
-static LITE_SQL: [(&str, &str); 8] = [
+static LITE_SQL: [(&str, &str); 16] = [
     ("lite/topition_id.sql", include_str!("lite/topition_id.sql")),
     (
         "lite/record_insert_by_id.sql",
@@ -1702,6 +1854,35 @@ static LITE_SQL: [(&str, &str); 8] = [
     (
         "lite/record_batch_at_time.sql",
         include_str!("lite/record_batch_at_time.sql"),
+    ),
+    (
+        "lite/retention_partitions.sql",
+        include_str!("lite/retention_partitions.sql"),
+    ),
+    (
+        "lite/record_batch_head.sql",
+        include_str!("lite/record_batch_head.sql"),
+    ),
+    (
+        "lite/record_batch_size.sql",
+        include_str!("lite/record_batch_size.sql"),
+    ),
+    (
+        "lite/record_batch_delete_head.sql",
+        include_str!("lite/record_batch_delete_head.sql"),
+    ),
+    ("lite/legacy_head.sql", include_str!("lite/legacy_head.sql")),
+    (
+        "lite/legacy_delete_head.sql",
+        include_str!("lite/legacy_delete_head.sql"),
+    ),
+    (
+        "lite/legacy_header_delete_head.sql",
+        include_str!("lite/legacy_header_delete_head.sql"),
+    ),
+    (
+        "lite/watermark_low_update.sql",
+        include_str!("lite/watermark_low_update.sql"),
     ),
 ];
 
@@ -2331,6 +2512,7 @@ impl Builder<String, i32, Url, Url> {
                 lake: self.lake,
                 vacuum_into,
                 legacy_records,
+                retention: Retention::from_url(&self.storage),
             };
 
             server.spawn(async move {
@@ -4437,7 +4619,10 @@ impl Storage for Delegate {
     async fn maintain(&self, now: SystemTime) -> Result<()> {
         let start = SystemTime::now();
 
-        let deleted = self.policy_delete(now).await?;
+        // pageviews patch: retention by time and size, whole batches from the head of each
+        // partition, moving the log start (0.6.0's policy_delete deleted single records of
+        // topics that asked for it, in one transaction, and left the log start where it was).
+        let deleted = self.retain(now).await?;
         debug!(deleted);
 
         let compacted = self.policy_compact().await?;

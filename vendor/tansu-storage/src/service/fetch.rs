@@ -180,6 +180,26 @@ impl FetchService {
 
         let end = readable(&before);
 
+        // pageviews patch: below the log start (records deleted by retention) a fetch answers
+        // OFFSET_OUT_OF_RANGE with the log start, as Kafka does, so that the client resets
+        // its position by its own policy and knows that it did (see PATCHED.md). 0.6.0 had
+        // no log start to fall below.
+        if offset < before.log_start() {
+            debug!(offset, log_start = before.log_start(), ?tp);
+            return Ok(PartitionData::default()
+                .partition_index(partition_index)
+                .error_code(ErrorCode::OffsetOutOfRange.into())
+                .high_watermark(before.high_watermark())
+                .last_stable_offset(Some(before.last_stable()))
+                .log_start_offset(Some(before.log_start()))
+                .diverging_epoch(None)
+                .current_leader(None)
+                .snapshot_id(None)
+                .aborted_transactions(Some([].into()))
+                .preferred_read_replica(Some(-1))
+                .records(None));
+        }
+
         loop {
             if *max_bytes == 0 || offset >= end {
                 break;
