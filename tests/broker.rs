@@ -19,6 +19,26 @@ async fn broker_with_topics(
     (broker, kafka)
 }
 
+/// An embedded broker on `storage` with our topics, one partition each, created with the
+/// topic `configs`.
+async fn broker_with_configs(
+    storage: BrokerStorage,
+    dir: &std::path::Path,
+    configs: &[(&str, &str)],
+) -> (EmbeddedBroker, KafkaSettings) {
+    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), storage, dir)
+        .await
+        .unwrap();
+    let kafka = KafkaSettings::new(broker.bootstrap());
+    kafka
+        .wait_until_reachable(Duration::from_secs(20))
+        .await
+        .unwrap();
+    let configs: Vec<(&str, String)> = configs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+    kafka.create_topics_with(1, &configs).await.unwrap();
+    (broker, kafka)
+}
+
 /// Settings for `broker` once it answers, with our topics created (idempotent).
 async fn with_topics(broker: &EmbeddedBroker) -> KafkaSettings {
     let kafka = KafkaSettings::new(broker.bootstrap());
@@ -767,18 +787,8 @@ fn wait_for_log_start(kafka: &KafkaSettings, at_least: i64, patience: Duration) 
 async fn retention_by_time_deletes_old_batches_and_moves_the_log_start() {
     for storage in [BrokerStorage::Memory, BrokerStorage::Sqlite] {
         let dir = tempfile::tempdir().unwrap();
-        let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), storage, dir.path())
-            .await
-            .unwrap();
-        let kafka = KafkaSettings::new(broker.bootstrap());
-        kafka
-            .wait_until_reachable(Duration::from_secs(20))
-            .await
-            .unwrap();
-        kafka
-            .create_topics_with(1, &[("retention.ms", "10000".to_owned())])
-            .await
-            .unwrap();
+        let (broker, kafka) =
+            broker_with_configs(storage, dir.path(), &[("retention.ms", "10000")]).await;
         let k = kafka.clone();
         let (low, high, newer, refused) = tokio::task::spawn_blocking(move || {
             produce_records(&k, 0, 100, 200, 20);
@@ -841,24 +851,12 @@ async fn retention_by_time_deletes_old_batches_and_moves_the_log_start() {
 async fn retention_by_size_keeps_a_partition_under_its_bound() {
     for storage in [BrokerStorage::Memory, BrokerStorage::Sqlite] {
         let dir = tempfile::tempdir().unwrap();
-        let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), storage, dir.path())
-            .await
-            .unwrap();
-        let kafka = KafkaSettings::new(broker.bootstrap());
-        kafka
-            .wait_until_reachable(Duration::from_secs(20))
-            .await
-            .unwrap();
-        kafka
-            .create_topics_with(
-                1,
-                &[
-                    ("retention.bytes", "20000".to_owned()),
-                    ("retention.ms", "-1".to_owned()),
-                ],
-            )
-            .await
-            .unwrap();
+        let (broker, kafka) = broker_with_configs(
+            storage,
+            dir.path(),
+            &[("retention.bytes", "20000"), ("retention.ms", "-1")],
+        )
+        .await;
         let k = kafka.clone();
         let (low, high, kept) = tokio::task::spawn_blocking(move || {
             produce_records(&k, 0, 400, 500, 20);
