@@ -972,3 +972,49 @@ async fn a_broker_killed_during_retention_leaves_a_readable_log() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The retention rules of vendor/tansu-storage (`Retention`, `expired_head`), which both
+/// storages apply: the storage URL's defaults, a topic's configs over them (negative: no
+/// limit; not a number: the default), and only whole batches from the head go, by time or
+/// while the partition is over its size.
+#[test]
+fn retention_rules() {
+    use tansu_storage::{Retention, expired_head};
+    let url = url::Url::parse("sqlite:///tmp/b.db").unwrap();
+    assert_eq!(Retention::from_url(&url), Retention::default());
+    assert_eq!(Retention::default().ms, Some(7 * 24 * 3600 * 1000));
+    let url = url::Url::parse("memory://tansu/?retention_ms=20000&retention_bytes=100").unwrap();
+    let r = Retention::from_url(&url);
+    assert_eq!((r.ms, r.bytes), (Some(20_000), Some(100)));
+    let unlimited = url::Url::parse("memory://tansu/?retention_ms=-1").unwrap();
+    assert!(Retention::from_url(&unlimited).is_unlimited());
+    let t = r.for_topic(Some("5000"), Some("-1"));
+    assert_eq!((t.ms, t.bytes), (Some(5_000), None));
+    let t = r.for_topic(Some("soon"), None);
+    assert_eq!((t.ms, t.bytes), (Some(20_000), Some(100)));
+
+    let by_time = Retention {
+        ms: Some(1_000),
+        bytes: None,
+    };
+    // (last offset, largest timestamp, bytes); now 10,000, so the cutoff is 9,000. The third
+    // batch is younger, so the fourth (older) stays.
+    let head = [
+        (9, 8_000, 10),
+        (19, 8_999, 10),
+        (29, 9_500, 10),
+        (39, 100, 10),
+    ];
+    assert_eq!(expired_head(&head, by_time, 10_000, 40), (2, 20));
+    let by_size = Retention {
+        ms: None,
+        bytes: Some(25),
+    };
+    assert_eq!(expired_head(&head, by_size, 10_000, 40), (2, 20));
+    assert_eq!(expired_head(&head, by_size, 10_000, 25), (0, 0));
+    let unlimited = Retention {
+        ms: None,
+        bytes: None,
+    };
+    assert_eq!(expired_head(&head, unlimited, i64::MAX, 40), (0, 0));
+}

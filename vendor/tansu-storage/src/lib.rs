@@ -889,48 +889,6 @@ pub fn expired_head(
     (count, freed)
 }
 
-#[cfg(test)]
-mod retention_tests {
-    use super::*;
-
-    #[test]
-    fn defaults_and_topic_configs() {
-        let url = Url::parse("sqlite:///tmp/b.db").unwrap();
-        assert_eq!(Retention::from_url(&url), Retention::default());
-        let url = Url::parse("memory://tansu/?retention_ms=20000&retention_bytes=100").unwrap();
-        let r = Retention::from_url(&url);
-        assert_eq!((r.ms, r.bytes), (Some(20_000), Some(100)));
-        let unlimited = Url::parse("memory://tansu/?retention_ms=-1").unwrap();
-        assert!(Retention::from_url(&unlimited).is_unlimited());
-        let t = r.for_topic(Some("5000"), Some("-1"));
-        assert_eq!((t.ms, t.bytes), (Some(5_000), None));
-        let t = r.for_topic(Some("soon"), None);
-        assert_eq!((t.ms, t.bytes), (Some(20_000), Some(100)));
-    }
-
-    #[test]
-    fn only_the_head_goes() {
-        let by_time = Retention {
-            ms: Some(1_000),
-            bytes: None,
-        };
-        // now 10,000: cutoff 9,000. The third batch is younger, so the fourth (older) stays.
-        let head = [(9, 8_000, 10), (19, 8_999, 10), (29, 9_500, 10), (39, 100, 10)];
-        assert_eq!(expired_head(&head, by_time, 10_000, 40), (2, 20));
-        let by_size = Retention {
-            ms: None,
-            bytes: Some(25),
-        };
-        assert_eq!(expired_head(&head, by_size, 10_000, 40), (2, 20));
-        assert_eq!(expired_head(&head, by_size, 10_000, 25), (0, 0));
-        let unlimited = Retention {
-            ms: None,
-            bytes: None,
-        };
-        assert_eq!(expired_head(&head, unlimited, i64::MAX, 40), (0, 0));
-    }
-}
-
 ///
 /// An offset stage structure represents the `last_stable`, `high_watermark` and `log_start` offsets.
 #[derive(
