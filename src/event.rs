@@ -358,6 +358,10 @@ pub mod headers {
     pub const SOURCE_OFFSET: &str = "pv-source-offset";
     /// On a dead letter: why the line could not be parsed.
     pub const REASON: &str = "pv-reason";
+    /// On a dead letter that stands for raw lines the broker deleted (retention) before the
+    /// preprocessors read them, instead of one line: how many (decimal text). Its source
+    /// headers give the partition and the first offset lost.
+    pub const LOST: &str = "pv-lost";
     /// Set by the importer when it cut an over-long line; the value is the original length.
     pub const TRUNCATED: &str = "pv-truncated-from";
     /// Set by the importer on every raw line: its log format ([`crate::format::FormatSpec`]).

@@ -144,6 +144,26 @@ fn a_broker_with_retention_keeps_its_file_bounded_and_counts_every_line() {
     };
     let pre = stage("pre-1", "preprocess");
     let agg = stage("agg-1", "aggregate");
+    // The dashboard's /metrics counts the lost messages; it reads the dead letters as they
+    // come (the retention deletes them too).
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let http_s = http.to_string();
+    let _serve = Stage::start(
+        d,
+        "serve",
+        &[
+            "--brokers",
+            &brokers,
+            "--database",
+            &database,
+            "serve",
+            "--listen",
+            &http_s,
+        ],
+    );
 
     let import = |n: usize| {
         let lines = common::generated_by_binary(if n <= 3 { BIG } else { LINES }, n as u64);
@@ -252,4 +272,23 @@ fn a_broker_with_retention_keeps_its_file_bounded_and_counts_every_line() {
         "{agg_log}"
     );
     assert_eq!(counted(), 3 * BIG + 2 * LINES);
+
+    // Both losses in /metrics, by group and topic.
+    let metric = |labels: &str| -> Option<u64> {
+        let (status, _, body) = common::http_get(http, "/metrics");
+        assert!(status.contains("200"), "{status}");
+        let body = String::from_utf8(body).unwrap();
+        let line = format!("pageviews_lost_messages_total{{{labels}}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(line.as_str())?.parse().ok())
+    };
+    wait_until(
+        "the lost lines in /metrics",
+        Duration::from_secs(30),
+        || metric("group=\"preprocessors\",topic=\"raw-page-views\"") == Some(LINES),
+    );
+    assert_eq!(
+        metric("group=\"aggregators\",topic=\"page-views\""),
+        Some(LINES)
+    );
 }

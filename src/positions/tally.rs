@@ -129,6 +129,9 @@ pub struct PartitionTally<A> {
     pub rebound: bool,
     /// The stored watermarks are replaced, not added to, at the next flush.
     pub reset_sources: bool,
+    /// Messages skipped since the last flush: offsets the broker no longer had (deleted by
+    /// its retention before this group read them). Written with the next flush.
+    pub lost: u64,
 }
 
 /// All partitions this aggregator owns.
@@ -145,6 +148,8 @@ pub struct Tally<A> {
 pub struct Pending<A> {
     pub batch: FlushBatch,
     per_partition: Vec<(i32, A)>,
+    /// Per partition, the lost messages the batch reports (given back on failure).
+    lost: Vec<(i32, u64)>,
 }
 
 impl<A> Pending<A> {
@@ -191,6 +196,7 @@ impl<A: Accumulator> Tally<A> {
                 sources: start.sources,
                 rebound,
                 reset_sources: start.reset_sources,
+                lost: 0,
             },
         );
     }
@@ -230,6 +236,9 @@ impl<A: Accumulator> Tally<A> {
         if offset < p.next_offset {
             return Recorded::SeenOffset;
         }
+        // Our producers write no transaction markers and the topic is not compacted: a jump
+        // means messages the broker no longer has (see `GroupMember::record`).
+        p.lost += u64::try_from(offset - p.next_offset).unwrap_or(0);
         p.next_offset = offset + 1;
         if let Some(src) = source {
             match p.sources.get_mut(&src.partition) {
@@ -258,6 +267,7 @@ impl<A: Accumulator> Tally<A> {
         let mut watermarks = Vec::new();
         let mut reset_watermarks = Vec::new();
         let mut per_partition = Vec::new();
+        let mut lost = Vec::new();
         for (&partition, p) in &mut self.partitions {
             let unmoved =
                 p.stored == Some(p.next_offset) || (p.stored.is_none() && p.counts.is_empty());
@@ -283,6 +293,9 @@ impl<A: Accumulator> Tally<A> {
                 }
             }
             per_partition.push((partition, counts));
+            if p.lost > 0 {
+                lost.push((partition, std::mem::take(&mut p.lost)));
+            }
         }
         offsets.sort_by_key(|o| o.partition);
         watermarks.sort();
@@ -295,9 +308,11 @@ impl<A: Accumulator> Tally<A> {
                 watermarks,
                 reset_watermarks,
                 identity: identity.clone(),
+                lost: lost.iter().map(|l| l.1).sum(),
                 ..FlushBatch::default()
             },
             per_partition,
+            lost,
         }
     }
 
@@ -323,6 +338,11 @@ impl<A: Accumulator> Tally<A> {
         for (partition, counts) in pending.per_partition {
             if let Some(p) = self.partitions.get_mut(&partition) {
                 p.counts.merge(counts);
+            }
+        }
+        for (partition, lost) in pending.lost {
+            if let Some(p) = self.partitions.get_mut(&partition) {
+                p.lost += lost;
             }
         }
     }
@@ -399,6 +419,32 @@ mod tests {
 
     fn src(partition: i32, offset: i64) -> Option<Source> {
         Some(Source { partition, offset })
+    }
+
+    #[test]
+    fn offsets_the_broker_no_longer_has_are_reported_once() {
+        let mut t = tally();
+        t.assign(0, Some(10), HashMap::new());
+        t.assign(1, None, HashMap::new());
+        // Partition 0 resumes at 25 (10..25 deleted); partition 1 starts at its log start 7.
+        assert_eq!(rec(&mut t, 0, 25, "NL", None), Recorded::Counted);
+        assert_eq!(rec(&mut t, 0, 26, "NL", None), Recorded::Counted);
+        assert_eq!(rec(&mut t, 1, 7, "US", None), Recorded::Counted);
+        let p = t.take_pending("g", "t", &TopicIdentity::default());
+        assert_eq!(p.batch.lost, 15 + 7);
+        // A failed flush gives them back; the next one reports them again, once.
+        t.restore(p);
+        let p = t.take_pending("g", "t", &TopicIdentity::default());
+        assert_eq!(p.batch.lost, 22);
+        t.committed(&p);
+        assert_eq!(rec(&mut t, 0, 27, "NL", None), Recorded::Counted);
+        let p = t.take_pending("g", "t", &TopicIdentity::default());
+        assert_eq!(p.batch.lost, 0);
+        // A revoked partition's loss goes with it: its next owner finds the same gap.
+        assert_eq!(rec(&mut t, 1, 9, "US", None), Recorded::Counted);
+        t.revoke(1);
+        let p = t.take_pending("g", "t", &TopicIdentity::default());
+        assert_eq!(p.batch.lost, 0);
     }
 
     #[test]

@@ -207,6 +207,8 @@ pub async fn run(
     let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
     let mut pending: VecDeque<Pending> = VecDeque::with_capacity(MAX_PENDING_BATCHES + 1);
     let mut gaps = crate::kafka::Gaps::default();
+    // The batch's gaps: raw lines deleted before they were read.
+    let mut lost: Vec<Lost> = Vec::new();
     let mut result = Ok(());
     loop {
         let first = tokio::select! {
@@ -232,7 +234,7 @@ pub async fn run(
         };
         match first {
             Ok(m) => {
-                lost_before(&consumer, &mut gaps, &stats, &m);
+                lost.extend(lost_before(&consumer, &mut gaps, &stats, &m));
                 batch.push(m);
             }
             Err(e) => {
@@ -244,14 +246,23 @@ pub async fn run(
         while batch.len() < MAX_BATCH {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(m)) => {
-                    lost_before(&consumer, &mut gaps, &stats, &m);
+                    lost.extend(lost_before(&consumer, &mut gaps, &stats, &m));
                     batch.push(m);
                 }
                 Ok(Err(e)) => tracing::warn!(%e, "consume error"),
                 Err(_) => break,
             }
         }
-        match send_batch(&config.enricher, &mut formats, &producer, &stats, &batch).await {
+        match send_batch(
+            &config.enricher,
+            &mut formats,
+            &producer,
+            &stats,
+            &batch,
+            &lost,
+        )
+        .await
+        {
             Ok(sent) => pending.push_back(sent),
             Err(e) => {
                 result = Err(e);
@@ -259,6 +270,7 @@ pub async fn run(
             }
         }
         batch.clear();
+        lost.clear();
         while pending.len() > MAX_PENDING_BATCHES {
             if let Err(e) = settle(pending.front(), settled).await {
                 result = Err(e);
@@ -307,33 +319,79 @@ pub async fn run(
     Ok(())
 }
 
+/// Raw lines of a partition that the broker deleted before this group read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lost {
+    partition: i32,
+    /// The first offset lost.
+    from: i64,
+    lines: u64,
+}
+
 /// Reports the raw lines lost before `m`: its partition's position was no longer on the
 /// broker (deleted by its retention while this group was down or behind), and reading went on
-/// from the log start. One ERROR line with how many, counted in [`PreprocessStats::lost`].
+/// from the log start. One ERROR line with how many, counted in [`PreprocessStats::lost`]; the
+/// caller sends a dead letter for them with the batch, so that `/metrics` counts them too.
 fn lost_before(
     consumer: &StreamConsumer<LoggingContext>,
     gaps: &mut crate::kafka::Gaps,
     stats: &PreprocessStats,
     m: &BorrowedMessage<'_>,
-) {
+) -> Option<Lost> {
     if let Some(at) = consumer.context().assigned.take(m.partition()) {
         gaps.expect(m.partition(), at);
     }
-    let Some((from, lost)) = gaps.seen(m.partition(), m.offset()) else {
-        return;
-    };
-    stats.lost.fetch_add(lost, Ordering::Relaxed);
+    let (from, lines) = gaps.seen(m.partition(), m.offset())?;
+    stats.lost.fetch_add(lines, Ordering::Relaxed);
     tracing::error!(
         topic = m.topic(),
         partition = m.partition(),
         from,
         to = m.offset(),
-        lost,
-        "{lost} raw lines of {} partition {} were deleted by the broker's retention before this group read them; going on from offset {}",
+        lost = lines,
+        "{lines} raw lines of {} partition {} were deleted by the broker's retention before this group read them; going on from offset {}",
         m.topic(),
         m.partition(),
         m.offset()
     );
+    Some(Lost {
+        partition: m.partition(),
+        from,
+        lines,
+    })
+}
+
+/// The dead letter that stands for `lost` lines: no payload; the reason, how many, and where
+/// the gap starts in headers.
+fn lost_record(
+    lost: &Lost,
+    acks: Arc<BatchAcks>,
+) -> BaseRecord<'static, [u8], [u8], Arc<BatchAcks>> {
+    let reason = format!(
+        "deleted by the broker's retention before it was read: {} lines from offset {}",
+        lost.lines, lost.from
+    );
+    BaseRecord::with_opaque_to(DEAD_LETTER_TOPIC, acks)
+        .payload(&[][..])
+        .headers(
+            OwnedHeaders::new_with_capacity(4)
+                .insert(Header {
+                    key: headers::SOURCE_PARTITION,
+                    value: Some(&lost.partition.to_string()),
+                })
+                .insert(Header {
+                    key: headers::SOURCE_OFFSET,
+                    value: Some(&lost.from.to_string()),
+                })
+                .insert(Header {
+                    key: headers::REASON,
+                    value: Some(&reason),
+                })
+                .insert(Header {
+                    key: headers::LOST,
+                    value: Some(&lost.lines.to_string()),
+                }),
+        )
 }
 
 /// A batch sent: its acknowledgements still to come, and per raw partition the next offset to
@@ -420,9 +478,16 @@ async fn send_batch(
     producer: &ThreadedProducer<AckContext>,
     stats: &PreprocessStats,
     batch: &[BorrowedMessage<'_>],
+    lost: &[Lost],
 ) -> Result<Pending, PreprocessError> {
     let acks = Arc::new(BatchAcks::default());
     let mut next_offsets = HashMap::new();
+    // Acknowledged with the batch, so the offsets past the gap are committed only once the
+    // dead letter that reports it is written (a crash before finds the gap again).
+    for l in lost {
+        acks.remaining.fetch_add(1, Ordering::AcqRel);
+        send(producer, lost_record(l, acks.clone())).await?;
+    }
     // One event buffer for the batch: the producer copies each payload.
     let mut json = Vec::with_capacity(512);
     for m in batch {

@@ -509,6 +509,19 @@ async fn metrics_text(state: &AppState) -> Result<String, StoreError> {
     }
     let _ = writeln!(
         out,
+        "# HELP pageviews_lost_messages_total Messages the broker deleted (retention) before a consumer group read them, by group and topic: never counted. The preprocessors' figure comes from the dead-letter topic, so it covers what that topic still holds.\n# TYPE pageviews_lost_messages_total counter\npageviews_lost_messages_total{{group=\"{PREPROCESS_GROUP}\",topic=\"{RAW_TOPIC}\"}} {}",
+        state.dead_letter_reasons.lost()
+    );
+    for (group, f) in &flushes {
+        let _ = writeln!(
+            out,
+            "pageviews_lost_messages_total{{group=\"{}\",topic=\"{EVENTS_TOPIC}\"}} {}",
+            label(group),
+            f.lost
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP pageviews_flush_duration_seconds Time from a flush's start to its commit.\n# TYPE pageviews_flush_duration_seconds histogram"
     );
     for (group, f) in &flushes {
@@ -612,11 +625,18 @@ async fn metrics_text(state: &AppState) -> Result<String, StoreError> {
 #[derive(Default)]
 pub(super) struct ReasonTally {
     counts: Mutex<BTreeMap<String, u64>>,
+    /// Raw lines the broker deleted before the preprocessors read them: the sum of the
+    /// `pv-lost` headers of the dead letters that stand for them.
+    lost: std::sync::atomic::AtomicU64,
 }
 
 impl ReasonTally {
     fn snapshot(&self) -> BTreeMap<String, u64> {
         self.counts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn lost(&self) -> u64 {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Reads the dead-letter topic until `shutdown`, counting each message's reason.
@@ -674,6 +694,13 @@ impl ReasonTally {
                 let reason = reason_label(&reason_of(&m));
                 if let Ok(mut c) = self.counts.lock() {
                     *c.entry(reason).or_default() += 1;
+                }
+                let lost = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == headers::LOST))
+                    .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<u64>().ok());
+                if let Some(n) = lost {
+                    self.lost.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }

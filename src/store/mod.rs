@@ -152,6 +152,11 @@ const MIGRATIONS: &[&str] = &[
         consumer_group TEXT PRIMARY KEY,
         errors BIGINT NOT NULL,
         last_error TEXT NOT NULL)",
+    // Messages a group's topic no longer held when the group came to read them (deleted by
+    // the broker's retention while the group was down or behind): for /metrics.
+    "CREATE TABLE IF NOT EXISTS lost_messages (
+        consumer_group TEXT PRIMARY KEY,
+        lost BIGINT NOT NULL)",
 ];
 
 /// The columns (and SQL types) the statements rely on, checked at open so that a table of the
@@ -304,6 +309,10 @@ const EXPECTED_COLUMNS: &[(&str, &[(&str, SqlType)])] = &[
             ("last_error", SqlType::Text),
         ],
     ),
+    (
+        "lost_messages",
+        &[("consumer_group", SqlType::Text), ("lost", SqlType::BigInt)],
+    ),
 ];
 
 /// Upper bounds (ms) of the flush duration buckets; the last is +Inf.
@@ -344,23 +353,31 @@ pub struct FlushDurations {
     pub buckets: Vec<(i64, u64)>,
     /// Flushes written after a data error, with the offending values as `(invalid)`.
     pub data_errors: u64,
+    /// Messages of the group's topic deleted by the broker before the group read them.
+    pub lost: u64,
 }
 
 /// The `le_ms` under which [`FLUSH_STATS`] reports a group's data errors.
 const DATA_ERROR_ROW: i64 = -1;
+/// The `le_ms` under which [`FLUSH_STATS`] reports a group's lost messages.
+const LOST_ROW: i64 = -2;
 
-/// Every group's flush-duration rows, and its data errors as one more row (the same SQL on
-/// both databases).
+/// Every group's flush-duration rows, and its data errors and lost messages as more rows (the
+/// same SQL on both databases).
 const FLUSH_STATS: &str = "SELECT consumer_group, le_ms, flushes, total_ms FROM flush_stats
-     UNION ALL SELECT consumer_group, -1, errors, 0 FROM flush_data_errors";
+     UNION ALL SELECT consumer_group, -1, errors, 0 FROM flush_data_errors
+     UNION ALL SELECT consumer_group, -2, lost, 0 FROM lost_messages";
 
 impl FlushDurations {
     /// From stored rows (le_ms, flushes, total_ms).
     fn from_rows(rows: &[(i64, u64, u64)]) -> FlushDurations {
+        let (lost, rows): (Vec<&(i64, u64, u64)>, Vec<_>) =
+            rows.iter().partition(|r| r.0 == LOST_ROW);
         let (errors, rows): (Vec<&(i64, u64, u64)>, Vec<_>) =
-            rows.iter().partition(|r| r.0 == DATA_ERROR_ROW);
+            rows.into_iter().partition(|r| r.0 == DATA_ERROR_ROW);
         FlushDurations {
             data_errors: errors.iter().map(|r| r.1).sum(),
+            lost: lost.iter().map(|r| r.1).sum(),
             count: rows.iter().map(|r| r.1).sum(),
             sum_ms: rows.iter().map(|r| r.2).sum(),
             buckets: FLUSH_BUCKETS_MS
@@ -579,6 +596,10 @@ pub struct FlushBatch {
     /// Set by [`FlushBatch::quarantine`]: the data error that made this batch's values
     /// `(invalid)`, recorded in `flush_data_errors` by the same transaction.
     pub data_error: Option<String>,
+    /// Messages of `topic` the group found gone from the broker (deleted by its retention
+    /// before they were read) since its last flush: added to `lost_messages` by the same
+    /// transaction as the offsets that moved past them, so each is counted once.
+    pub lost: u64,
 }
 
 /// The value under which a flush counts what the database refused (see
@@ -644,6 +665,10 @@ fn quarantine_rows<T, K: Ord>(
     *rows = merged.into_values().collect();
     moved
 }
+
+/// Adds a group's lost messages (parameters: the group, how many).
+const RECORD_LOST: &str = "INSERT INTO lost_messages (consumer_group, lost) VALUES (?1, ?2)
+     ON CONFLICT (consumer_group) DO UPDATE SET lost = lost_messages.lost + excluded.lost";
 
 /// Counts a flush written after a data error (parameters: the group, the error).
 const RECORD_DATA_ERROR: &str =
@@ -1450,6 +1475,7 @@ mod tests {
         );
         let mut second = batch(&[("NL", 4)], &[(0, Some(7), 11), (1, None, 3)]);
         second.watermarks = vec![wm(0, 3, 500), wm(0, 4, 9), wm(1, 3, 501)];
+        second.lost = 40;
         assert_eq!(store.flush(&second).await.unwrap(), FlushOutcome::Committed);
         let mut third = batch(&[], &[(0, Some(11), 12)]);
         third.watermarks = vec![wm(0, 3, 502)];
@@ -1458,6 +1484,7 @@ mod tests {
         // not even the offsets or watermarks of its other partitions.
         let mut zombie = batch(&[("NL", 100)], &[(0, Some(7), 9), (2, None, 1)]);
         zombie.watermarks = vec![wm(0, 3, 900), wm(2, 3, 900)];
+        zombie.lost = 1000;
         assert_eq!(
             store.flush(&zombie).await.unwrap(),
             FlushOutcome::Conflict(vec![0])
@@ -1477,6 +1504,14 @@ mod tests {
             .map(|c| (c.country_code, c.visits))
             .collect();
         assert_eq!(counts, vec![("NL".to_owned(), 6), ("US".to_owned(), 5)]);
+        // Lost messages are written with the offsets that moved past them, fenced alike.
+        let lost = |d: Vec<(String, FlushDurations)>| -> Vec<(String, u64)> {
+            d.into_iter().map(|(g, f)| (g, f.lost)).collect()
+        };
+        assert_eq!(
+            lost(store.flush_durations().await.unwrap()),
+            vec![("g".to_owned(), 40)]
+        );
         let expected = StoredPositions {
             offsets: HashMap::from([(0, 12), (1, 3)]),
             watermarks: HashMap::from([
@@ -1503,6 +1538,7 @@ mod tests {
         };
         rebound.reset_watermarks = vec![0];
         rebound.watermarks = vec![wm(0, 5, 3)];
+        rebound.lost = 2;
         assert_eq!(
             store.flush(&rebound).await.unwrap(),
             FlushOutcome::Committed
@@ -1529,6 +1565,10 @@ mod tests {
         drop(store);
         let store = Store::open(url).await.unwrap();
         assert_eq!(store.load_positions("g", "t").await.unwrap(), expected);
+        assert_eq!(
+            lost(store.flush_durations().await.unwrap()),
+            vec![("g".to_owned(), 42)]
+        );
     }
 
     /// Dimension and minute counts add up across flushes, are fenced with the offsets, and

@@ -564,6 +564,13 @@ impl PostgresStore {
                 .await?;
             tx.execute(&record, &[&batch.consumer_group, error]).await?;
         }
+        if batch.lost > 0 {
+            let lost = i64::try_from(batch.lost).unwrap_or(i64::MAX);
+            let record = tx
+                .prepare_cached(&dollar_params(super::RECORD_LOST))
+                .await?;
+            tx.execute(&record, &[&batch.consumer_group, &lost]).await?;
+        }
         if let Some(alert) = &batch.alert {
             flush_alert(&tx, &batch.consumer_group, &batch.topic, alert).await?;
         }

@@ -858,6 +858,10 @@ async fn flush_on(conn: &Connection, batch: &FlushBatch) -> Result<FlushOutcome,
         tx.execute(super::RECORD_DATA_ERROR, params![group, error.as_str()])
             .await?;
     }
+    if batch.lost > 0 {
+        let lost = i64::try_from(batch.lost).unwrap_or(i64::MAX);
+        tx.execute(super::RECORD_LOST, params![group, lost]).await?;
+    }
     let (le, ms) = flush_bucket(started.elapsed());
     tx.execute(
         "INSERT INTO flush_stats (consumer_group, le_ms, flushes, total_ms) VALUES (?1, ?2, 1, ?3)
