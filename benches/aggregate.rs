@@ -17,6 +17,7 @@ use std::time::Instant;
 use pageviews::aggregate::dimensions::{
     Counts, DEFAULT_KEEP_VALUES, DEFAULT_TOP_K, Dimension, Keep, fill_batch,
 };
+use pageviews::aggregate::tables::CountsFlush;
 use pageviews::countries::CountryCode;
 use pageviews::event::{PageView, Source};
 use pageviews::format::LogFormat;
@@ -175,7 +176,7 @@ fn measure(
             expected: None,
             next: events.len() as i64,
         }],
-        ..FlushBatch::default()
+        ..FlushBatch::<CountsFlush>::default()
     };
     // The default compaction (--keep-values) is part of the flush's cost.
     let keep = Keep {
@@ -183,17 +184,18 @@ fn measure(
         latest: i64::MAX,
         values: DEFAULT_KEEP_VALUES,
     };
-    fill_batch(&mut batch, std::iter::once(&counts), keep);
+    fill_batch(&mut batch.results, std::iter::once(&counts), keep);
     runtime
         .block_on(store.flush(&batch))
         .expect("the flush commits");
     let flush_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let rows = batch.increments.len()
-        + batch.dimensions.len()
-        + batch.dimension_hours.len()
-        + batch.minutes.len()
-        + batch.uniques.len()
-        + batch.histograms.len();
+    let r = &batch.results;
+    let rows = r.increments.len()
+        + r.dimensions.len()
+        + r.dimension_hours.len()
+        + r.minutes.len()
+        + r.uniques.len()
+        + r.histograms.len();
     Row {
         count_ns,
         state_bytes,

@@ -437,7 +437,7 @@ impl Alerters {
                 sink: Arc::new(sink),
                 lateness: args.lateness,
                 idle_timeout: args.idle_timeout,
-                flush_interval: args.alert_interval,
+                alert_interval: args.alert_interval,
                 max_future: common.max_future,
             })
             .collect()

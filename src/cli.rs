@@ -20,7 +20,7 @@ use crate::demo::{self, DemoArgs};
 use crate::format::Preset;
 use crate::generate::{LineGenerator, render};
 use crate::import::checkpoint::CheckpointDir;
-use crate::import::format::FormatArgs;
+use crate::import::input_format::FormatArgs;
 use crate::import::{self, ImportConfig};
 use crate::kafka;
 use crate::preprocess::{self, PreprocessStats};

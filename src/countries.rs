@@ -2,6 +2,10 @@
 
 use std::fmt;
 
+/// The subject, scope or key that stands for all countries together (beside one per country):
+/// unique-visitor and histogram rows, alert windows and rules.
+pub const ALL: &str = "*";
+
 /// A two-letter upper-case country code. `ZZ` ("unknown or unspecified", reserved by ISO
 /// for user assignment) stands for every address the GeoIP database cannot place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

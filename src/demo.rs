@@ -16,7 +16,7 @@ use crate::args::{
 };
 use crate::broker::EmbeddedBroker;
 use crate::generate::LineGenerator;
-use crate::import::format::FormatArgs;
+use crate::import::input_format::FormatArgs;
 use crate::import::{self, ImportConfig, LineSink};
 use crate::preprocess::{self, PreprocessStats};
 use crate::serve;

@@ -368,6 +368,31 @@ pub mod headers {
     pub const FORMAT: &str = "pv-format";
 }
 
+/// The country of an event: its key, or its payload's `country_code` if the key is missing.
+pub(crate) fn country_of(
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> crate::countries::CountryCode {
+    if let Some(c) = key
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .and_then(crate::countries::CountryCode::parse)
+    {
+        return c;
+    }
+    #[derive(serde::Deserialize)]
+    struct Partial<'a> {
+        #[serde(borrow)]
+        country_code: &'a str,
+    }
+    payload
+        .and_then(|p| serde_json::from_slice::<Partial<'_>>(p).ok())
+        .and_then(|p| crate::countries::CountryCode::parse(p.country_code))
+        .unwrap_or_else(|| {
+            tracing::warn!("event without a valid country key; counted as ZZ");
+            crate::countries::CountryCode::UNKNOWN
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,6 +62,13 @@ pub enum ClientRole {
 /// build, back to back). 10 ms keeps the memory bound and costs nothing measurable.
 pub const FETCH_QUEUE_BACKOFF: (&str, &str) = ("fetch.queue.backoff.ms", "10");
 
+/// Every consumer of the pipeline prefetches at most 16 MiB (librdkafka's default is 64 MiB):
+/// about 60,000 raw lines, a dozen batches ahead, is enough to never wait for a fetch, and the
+/// resident memory then stops depending on how far the stage is behind. A stage that counts
+/// slower than messages arrive otherwise holds a fuller queue the further behind it is, and
+/// its memory grows with the backlog (issue 7, target 6).
+pub const PREFETCH: (&str, &str) = ("queued.max.messages.kbytes", "16384");
+
 /// Every producer of the pipeline (import, preprocess and its dead letters) compresses its
 /// record batches with LZ4. Log lines and their events repeat most of their bytes (agents,
 /// paths, referrers), so a batch shrinks several times over, and every copy of it costs that

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //!
-//! Data flows through four stages, each a module with a `run(config, …, shutdown)` entry:
+//! Data flows through the stages, each a module with a `run(config, …, shutdown)` entry; the
+//! alerting groups read the same events as the aggregator, each with its own positions:
 //!
 //! ```text
 //!  access logs ──▶ import ──▶ [raw-page-views] ──▶ preprocess ──▶ [page-views] ──▶ aggregate ──▶ database ──▶ serve
@@ -10,11 +11,13 @@
 //!   generator)                  message             User-Agent      country code      memory, one    offsets in    /api/countries
 //!                                                        │                            transaction    one tx
 //!                                                        └──▶ [raw-page-views-dead-letter]  every 5 s
+//!                                                                     [page-views] ──▶ alert ──▶ outbox ──▶ webhook, e-mail
 //! ```
 //!
 //! - [`import`]: lines → `raw-page-views` (files, globs, gzip, stdin, `--follow`).
 //! - [`format`]: what a raw line means: presets, GoAccess and nginx format strings, W3C,
-//!   JSON; the importer picks one per input ([`import::format`]) and sends it with every line.
+//!   JSON; the importer picks one per input ([`import::input_format`]) and sends it with every
+//!   line.
 //! - [`preprocess`]: the consumer group `preprocessors`. Pure core in [`format`] (parsing),
 //!   [`preprocess::geo`] (IP → country), [`preprocess::useragent`] and
 //!   [`preprocess::enrich`] (line → [`event::PageView`] JSON); the module itself is the Kafka
@@ -24,7 +27,9 @@
 //!   compare-and-set. Pure core in [`positions::tally`] (per-partition results and offsets,
 //!   replays dropped) and [`positions::start`] (where a newly owned partition starts); the
 //!   module is the Kafka side ([`positions::GroupMember`]), which assigns partitions paused in
-//!   the rebalance callback and positions them from the database outside it.
+//!   the rebalance callback and positions them from the database outside it. The one consume
+//!   loop, [`positions::consume`], runs any [`positions::Group`]: the aggregator and the
+//!   alerters implement it in their own folders.
 //! - [`aggregate`]: the consumer group `aggregators`, a [`positions`] user. Pure core in
 //!   [`aggregate::dimensions`] (what is counted: the dimensions, top-K, visits per minute,
 //!   sketches; what a flush writes) and [`sketch`] (HyperLogLog, histogram buckets).
@@ -32,9 +37,12 @@
 //!   too. Pure core in [`alert::rules`] (the rules file) and [`alert::window`] (event-time
 //!   tumbling windows, watermarks, rule evaluation); [`alert::sink`] delivers (webhook,
 //!   SMTP); alerts wait in the database until delivered.
-//! - [`store`]: the database (SQLite or PostgreSQL): counts, dimensions, minutes, sketches,
-//!   histograms, offsets, source watermarks and the topic ids they refer to, written together
-//!   in one transaction per flush.
+//! - [`store`]: the database's shared part (SQLite or PostgreSQL): connections, migrations,
+//!   positions (offsets, source watermarks, topic ids, event-time clocks) and the one flush
+//!   transaction ([`store::flush_in`]) that writes them with a group's results; the SQL
+//!   dialect layer ([`store::sql`]). It names no group: each group's tables, rows and SQL are
+//!   in its own folder ([`aggregate::tables`], [`alert::tables`]), and `database.rs` lists
+//!   every group's schema to open.
 //! - [`serve`]: the dashboard ([`serve::live`] pushes it an update after each flush), the JSON
 //!   API ([`serve::api`]), pipeline health and `/metrics` ([`serve::pipeline`]).
 //! - [`kafka`]: the one place that knows topic/group names and client settings;
@@ -50,6 +58,7 @@ pub mod args;
 pub mod broker;
 pub mod cli;
 pub mod countries;
+mod database;
 pub mod demo;
 pub mod event;
 pub mod format;
@@ -62,3 +71,20 @@ pub mod secrets;
 pub mod serve;
 pub mod sketch;
 pub mod store;
+
+/// An error and its sources on one line: the drivers' own messages ("db error", "error
+/// connecting to server") only say what failed, their sources say why. A source whose text
+/// is already in the line is left out.
+pub fn one_line(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

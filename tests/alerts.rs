@@ -173,7 +173,7 @@ fn alerter(c: &Cluster, sink: &[String], log: &Path) -> Child {
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_pageviews"))
+    Command::new(common::bin())
         .arg("alert")
         .arg("--brokers")
         .arg(c.broker.bootstrap())
@@ -372,8 +372,7 @@ async fn wait_for_ids(
 }
 
 fn stop(mut child: Child) {
-    let pid = child.id().to_string();
-    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    common::terminate(&child);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = child.try_wait().unwrap() {

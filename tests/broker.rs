@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+mod common;
+
 use pageviews::broker::{BrokerStorage, EmbeddedBroker};
 use pageviews::kafka::{ClientRole, KafkaSettings, RAW_TOPIC};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -405,15 +407,6 @@ async fn a_read_from_inside_a_batch_misses_nothing() {
     }
 }
 
-/// A free TCP port on the loopback interface.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `pageviews broker` on SQLite storage in `dir`, as its own process (so that it can be
 /// killed with SIGKILL), with `extra` options, and settings for it once it answers, with our
 /// topics.
@@ -422,7 +415,7 @@ async fn broker_process(
     port: u16,
     extra: &[&str],
 ) -> (std::process::Child, KafkaSettings) {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pageviews"))
+    let child = std::process::Command::new(common::bin())
         .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--broker-storage", "sqlite"])
         .args(extra)
@@ -515,7 +508,7 @@ async fn a_broker_killed_during_produce_leaves_whole_batches() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let (mut child, kafka) = broker_process(dir.path(), port, &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
@@ -896,7 +889,7 @@ async fn a_broker_killed_during_retention_leaves_a_readable_log() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let (mut child, kafka) =
         broker_process(dir.path(), port, &["--retention-bytes", "30000"]).await;
     let stop = Arc::new(AtomicBool::new(false));

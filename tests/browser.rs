@@ -32,9 +32,7 @@ impl Drop for Driver {
     /// Kills chromedriver's whole process group: the Chromium it started too, even when the
     /// test failed before closing its session.
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.0.id())])
-            .status();
+        common::signal(-common::child_pid(&self.0), libc::SIGKILL);
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

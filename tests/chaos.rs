@@ -21,7 +21,6 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -52,20 +51,12 @@ macro_rules! report {
         let _ = writeln!(std::io::stderr().lock(), $($arg)*);
     }};
 }
-const BIN: &str = env!("CARGO_BIN_EXE_pageviews");
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
 }
 
 fn run_ok(cmd: &mut Command) {
@@ -106,7 +97,7 @@ impl PrivatePostgres {
         let pg = PrivatePostgres {
             bin,
             data: dir.join("data"),
-            port: free_port(),
+            port: common::free_port(),
             as_postgres,
         };
         run_ok(
@@ -230,7 +221,7 @@ impl Cluster {
             },
             self.next_id
         );
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(common::bin());
         cmd.args(args)
             .env(
                 "RUST_LOG",
@@ -244,7 +235,7 @@ impl Cluster {
             .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", common::bin().display()));
         let log_path = self.dir.join(format!("{name}.log"));
         let file = Arc::new(Mutex::new(std::fs::File::create(&log_path).unwrap()));
         for stream in [
@@ -396,11 +387,7 @@ impl Cluster {
     /// SIGTERM: a graceful stop (the importer saves its checkpoint).
     fn terminate(&mut self, name: &str) {
         let (_, _, child) = self.procs.iter_mut().find(|(n, _, _)| n == name).unwrap();
-        run_ok(
-            Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string()),
-        );
+        assert!(common::terminate(child), "{name} is gone");
         let _ = child.wait();
         self.observed.lock().unwrap().owned.remove(name);
     }
@@ -633,7 +620,7 @@ async fn chaos() {
     let pg_dir = dir.join("postgres");
     std::fs::create_dir_all(&pg_dir).unwrap();
     let pg = PrivatePostgres::init(&pg_dir);
-    let broker_port = free_port();
+    let broker_port = common::free_port();
     let mut c = Cluster {
         dir: dir.clone(),
         brokers: format!("127.0.0.1:{broker_port}"),
@@ -649,7 +636,7 @@ async fn chaos() {
     };
     let started = Instant::now();
     let mut broker = c.start_broker();
-    let mut topics = Command::new(BIN);
+    let mut topics = Command::new(common::bin());
     topics.args([
         "--brokers",
         &c.brokers,

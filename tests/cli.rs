@@ -3,11 +3,11 @@
 
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pageviews");
+mod common;
 
 /// Runs the binary with a clean environment (no PAGEVIEWS_* or RUST_LOG from the caller).
 fn run(args: &[&str], data_dir: &std::path::Path) -> Output {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(common::bin());
     for (k, _) in std::env::vars() {
         if k.starts_with("PAGEVIEWS_") || k == "RUST_LOG" || k == "RUST_BACKTRACE" {
             cmd.env_remove(k);
@@ -16,7 +16,7 @@ fn run(args: &[&str], data_dir: &std::path::Path) -> Output {
     cmd.env("PAGEVIEWS_DATA_DIR", data_dir)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"))
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", common::bin().display()))
 }
 
 /// Asserts a failure with exit code 1 whose stderr holds exactly one line, `error: …`, and

@@ -24,7 +24,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pageviews");
 const LINES: usize = 1_000;
 
 /// The presets GoAccess 1.7 reads: all but TRAEFIKCLF (GoAccess 1.8).
@@ -146,7 +145,7 @@ async fn every_preset_counts_what_goaccess_counts() {
     let before = ends(&reader);
 
     let data = tempfile::tempdir().unwrap();
-    let mut demo = Command::new(BIN);
+    let mut demo = Command::new(common::bin());
     demo.env_remove("RUST_LOG")
         .arg("--brokers")
         .arg(&c.kafka.brokers)

@@ -8,7 +8,7 @@ use common::{bin, command, run_within};
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pageviews::store::Store;
@@ -172,11 +172,7 @@ struct Broker {
 impl Broker {
     fn start() -> Broker {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let addr = format!("127.0.0.1:{port}");
         let child = command(&bin(), dir.path())
             .args(["broker", "--broker-storage", "memory", "--listen", &addr])
@@ -340,11 +336,7 @@ fn ctrl_c_ends_a_demo_cleanly() {
     // Let it run: broker, topics, the generator and every stage up.
     let signaller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(6));
-        let status = Command::new("kill")
-            .args(["-INT", &id.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        assert!(common::signal(i32::try_from(id).unwrap(), libc::SIGINT));
         Instant::now()
     });
     let out = child.wait_with_output().unwrap();

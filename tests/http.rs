@@ -12,6 +12,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{bin, command, run_within};
+use pageviews::aggregate::tables::CountsFlush;
 use pageviews::store::{FlushBatch, OffsetUpdate, Store};
 
 /// Resident memory of 1,000 subscribed pages, over the server's own before they came.
@@ -38,7 +39,10 @@ async fn serve(extra: &[&str]) -> Server {
     let batch = FlushBatch {
         consumer_group: "aggregators".into(),
         topic: "page-views".into(),
-        increments: vec![("GB".into(), 7), ("NL".into(), 3)],
+        results: CountsFlush {
+            increments: vec![("GB".into(), 7), ("NL".into(), 3)],
+            ..CountsFlush::default()
+        },
         offsets: vec![OffsetUpdate {
             partition: 0,
             expected: None,
@@ -47,10 +51,7 @@ async fn serve(extra: &[&str]) -> Server {
         ..FlushBatch::default()
     };
     store.flush(&batch).await.unwrap();
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+    let addr = { std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port())) };
     let mut cmd = command(&bin(), dir.path());
     cmd.args(["serve", "--database", &db, "--brokers", "127.0.0.1:1"]);
     cmd.args(["--listen", &addr.to_string()]);

@@ -616,7 +616,7 @@ async fn a_group_whose_leader_died_while_forming_assigns_every_partition() {
     let expected = expected_counts(lines.iter().map(Vec::as_slice));
     let pre = start_preprocessor(&c, Arc::new(PreprocessStats::default()));
     // The first member creates the group, leads it and sets its session timeout (6 s).
-    let mut leader = Command::new(env!("CARGO_BIN_EXE_pageviews"))
+    let mut leader = Command::new(common::bin())
         .args([
             "--brokers",
             &c.broker.bootstrap(),

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{command, run_within};
@@ -47,9 +47,7 @@ impl Stage {
 
     /// SIGTERM, then waits (SIGKILL after 20 s: the test then fails on its counts).
     fn stop(mut self) -> String {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        common::terminate(&self.child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.child.try_wait().unwrap().is_none() {
             if Instant::now() > deadline {
@@ -106,11 +104,7 @@ fn wait_until(what: &str, patience: Duration, mut done: impl FnMut() -> bool) {
 fn a_broker_with_retention_keeps_its_file_bounded_and_counts_every_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let brokers = format!("127.0.0.1:{port}");
     let database = format!("sqlite://{}/stats.db", d.display());
     let broker_dir = d.join("broker");
@@ -146,10 +140,7 @@ fn a_broker_with_retention_keeps_its_file_bounded_and_counts_every_line() {
     let agg = stage("agg-1", "aggregate");
     // The dashboard's /metrics counts the lost messages; it reads the dead letters as they
     // come (the retention deletes them too).
-    let http = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let http_s = http.to_string();
     let _serve = Stage::start(
         d,

@@ -24,17 +24,17 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 
+use super::tables::{
+    Amount, CountsFlush, DimensionHourIncrement, DimensionIncrement, HistogramIncrement,
+    MinuteIncrement, UniqueSketch,
+};
 use crate::countries::{CountryCode, continent_of};
 use crate::event::{PageView, policy};
 use crate::sketch::{Hll, bucket_of};
-use crate::store::{
-    Amount, DimensionHourIncrement, DimensionIncrement, FlushBatch, HistogramIncrement,
-    MinuteIncrement, UniqueSketch,
-};
 
 /// The value under which a dimension reports what [`TopK`] could not attribute (and what
 /// the store's compaction folds).
-pub use crate::store::OTHER;
+pub use super::tables::OTHER;
 
 /// Distinct values kept per dimension, partition and flush interval by default.
 pub const DEFAULT_TOP_K: usize = 1000;
@@ -425,7 +425,7 @@ impl Metric {
 }
 
 /// The scope of the overall unique-visitor sketch and histogram rows (beside one per country).
-pub const ALL_COUNTRIES: &str = "*";
+pub use crate::countries::ALL as ALL_COUNTRIES;
 
 /// The hour of an event whose time cannot be read: counted in the all-time values only.
 pub const NO_HOUR: i64 = i64::MIN;
@@ -605,7 +605,7 @@ impl Counts {
 /// before the newest one written (but never later than `keep.latest`) are deleted by the
 /// same flush, and the flush keeps `keep.values` values per dimension.
 pub fn fill_batch<'a>(
-    batch: &mut FlushBatch,
+    batch: &mut CountsFlush,
     counts: impl Iterator<Item = &'a Counts>,
     keep: Keep,
 ) {
@@ -976,7 +976,7 @@ mod tests {
         let mut later = event("/a", 200, None);
         later.time = Cow::Borrowed("2026-01-01T10:00:00Z");
         p1.add(us, Some(&later), &mut buf);
-        let mut batch = FlushBatch::default();
+        let mut batch = CountsFlush::default();
         let keep = Keep {
             retention: Some(3600),
             latest: i64::MAX,

@@ -17,6 +17,7 @@
 
 pub mod rules;
 pub mod sink;
+pub mod tables;
 pub mod window;
 
 use std::borrow::Cow;
@@ -24,32 +25,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::countries::CountryCode;
 use crate::kafka::{EVENTS_TOPIC, KafkaSettings};
-use crate::positions::{
-    Flushed, GroupMember, LOOKUP_TIMEOUT, Pending, Recorded, blocking, sleep_until,
-    source_of_message,
-};
-use crate::store::{AlertFlush, CloseRequest, Store};
+use crate::positions::{self, FLUSH_TIMEOUT, Flushed, Group, GroupMember, Pending};
+use crate::store::Store;
 use rules::Rule;
 use sink::{DeliveryError, Sink};
+use tables::{AlertFlush, CloseRequest};
 use window::{PartitionClock, WindowCounts, WindowRow};
 
-/// How far behind the largest event time a window may still receive events: 30 s.
-pub const DEFAULT_LATENESS: Duration = Duration::from_secs(30);
-/// A partition read to its log end for this long stops holding windows open: 30 s.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a member holds an alert it is delivering before another member may try it.
 const CLAIM: Duration = Duration::from_secs(15);
-/// The flush at shutdown gets this long.
-const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings of one alerter.
 pub struct AlertConfig {
@@ -61,8 +52,9 @@ pub struct AlertConfig {
     pub group: String,
     pub lateness: Duration,
     pub idle_timeout: Duration,
-    /// Time between two flushes (window counts, offsets) and window closes.
-    pub flush_interval: Duration,
+    /// Time between two flushes (window counts, offsets) and window closes
+    /// (`--alert-interval`).
+    pub alert_interval: Duration,
     /// An event further ahead of the wall clock than this does not move the clocks (it is
     /// counted as unreadable): one line dated 9999 would make every later event late.
     pub max_future: Duration,
@@ -109,13 +101,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AlertError> {
     let lateness = i64::try_from(config.lateness.as_secs()).unwrap_or(i64::MAX);
-    let max_future = i64::try_from(config.max_future.as_secs()).unwrap_or(i64::MAX);
-    let mut member = GroupMember::join(
+    let member = GroupMember::join(
         &config.kafka,
         &config.group,
         EVENTS_TOPIC,
         WindowCounts::new(&config.rules, lateness),
-        &[("queued.max.messages.kbytes", "16384")],
         config.store.clone(),
         shutdown.clone(),
     )?;
@@ -129,57 +119,15 @@ pub async fn run(
         shutdown.clone(),
     ));
     tracing::info!(group = %config.group, rules = config.rules.len(), "alerter started");
-    let mut partitions: Option<i32> = None;
-    let next_flush = tokio::time::sleep(config.flush_interval);
-    tokio::pin!(next_flush);
-    let shared = Arc::clone(&member.shared);
-    loop {
-        let position_due = shared.position_due();
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = shared.wake.notified() => member.position().await,
-            _ = sleep_until(position_due), if position_due.is_some() => member.position().await,
-            _ = &mut next_flush => {
-                if partitions.is_none() {
-                    partitions = partition_count(&member);
-                }
-                mark_caught_up(&member, &shutdown);
-                let ok = flush(&mut member, &stats, FLUSH_TIMEOUT).await;
-                if ok && let Some(n) = partitions {
-                    close(&config, n, &stats, &wake_delivery).await;
-                }
-                let wait = if ok { config.flush_interval } else { member.backoff() };
-                next_flush.as_mut().reset(Instant::now() + wait);
-            }
-            msg = member.consumer.recv() => match msg {
-                Ok(m) => {
-                    let country = crate::aggregate::country_of(m.key(), m.payload());
-                    let source = source_of_message(&m);
-                    let count = |w: &mut WindowCounts| {
-                        let event = m
-                            .payload()
-                            .and_then(|p| serde_json::from_slice::<AlertEvent<'_>>(p).ok());
-                        let horizon = chrono::Utc::now().timestamp().saturating_add(max_future);
-                        match event.and_then(|e| Some((window::seconds_of(&e.time)?, e.status))) {
-                            Some((t, status)) if t <= horizon => {
-                                w.add(t, status, country);
-                            }
-                            _ => w.unreadable += 1,
-                        }
-                    };
-                    if member.record(m.partition(), m.offset(), source, count)
-                        == Recorded::DuplicateSource
-                    {
-                        stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Err(e) => tracing::warn!(%e, "consume error"),
-            },
-        }
-    }
-    flush(&mut member, &stats, FINAL_FLUSH_TIMEOUT).await;
-    member.leave().await;
+    let alerter = Alerter {
+        max_future: i64::try_from(config.max_future.as_secs()).unwrap_or(i64::MAX),
+        config,
+        stats,
+        wake_delivery,
+        partitions: None,
+        shutdown: shutdown.clone(),
+    };
+    positions::consume(member, alerter, shutdown).await;
     // The delivery task ends with the shutdown; a delivery under way is given its timeout.
     if tokio::time::timeout(Duration::from_secs(5), delivery)
         .await
@@ -192,77 +140,54 @@ pub async fn run(
     Ok(())
 }
 
-/// The events topic's partition count (`None`: not known yet, asked again at the next tick).
-fn partition_count(member: &GroupMember<WindowCounts>) -> Option<i32> {
-    let metadata = blocking(|| {
-        member
-            .consumer
-            .fetch_metadata(Some(EVENTS_TOPIC), LOOKUP_TIMEOUT)
-    });
-    match metadata {
-        Ok(m) => m
-            .topics()
-            .iter()
-            .find(|t| t.name() == EVENTS_TOPIC)
-            .map(|t| t.partitions().len())
-            .filter(|&n| n > 0)
-            .and_then(|n| i32::try_from(n).ok()),
-        Err(e) => {
-            tracing::warn!(%e, "cannot read the partitions of {EVENTS_TOPIC} yet");
-            None
-        }
-    }
+/// An alerter as a [`Group`]: what it counts, what its flushes write, and the windows it
+/// closes after each flush.
+struct Alerter {
+    config: AlertConfig,
+    stats: Arc<AlertStats>,
+    wake_delivery: Arc<Notify>,
+    /// Seconds an event may be ahead of the wall clock and still move the clocks.
+    max_future: i64,
+    /// The events topic's partition count, once known.
+    partitions: Option<i32>,
+    shutdown: CancellationToken,
 }
 
-/// Notes, for each owned partition, whether this member has read it to its log end (and
-/// since when): an idle partition stops holding the group's windows open.
-///
-/// One broker round trip per owned partition; once one fails (a broker that does not answer)
-/// the rest are taken as not caught up rather than waited for, and shutdown stops it.
-fn mark_caught_up(member: &GroupMember<WindowCounts>, shutdown: &CancellationToken) {
-    let owned = member.shared.tally().partitions();
-    let now = now_ms();
-    let mut reachable = true;
-    for p in owned {
-        let high = if reachable && !shutdown.is_cancelled() {
-            blocking(|| {
-                member
-                    .consumer
-                    .fetch_watermarks(EVENTS_TOPIC, p, Duration::from_secs(1))
-            })
-            .ok()
-            .map(|(_, high)| high)
-        } else {
-            None
-        };
-        reachable &= high.is_some();
-        let mut tally = member.shared.tally();
-        let next = tally.next_offset(p);
-        if let Some(acc) = tally.accumulator_mut(p) {
-            match (high, next) {
-                (Some(high), Some(next)) if next >= high => {
-                    acc.caught_up_since.get_or_insert(now);
-                }
-                _ => acc.caught_up_since = None,
+impl Group for Alerter {
+    type Acc = WindowCounts;
+
+    fn interval(&self) -> Duration {
+        self.config.alert_interval
+    }
+
+    fn count(&mut self, w: &mut WindowCounts, m: &BorrowedMessage<'_>, country: CountryCode) {
+        let event = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<AlertEvent<'_>>(p).ok());
+        let horizon = chrono::Utc::now()
+            .timestamp()
+            .saturating_add(self.max_future);
+        match event.and_then(|e| Some((window::seconds_of(&e.time)?, e.status))) {
+            Some((t, status)) if t <= horizon => {
+                w.add(t, status, country);
             }
+            _ => w.unreadable += 1,
         }
     }
-}
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+    fn duplicate(&self) {
+        self.stats
+            .duplicates_dropped
+            .fetch_add(1, Ordering::Relaxed);
+    }
 
-/// One flush of window counts and clocks; true when durable (or nothing to write).
-async fn flush(
-    member: &mut GroupMember<WindowCounts>,
-    stats: &AlertStats,
-    timeout: Duration,
-) -> bool {
-    let is_final = timeout == FINAL_FLUSH_TIMEOUT;
-    match member.flush(timeout, is_final, fill_batch).await {
-        Flushed::Nothing => true,
-        Flushed::Committed(pending) => {
+    fn fill(&self, pending: &mut Pending<WindowCounts>) {
+        fill_batch(pending);
+    }
+
+    fn flushed(&self, _member: &GroupMember<WindowCounts>, outcome: &Flushed<WindowCounts>) {
+        if let Flushed::Committed(pending) = outcome {
+            let stats = &self.stats;
             let events: u64 = pending.counts().map(|c| c.events).sum();
             let (late, unreadable) = pending
                 .counts()
@@ -284,10 +209,59 @@ async fn flush(
                     "events whose JSON or time could not be read were not counted"
                 );
             }
-            true
         }
-        Flushed::Failed { .. } => false,
     }
+
+    fn before_flush(&mut self, member: &GroupMember<WindowCounts>) {
+        if self.partitions.is_none() {
+            self.partitions = member.partition_count();
+        }
+        mark_caught_up(member, &self.shutdown);
+    }
+
+    fn after_flush<'a>(
+        &'a mut self,
+        _member: &'a GroupMember<WindowCounts>,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(n) = self.partitions {
+                close(&self.config, n, &self.stats, &self.wake_delivery).await;
+            }
+        })
+    }
+}
+
+/// Notes, for each owned partition, whether this member has read it to its log end (and
+/// since when): an idle partition stops holding the group's windows open.
+///
+/// One broker round trip per owned partition; once one fails (a broker that does not answer)
+/// the rest are taken as not caught up rather than waited for, and shutdown stops it.
+fn mark_caught_up(member: &GroupMember<WindowCounts>, shutdown: &CancellationToken) {
+    let owned = member.tally().partitions();
+    let now = now_ms();
+    let mut reachable = true;
+    for p in owned {
+        let high = if reachable && !shutdown.is_cancelled() {
+            member.log_end(p, Duration::from_secs(1)).ok()
+        } else {
+            None
+        };
+        reachable &= high.is_some();
+        let mut tally = member.tally();
+        let next = tally.next_offset(p);
+        if let Some(acc) = tally.accumulator_mut(p) {
+            match (high, next) {
+                (Some(high), Some(next)) if next >= high => {
+                    acc.caught_up_since.get_or_insert(now);
+                }
+                _ => acc.caught_up_since = None,
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 /// What a flush writes: every partition's windows (summed) and clock.
@@ -295,11 +269,12 @@ fn fill_batch(pending: &mut Pending<WindowCounts>) {
     let mut windows: std::collections::HashMap<window::WindowKey, window::WindowTotals> =
         std::collections::HashMap::new();
     let mut alert = AlertFlush::default();
+    let mut clocks = Vec::new();
     for (partition, c) in pending.per_partition() {
         for (k, t) in &c.windows {
             *windows.entry(*k).or_default() += *t;
         }
-        alert.clocks.push(PartitionClock {
+        clocks.push(PartitionClock {
             partition,
             clock: c.clock,
             caught_up_since: c.caught_up_since,
@@ -322,8 +297,9 @@ fn fill_batch(pending: &mut Pending<WindowCounts>) {
     alert
         .windows
         .sort_by(|a, b| (a.window, a.start, &a.subject).cmp(&(b.window, b.start, &b.subject)));
-    alert.clocks.sort_by_key(|c| c.partition);
-    pending.batch.alert = Some(alert);
+    clocks.sort_by_key(|c: &PartitionClock| c.partition);
+    pending.batch.clocks = clocks;
+    pending.batch.results = alert;
 }
 
 /// Closes the windows the group's watermark has passed; wakes the delivery when that raised

@@ -198,7 +198,8 @@ pub fn parse_rules(text: &str) -> Result<Vec<Rule>, RulesError> {
                     return Err(fail(format!("above = {above}: a whole number of visits")));
                 }
                 let country = match spec.country.as_deref() {
-                    None | Some("*") => None,
+                    None => None,
+                    Some(c) if c == crate::countries::ALL => None,
                     Some(c) => {
                         Some(CountryCode::parse(&c.to_ascii_uppercase()).ok_or_else(|| {
                             fail(format!("country {c:?}: a two-letter ISO 3166 code"))

@@ -33,7 +33,7 @@ use crate::positions::Accumulator;
 use crate::store::StoredPositions;
 
 /// The subject of the all-traffic rows (beside one per country).
-pub const ALL: &str = "*";
+pub use crate::countries::ALL;
 
 /// Requests and server errors in one window and subject.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -143,6 +143,7 @@ impl WindowCounts {
 }
 
 impl Accumulator for WindowCounts {
+    type Flush = super::tables::AlertFlush;
     fn empty_like(&self) -> Self {
         WindowCounts::empty(Arc::clone(&self.sizes), self.per_country, self.lateness)
     }
@@ -184,13 +185,7 @@ impl Accumulator for WindowCounts {
     }
 }
 
-/// A partition's clock as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PartitionClock {
-    pub partition: i32,
-    pub clock: Option<i64>,
-    pub caught_up_since: Option<i64>,
-}
+pub use crate::store::PartitionClock;
 
 /// The group's watermark (see the module docs), or `None` while some partition holds every
 /// window open. `partitions`: the topic's partition count; `now_ms`, `idle_ms`: wall clock.

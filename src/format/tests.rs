@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::import::format::InputFormat;
+use crate::import::input_format::InputFormat;
 
 fn fixtures() -> Vec<(&'static str, FormatSpec)> {
     let mut list: Vec<(&'static str, FormatSpec)> = Preset::ALL

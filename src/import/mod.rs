@@ -14,7 +14,7 @@
 //! the lines; this module expands the inputs and runs the import loop.
 
 pub mod checkpoint;
-pub mod format;
+pub mod input_format;
 pub mod lines;
 mod sink;
 
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::format::MAX_LINE_BYTES;
 use crate::kafka::KafkaSettings;
 use checkpoint::{CHECKPOINT_EVERY, Checkpoint, CheckpointDir, Consumed};
-use format::{FormatOptions, InputFormat};
+use input_format::{FormatOptions, InputFormat};
 use lines::open_maybe_gzip;
 pub use lines::{LineAssembler, follow_file, read_line_bounded};
 pub use sink::LineSink;
@@ -174,7 +174,7 @@ fn import_blocking(
         if config.follow
             && let Input::File(path) = input
         {
-            let sample = format::sample_file(path).map_err(read_err)?;
+            let sample = input_format::sample_file(path).map_err(read_err)?;
             let mut fmt = InputFormat::resolve(&config.format, &sample, &input.name());
             follow_file(path, &shutdown, |line, len| {
                 if fmt.directive(line) {
@@ -194,12 +194,12 @@ fn import_blocking(
         // The first lines decide the format; stdin's are read here and sent first.
         let (mut fmt, mut held) = match input {
             Input::File(path) => {
-                let sample = format::sample_file(path).map_err(read_err)?;
+                let sample = input_format::sample_file(path).map_err(read_err)?;
                 let fmt = InputFormat::resolve(&config.format, &sample, &input.name());
                 (fmt, Vec::new())
             }
             Input::Stdin => {
-                let held = format::sample(&mut reader).map_err(read_err)?;
+                let held = input_format::sample(&mut reader).map_err(read_err)?;
                 let sample: Vec<Vec<u8>> = held.iter().map(|(l, _)| l.clone()).collect();
                 let fmt = InputFormat::resolve(&config.format, &sample, &input.name());
                 (fmt, held)

@@ -14,6 +14,9 @@
 //!   offset past the log end) and which partitions still wait for that decision.
 //! - [`GroupMember`]: the Kafka side: the rebalance callback, positioning, the flush with its
 //!   conflict handling.
+//! - [`consume`]: the one loop every such group runs (message, flush due, shutdown, the final
+//!   flush); a group says what it counts and writes by implementing [`Group`] in its own
+//!   folder.
 
 pub mod start;
 pub mod tally;
@@ -201,7 +204,7 @@ enum PositionError {
 }
 
 /// How a flush ended.
-pub enum Flushed<A> {
+pub enum Flushed<A: Accumulator> {
     /// Nothing had moved: nothing to write.
     Nothing,
     /// Results and offsets are durable.
@@ -214,8 +217,8 @@ pub enum Flushed<A> {
 /// One member of a result-writing consumer group: its consumer, its tally and what it needs
 /// to position partitions and flush.
 pub struct GroupMember<A: Accumulator + Send + Sync + 'static> {
-    pub shared: Arc<Shared<A>>,
-    pub consumer: StreamConsumer<GroupContext<A>>,
+    shared: Arc<Shared<A>>,
+    consumer: StreamConsumer<GroupContext<A>>,
     group: String,
     topic: String,
     store: Store,
@@ -225,7 +228,7 @@ pub struct GroupMember<A: Accumulator + Send + Sync + 'static> {
     /// Consecutive failed flushes, for the backoff.
     failures: u32,
     /// Partitions whose stored positions referred to a recreated topic (for stats).
-    pub recreated_topics_seen: u64,
+    recreated_topics_seen: u64,
 }
 
 impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
@@ -236,7 +239,6 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
         group: &str,
         topic: &str,
         template: A,
-        extra: &[(&str, &str)],
         store: Store,
         shutdown: CancellationToken,
     ) -> Result<GroupMember<A>, KafkaError> {
@@ -245,7 +247,7 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
             awaiting: Mutex::new(Awaiting::default()),
             wake: Notify::new(),
         });
-        let mut settings = vec![
+        let settings = [
             ("group.id", group),
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
@@ -253,8 +255,8 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
             crate::kafka::SESSION[0],
             crate::kafka::SESSION[1],
             crate::kafka::FETCH_QUEUE_BACKOFF,
+            crate::kafka::PREFETCH,
         ];
-        settings.extend_from_slice(extra);
         let consumer: StreamConsumer<GroupContext<A>> = kafka
             .client_config(ClientRole::Consumer, &settings)
             .create_with_context(GroupContext {
@@ -277,6 +279,46 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
 
     pub fn group(&self) -> &str {
         &self.group
+    }
+
+    /// The partitions this member owns and what it accumulated in them.
+    pub fn tally(&self) -> MutexGuard<'_, Tally<A>> {
+        self.shared.tally()
+    }
+
+    /// Partitions whose stored positions referred to a recreated topic, so far.
+    pub fn recreated_topics_seen(&self) -> u64 {
+        self.recreated_topics_seen
+    }
+
+    /// The consumed topic's partition count (`None`: not known yet).
+    pub fn partition_count(&self) -> Option<i32> {
+        let metadata = blocking(|| {
+            self.consumer
+                .fetch_metadata(Some(&self.topic), LOOKUP_TIMEOUT)
+        });
+        match metadata {
+            Ok(m) => m
+                .topics()
+                .iter()
+                .find(|t| t.name() == self.topic)
+                .map(|t| t.partitions().len())
+                .filter(|&n| n > 0)
+                .and_then(|n| i32::try_from(n).ok()),
+            Err(e) => {
+                tracing::warn!(%e, "cannot read the partitions of {} yet", self.topic);
+                None
+            }
+        }
+    }
+
+    /// The log end (high watermark) of one partition of the consumed topic.
+    pub fn log_end(&self, partition: i32, timeout: Duration) -> Result<i64, KafkaError> {
+        blocking(|| {
+            self.consumer
+                .fetch_watermarks(&self.topic, partition, timeout)
+        })
+        .map(|(_, high)| high)
     }
 
     /// Consecutive failed flushes so far.
@@ -585,5 +627,119 @@ fn describe(n: &Notice, topic: &str) -> String {
         Notice::BeyondLogEnd { stored, log_end } => format!(
             "the stored offset {stored} is past the log end {log_end} of {topic} (same topic): the broker lost messages that were already counted; counting resumes at the log end"
         ),
+    }
+}
+
+/// A flush that takes longer is abandoned and retried (its results stay in memory). If it
+/// commits after all, the retry's compare-and-set sees the moved offsets and re-reads them:
+/// nothing is counted twice.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The flush at shutdown gets this long; what it cannot write is re-read by the next owner.
+pub const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a consumer group that writes results gives the one loop ([`consume`]): what it counts
+/// from a message, what a flush writes, and what it does around a flush.
+pub trait Group: Send {
+    type Acc: Accumulator + Send + Sync + 'static;
+    /// Time between two regular flushes.
+    fn interval(&self) -> Duration;
+    /// Wakes a flush before the interval ends (`demo --exit-when-drained`).
+    fn flush_now(&self) -> Option<Arc<Notify>> {
+        None
+    }
+    /// Adds the message (of `country`, the event's key) to its partition's accumulator.
+    fn count(
+        &mut self,
+        acc: &mut Self::Acc,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        country: crate::countries::CountryCode,
+    );
+    /// A message was dropped as a replay of a raw line already counted.
+    fn duplicate(&self);
+    /// Puts the results taken out of the tally into the flush's batch.
+    fn fill(&self, pending: &mut Pending<Self::Acc>);
+    /// How a flush ended (statistics, logs).
+    fn flushed(&self, member: &GroupMember<Self::Acc>, outcome: &Flushed<Self::Acc>);
+    /// Before each regular flush (an alerter notes which partitions are caught up).
+    fn before_flush(&mut self, _member: &GroupMember<Self::Acc>) {}
+    /// After each regular flush that left nothing unwritten (an alerter closes windows).
+    fn after_flush<'a>(
+        &'a mut self,
+        _member: &'a GroupMember<Self::Acc>,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Runs `group` as `member` until `shutdown`: positions partitions as they are assigned,
+/// counts every message, flushes every interval (sooner when asked, later after a failure),
+/// then flushes once more (bounded) and leaves the group.
+pub async fn consume<G: Group>(
+    mut member: GroupMember<G::Acc>,
+    mut group: G,
+    shutdown: CancellationToken,
+) {
+    let next_flush = tokio::time::sleep(group.interval());
+    tokio::pin!(next_flush);
+    let shared = Arc::clone(&member.shared);
+    let flush_now = group.flush_now();
+    loop {
+        let position_due = shared.position_due();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = shared.wake.notified() => member.position().await,
+            _ = sleep_until(position_due), if position_due.is_some() => member.position().await,
+            _ = flush_due(next_flush.as_mut(), flush_now.as_deref()) => {
+                group.before_flush(&member);
+                let ok = flush_once(&mut member, &group, FLUSH_TIMEOUT, false).await;
+                if ok {
+                    group.after_flush(&member).await;
+                }
+                let wait = if ok { group.interval() } else { member.backoff() };
+                next_flush.as_mut().reset(tokio::time::Instant::now() + wait);
+            }
+            msg = member.consumer.recv() => match msg {
+                Ok(m) => {
+                    let country = crate::event::country_of(m.key(), m.payload());
+                    let source = source_of_message(&m);
+                    let recorded = member.record(m.partition(), m.offset(), source, |acc| {
+                        group.count(acc, &m, country)
+                    });
+                    if recorded == Recorded::DuplicateSource {
+                        group.duplicate();
+                    }
+                }
+                Err(e) => tracing::warn!(%e, "consume error"),
+            },
+        }
+    }
+    // Best effort, bounded: what is not flushed now is re-read by the next owner.
+    flush_once(&mut member, &group, FINAL_FLUSH_TIMEOUT, true).await;
+    member.leave().await;
+}
+
+/// One flush; true when the results are durable (or there was nothing to write).
+async fn flush_once<G: Group>(
+    member: &mut GroupMember<G::Acc>,
+    group: &G,
+    timeout: Duration,
+    is_final: bool,
+) -> bool {
+    let outcome = member
+        .flush(timeout, is_final, |pending| group.fill(pending))
+        .await;
+    group.flushed(member, &outcome);
+    !matches!(outcome, Flushed::Failed { .. })
+}
+
+/// When the next flush is due: at the end of the interval, or when asked to flush now.
+async fn flush_due(interval: std::pin::Pin<&mut tokio::time::Sleep>, now: Option<&Notify>) {
+    match now {
+        Some(now) => tokio::select! {
+            _ = interval => {}
+            _ = now.notified() => {}
+        },
+        None => interval.await,
     }
 }

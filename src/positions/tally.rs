@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 
-use crate::store::{FlushBatch, OffsetUpdate, TopicIdentity, WatermarkUpdate};
+use crate::store::{FlushBatch, OffsetUpdate, Results, TopicIdentity, WatermarkUpdate};
 
 pub use crate::event::Source;
 
@@ -35,6 +35,8 @@ pub use crate::event::Source;
 /// [`crate::aggregate::dimensions::Counts`]). The tally keeps one per owned partition, so a
 /// revoked partition's un-flushed share is dropped exactly.
 pub trait Accumulator {
+    /// What the group writes with a flush, besides its positions (its own tables).
+    type Flush: Results;
     /// The same configuration, nothing accumulated.
     fn empty_like(&self) -> Self;
     fn is_empty(&self) -> bool;
@@ -57,18 +59,6 @@ pub trait Accumulator {
     /// The partition was just positioned from `stored`: load what the group keeps per
     /// partition beyond offsets (an alerter's event-time clock).
     fn resume_from(&mut self, _partition: i32, _stored: &crate::store::StoredPositions) {}
-}
-
-impl Accumulator for crate::aggregate::dimensions::Counts {
-    fn empty_like(&self) -> Self {
-        self.empty_like()
-    }
-    fn is_empty(&self) -> bool {
-        self.is_empty()
-    }
-    fn merge(&mut self, other: Self) {
-        self.merge(other)
-    }
 }
 
 /// What [`Tally::record`] did with a message.
@@ -145,14 +135,14 @@ pub struct Tally<A> {
 /// Counts taken out for a flush; give them back with [`Tally::restore`] if it fails. The
 /// batch holds the positions; the caller adds what it writes from [`Pending::counts`].
 #[derive(Debug, Clone)]
-pub struct Pending<A> {
-    pub batch: FlushBatch,
+pub struct Pending<A: Accumulator> {
+    pub batch: FlushBatch<A::Flush>,
     per_partition: Vec<(i32, A)>,
     /// Per partition, the lost messages the batch reports (given back on failure).
     lost: Vec<(i32, u64)>,
 }
 
-impl<A> Pending<A> {
+impl<A: Accumulator> Pending<A> {
     /// What each flushed partition counted.
     pub fn counts(&self) -> impl Iterator<Item = &A> {
         self.per_partition.iter().map(|(_, a)| a)
@@ -309,7 +299,9 @@ impl<A: Accumulator> Tally<A> {
                 reset_watermarks,
                 identity: identity.clone(),
                 lost: lost.iter().map(|l| l.1).sum(),
-                ..FlushBatch::default()
+                clocks: Vec::new(),
+                data_error: None,
+                results: Default::default(),
             },
             per_partition,
             lost,
@@ -374,6 +366,7 @@ mod tests {
     struct Countries(HashMap<CountryCode, u64>);
 
     impl Accumulator for Countries {
+        type Flush = ();
         fn empty_like(&self) -> Self {
             Countries::default()
         }

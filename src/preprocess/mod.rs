@@ -170,11 +170,7 @@ pub async fn run(
                 ("auto.offset.reset", "earliest"),
                 crate::kafka::SESSION[0],
                 crate::kafka::SESSION[1],
-                // Prefetch at most 16 MiB of raw lines (librdkafka's default is 64 MiB): about
-                // 60,000 lines, a dozen batches ahead, is enough to never wait for a fetch,
-                // and the resident memory then stops depending on how far the importer is
-                // ahead, which otherwise grew with the input (issue 7, target 6).
-                ("queued.max.messages.kbytes", "16384"),
+                crate::kafka::PREFETCH,
                 crate::kafka::FETCH_QUEUE_BACKOFF,
             ],
         )

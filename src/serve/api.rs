@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use crate::aggregate::dimensions::{ALL_COUNTRIES, Dimension, Metric};
+use crate::aggregate::tables::{MinutePoint, UniqueCount, ValueCount};
 use crate::countries::country_name;
 use crate::sketch::{HLL_STANDARD_ERROR, bucket_range, quantile};
-use crate::store::{MinutePoint, Store, StoreError, UniqueCount, ValueCount};
+use crate::store::{Store, StoreError};
 
 /// `GET /api/countries`: the talk's table.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]

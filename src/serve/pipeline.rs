@@ -576,8 +576,8 @@ async fn metrics_text(state: &AppState) -> Result<String, StoreError> {
             "pageviews_alerts_raised_total",
             "counter",
             "Alerts of closed windows written to the outbox, by alerting group.",
-            (|s: &crate::store::AlertStatus| s.pending + s.delivered)
-                as fn(&crate::store::AlertStatus) -> u64,
+            (|s: &crate::alert::tables::AlertStatus| s.pending + s.delivered)
+                as fn(&crate::alert::tables::AlertStatus) -> u64,
         ),
         (
             "pageviews_alerts_pending",

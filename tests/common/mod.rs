@@ -587,3 +587,28 @@ pub fn generated_by_binary(lines: u64, seed: u64) -> Vec<Vec<u8>> {
         .map(<[u8]>::to_vec)
         .collect()
 }
+
+/// A TCP port free on 127.0.0.1 right now (the OS picks it; the test binds it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// Sends `signal` (`libc::SIGTERM`, `SIGINT`, `SIGKILL`) to process `pid`; a negative `pid`
+/// is a process group. False when the process (group) is gone.
+pub fn signal(pid: i32, signal: i32) -> bool {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid, signal) == 0 }
+}
+
+/// SIGTERM to a child process: a graceful stop.
+pub fn terminate(child: &std::process::Child) -> bool {
+    signal(child_pid(child), libc::SIGTERM)
+}
+
+/// A child's pid as `kill(2)` takes it.
+pub fn child_pid(child: &std::process::Child) -> i32 {
+    i32::try_from(child.id()).expect("pid fits in i32")
+}

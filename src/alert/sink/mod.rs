@@ -67,5 +67,5 @@ impl Sink {
 
 /// An error and its sources on one line (reqwest and lettre say what failed on top, why below).
 fn chain(err: &dyn std::error::Error) -> String {
-    crate::store::causes(err)
+    crate::one_line(err)
 }
