@@ -109,7 +109,7 @@ fn main() {
     configs.push(("default set".into(), Dimension::defaults()));
 
     println!(
-        "aggregate stage, one flush interval of {n} events, median of {runs} runs (1 thread; SQLite flush to a fresh database)"
+        "aggregate stage, one flush interval of {n} events, median of {runs} runs (1 thread; flush to a fresh SQLite database, or PostgreSQL schema with BENCH_DATABASE=postgres)"
     );
     println!(
         "{:<22} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
@@ -119,7 +119,12 @@ fn main() {
     for (i, (name, dims)) in configs.iter().enumerate() {
         let mut samples = Vec::new();
         for run in 0..runs {
-            let url = format!("sqlite://{}/bench-{i}-{run}.db", dir.path().display());
+            // BENCH_DATABASE=postgres: a fresh schema of the local PostgreSQL per run.
+            let url = if std::env::var("BENCH_DATABASE").as_deref() == Ok("postgres") {
+                runtime.block_on(pageviews::store::testing::fresh_postgres_url())
+            } else {
+                format!("sqlite://{}/bench-{i}-{run}.db", dir.path().display())
+            };
             samples.push(measure(&runtime, &url, dims, &events));
         }
         let median = |f: &dyn Fn(&Row) -> f64| {
@@ -166,7 +171,9 @@ fn measure(
     let count_ns = t.elapsed().as_nanos() as f64 / events.len().max(1) as f64;
     let state_bytes = LIVE.load(Ordering::Relaxed) - before;
 
-    let store = runtime.block_on(Store::open(url)).expect("SQLite store");
+    let store = runtime
+        .block_on(Store::open(url))
+        .expect("the database opens");
     let t = Instant::now();
     let mut batch = FlushBatch {
         consumer_group: "bench".into(),

@@ -53,8 +53,8 @@
 //!   the stage's command and into `demo`.
 
 pub mod aggregate;
-pub mod alert;
-pub mod args;
+pub(crate) mod alert;
+pub(crate) mod args;
 pub mod broker;
 pub mod cli;
 pub mod countries;
@@ -65,11 +65,11 @@ pub mod format;
 pub mod generate;
 pub mod import;
 pub mod kafka;
-pub mod positions;
+pub(crate) mod positions;
 pub mod preprocess;
-pub mod secrets;
+pub(crate) mod secrets;
 pub mod serve;
-pub mod sketch;
+pub(crate) mod sketch;
 pub mod store;
 
 /// An error and its sources on one line: the drivers' own messages ("db error", "error

@@ -40,7 +40,7 @@ use crate::event::headers as event_headers;
 use crate::kafka::{ClientRole, KafkaSettings, RAW_TOPIC};
 use crate::store::{FlushOutcome, Store, StoreError, StoredPositions, TopicIdentity};
 use start::{Awaiting, Notice};
-pub use tally::{Accumulator, Pending, Recorded, Source, Start, Tally};
+pub use tally::{Accumulator, Pending, Recorded, Source, Tally};
 
 /// Reading stored positions, topic ids or a log end: longer counts as a failed attempt
 /// (retried with backoff; the partitions stay paused meanwhile).
@@ -277,10 +277,6 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
         })
     }
 
-    pub fn group(&self) -> &str {
-        &self.group
-    }
-
     /// The partitions this member owns and what it accumulated in them.
     pub fn tally(&self) -> MutexGuard<'_, Tally<A>> {
         self.shared.tally()
@@ -319,11 +315,6 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
                 .fetch_watermarks(&self.topic, partition, timeout)
         })
         .map(|(_, high)| high)
-    }
-
-    /// Consecutive failed flushes so far.
-    pub fn failures(&self) -> u32 {
-        self.failures
     }
 
     /// How long to wait after a failed flush: 250 ms, doubling, at most 30 s.

@@ -133,10 +133,6 @@ impl Awaiting {
         self.partitions.clear();
     }
 
-    pub fn contains(&self, partition: i32) -> bool {
-        self.partitions.contains(&partition)
-    }
-
     /// When the next attempt is due: `None` when nothing waits.
     pub fn due_at(&self) -> Option<Instant> {
         if self.partitions.is_empty() {

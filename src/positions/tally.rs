@@ -165,6 +165,7 @@ impl<A: Accumulator> Tally<A> {
 
     /// Takes ownership of `partition`, starting at the stored offset (`None`: from the start)
     /// with the stored source watermarks.
+    #[cfg(test)]
     pub fn assign(&mut self, partition: i32, stored: Option<i64>, sources: HashMap<i32, i64>) {
         self.start(partition, Start::stored(stored, sources));
     }
@@ -204,10 +205,6 @@ impl<A: Accumulator> Tally<A> {
     /// The accumulator of an owned partition (to set state loaded with its position).
     pub fn accumulator_mut(&mut self, partition: i32) -> Option<&mut A> {
         self.partitions.get_mut(&partition).map(|p| &mut p.counts)
-    }
-
-    pub fn owns(&self, partition: i32) -> bool {
-        self.partitions.contains_key(&partition)
     }
 
     /// Counts the message at `offset` of `partition` (`count` adds it to the partition's
@@ -341,6 +338,7 @@ impl<A: Accumulator> Tally<A> {
 
     /// Partitions the database says another owner moved: forget their counts and restart them
     /// from `stored` (the caller seeks the consumer there).
+    #[cfg(test)]
     pub fn reset(&mut self, partition: i32, stored: Option<i64>, sources: HashMap<i32, i64>) {
         if self.partitions.contains_key(&partition) {
             self.assign(partition, stored, sources);

@@ -907,3 +907,67 @@ pub mod testing {
         format!("{base}{sep}options=-csearch_path%3D{schema}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A schema that adds a column to a table made by an earlier version.
+    const V1: Schema = Schema {
+        migrations: &["CREATE TABLE IF NOT EXISTS things (id TEXT PRIMARY KEY)"],
+        columns: &[("things", &[("id", SqlType::Text)])],
+    };
+    const V2: Schema = Schema {
+        migrations: &[
+            "CREATE TABLE IF NOT EXISTS things (id TEXT PRIMARY KEY)",
+            "ALTER TABLE things ADD COLUMN seen BIGINT",
+        ],
+        columns: &[(
+            "things",
+            &[("id", SqlType::Text), ("seen", SqlType::BigInt)],
+        )],
+    };
+
+    async fn a_column_is_added_once(url: &str) {
+        Store::open_with(url, &[&SCHEMA, &V1]).await.unwrap();
+        // The new version adds the column, and opening it again does not fail on it.
+        for _ in 0..2 {
+            let store = Store::open_with(url, &[&SCHEMA, &V2]).await.unwrap();
+            let n = store
+                .write(writing(|tx| {
+                    Box::pin(async move {
+                        tx.execute(
+                            "INSERT INTO things (id, seen) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET seen = things.seen + excluded.seen",
+                            &args!["a", 1_i64],
+                        )
+                        .await?;
+                        let r = tx.query_opt("SELECT seen FROM things", &[]).await?;
+                        Ok(Done::Commit(r.map(|r| r.int(0)).transpose()?))
+                    })
+                }))
+                .await
+                .unwrap();
+            assert!(matches!(n, Some(1 | 2)), "{n:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sqlite_a_column_is_added_once() {
+        let dir = tempfile::tempdir().unwrap();
+        a_column_is_added_once(&format!("sqlite://{}/s.db", dir.path().display())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_a_column_is_added_once() {
+        a_column_is_added_once(&testing::fresh_postgres_url().await).await;
+    }
+
+    #[test]
+    fn an_added_column_is_recognised() {
+        assert_eq!(
+            added_column("ALTER TABLE t ADD COLUMN c TEXT"),
+            Some(("t", "c"))
+        );
+        assert_eq!(added_column("CREATE TABLE IF NOT EXISTS t (c TEXT)"), None);
+    }
+}
