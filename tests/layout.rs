@@ -49,8 +49,8 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
-    let mut modules = BTreeSet::new();
-    for f in &files {
+    // A file's top-level module: `src/store/sql.rs` and `src/store.rs` are both `store`.
+    let module_of = |f: &Path| {
         let rel = f.strip_prefix(&src).unwrap();
         let first = rel
             .components()
@@ -58,21 +58,16 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
             .unwrap()
             .as_os_str()
             .to_string_lossy();
-        let name = first.trim_end_matches(".rs").to_owned();
-        if name != "lib" && name != "main" && name != "bin" {
-            modules.insert(name);
-        }
-    }
+        (first.trim_end_matches(".rs").to_owned(), rel.to_owned())
+    };
+    let modules: BTreeSet<String> = files
+        .iter()
+        .map(|f| module_of(f).0)
+        .filter(|m| !["lib", "main", "bin"].contains(&m.as_str()))
+        .collect();
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for f in &files {
-        let rel = f.strip_prefix(&src).unwrap();
-        let first = rel
-            .components()
-            .next()
-            .unwrap()
-            .as_os_str()
-            .to_string_lossy();
-        let from = first.trim_end_matches(".rs").to_owned();
+        let (from, rel) = module_of(f);
         if !modules.contains(&from) || rel.file_name().is_some_and(|n| n == "tests.rs") {
             continue;
         }
