@@ -4,6 +4,8 @@
 //! how `serve` reads them (`impl Store` below). SQL is written once for both databases
 //! ([`crate::store::sql`]).
 
+use std::collections::HashMap;
+
 use futures::future::BoxFuture;
 
 use crate::store::sql::{Merge, Tx, Ty, Upsert, Value, args, capped_sum};
@@ -348,29 +350,53 @@ impl Results for CountsFlush {
 }
 
 impl CountsFlush {
+    /// The tables' upserts are independent: they go out together (PostgreSQL pipelines them
+    /// on the transaction's connection, one round trip instead of one each; SQLite runs them
+    /// one after the other). What depends on them (pruning, compaction, sketches) follows.
     async fn write_in(&self, tx: &Tx<'_>) -> Result<(), StoreError> {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        tx.upsert(
-            &COUNTRIES,
-            self.increments
-                .iter()
-                .map(|(c, n)| args![c.as_str(), *n, now.as_str()])
-                .collect(),
-        )
-        .await?;
-        tx.upsert(
-            &DIMENSIONS,
-            self.dimensions.iter().map(dimension_row).collect(),
-        )
-        .await?;
-        tx.upsert(
-            &DIMENSION_HOURS,
-            self.dimension_hours.iter().map(hour_row).collect(),
-        )
-        .await?;
+        let countries = self
+            .increments
+            .iter()
+            .map(|(c, n)| args![c.as_str(), *n, now.as_str()])
+            .collect();
+        let minutes = self
+            .minutes
+            .iter()
+            .map(|m| {
+                let mut r = args![m.minute, m.country_code.as_str()];
+                r.extend(m.amount.values());
+                r
+            })
+            .collect();
+        let histograms = self
+            .histograms
+            .iter()
+            .map(|h| args![h.metric.as_str(), h.scope.as_str(), h.bucket, h.count])
+            .collect();
+        futures::try_join!(
+            tx.upsert(&COUNTRIES, countries),
+            tx.upsert(
+                &DIMENSIONS,
+                self.dimensions.iter().map(dimension_row).collect()
+            ),
+            tx.upsert(
+                &DIMENSION_HOURS,
+                self.dimension_hours.iter().map(hour_row).collect()
+            ),
+            tx.upsert(&MINUTES, minutes),
+            tx.upsert(&HISTOGRAMS, histograms),
+        )?;
         if let Some(before) = self.prune_hours_before {
             tx.execute(
                 "DELETE FROM dimension_hours WHERE hour < ?1",
+                &args![before],
+            )
+            .await?;
+        }
+        if let Some(before) = self.prune_minutes_before {
+            tx.execute(
+                "DELETE FROM minute_counts WHERE minute < ?1",
                 &args![before],
             )
             .await?;
@@ -380,33 +406,6 @@ impl CountsFlush {
                 compact(tx, d, hour, keep).await?;
             }
         }
-        tx.upsert(
-            &MINUTES,
-            self.minutes
-                .iter()
-                .map(|m| {
-                    let mut r = args![m.minute, m.country_code.as_str()];
-                    r.extend(m.amount.values());
-                    r
-                })
-                .collect(),
-        )
-        .await?;
-        if let Some(before) = self.prune_minutes_before {
-            tx.execute(
-                "DELETE FROM minute_counts WHERE minute < ?1",
-                &args![before],
-            )
-            .await?;
-        }
-        tx.upsert(
-            &HISTOGRAMS,
-            self.histograms
-                .iter()
-                .map(|h| args![h.metric.as_str(), h.scope.as_str(), h.bucket, h.count])
-                .collect(),
-        )
-        .await?;
         if !self.uniques.is_empty() {
             self.merge_uniques(tx).await?;
         }
@@ -416,22 +415,23 @@ impl CountsFlush {
     /// Sketches merge with what is stored (read, union, write, under [`UNIQUES_LOCK`]).
     async fn merge_uniques(&self, tx: &Tx<'_>) -> Result<(), StoreError> {
         tx.lock_named(UNIQUES_LOCK).await?;
-        let keys: Vec<Vec<Value>> = self
+        let wanted: Vec<Vec<Value>> = self
             .uniques
             .iter()
             .map(|u| args![u.day.as_str(), u.country_code.as_str()])
             .collect();
-        let stored = tx
-            .query_each(
-                "SELECT registers FROM unique_visitors WHERE day = ?1 AND country_code = ?2",
-                &keys,
-            )
-            .await?;
+        let mut stored: HashMap<(String, String), Vec<u8>> = HashMap::new();
+        for r in tx
+            .rows_by_key("unique_visitors", UNIQUES.keys, &["registers"], wanted)
+            .await?
+        {
+            stored.insert((r.text(0)?, r.text(1)?), r.blob(2)?);
+        }
         let mut rows = Vec::with_capacity(self.uniques.len());
-        for (u, found) in self.uniques.iter().zip(stored) {
+        for u in &self.uniques {
             let mut sketch = u.sketch.clone();
-            if let Some(row) = found.first() {
-                merge_stored(&mut sketch, &row.blob(0)?, u);
+            if let Some(bytes) = stored.get(&(u.day.clone(), u.country_code.clone())) {
+                merge_stored(&mut sketch, bytes, u);
             }
             let estimate = sketch.estimate().round() as i64;
             rows.push(args![

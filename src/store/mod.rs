@@ -548,8 +548,8 @@ pub async fn flush_in<R: Results>(
 ) -> Result<FlushOutcome, StoreError> {
     let started = std::time::Instant::now();
     let (group, topic) = (batch.consumer_group.as_str(), batch.topic.as_str());
-    let mut conflicts = Vec::new();
-    for o in &batch.offsets {
+    // One compare-and-set per moved partition, sent together (pipelined on PostgreSQL).
+    let moved = futures::future::try_join_all(batch.offsets.iter().map(|o| async move {
         let changed = match o.expected {
             Some(expected) => {
                 tx.execute(
@@ -568,10 +568,14 @@ pub async fn flush_in<R: Results>(
                 .await?
             }
         };
-        if changed != 1 {
-            conflicts.push(o.partition);
-        }
-    }
+        Ok::<_, StoreError>((o.partition, changed))
+    }))
+    .await?;
+    let conflicts: Vec<i32> = moved
+        .into_iter()
+        .filter(|&(_, changed)| changed != 1)
+        .map(|(p, _)| p)
+        .collect();
     if !conflicts.is_empty() {
         return Ok(FlushOutcome::Conflict(conflicts));
     }
@@ -583,46 +587,40 @@ pub async fn flush_in<R: Results>(
         .await?;
     }
     let row = |p: i32| args![group, topic, p];
-    tx.upsert(
-        &WATERMARKS,
-        batch
-            .watermarks
-            .iter()
-            .map(|w| {
-                let mut r = row(w.partition);
-                r.extend(args![w.source_partition, w.source_offset]);
-                r
-            })
-            .collect(),
-    )
-    .await?;
+    let watermarks = batch
+        .watermarks
+        .iter()
+        .map(|w| {
+            let mut r = row(w.partition);
+            r.extend(args![w.source_partition, w.source_offset]);
+            r
+        })
+        .collect();
     let id = &batch.identity;
-    tx.upsert(
-        &TOPIC_IDS,
-        batch
-            .offsets
-            .iter()
-            .map(|o| {
-                let mut r = row(o.partition);
-                r.extend(args![id.topic_id.clone(), id.source_topic_id.clone()]);
-                r
-            })
-            .collect(),
-    )
-    .await?;
-    tx.upsert(
-        &CLOCKS,
-        batch
-            .clocks
-            .iter()
-            .map(|c| {
-                let mut r = row(c.partition);
-                r.extend(args![c.clock, c.caught_up_since]);
-                r
-            })
-            .collect(),
-    )
-    .await?;
+    let topic_ids = batch
+        .offsets
+        .iter()
+        .map(|o| {
+            let mut r = row(o.partition);
+            r.extend(args![id.topic_id.clone(), id.source_topic_id.clone()]);
+            r
+        })
+        .collect();
+    let clocks = batch
+        .clocks
+        .iter()
+        .map(|c| {
+            let mut r = row(c.partition);
+            r.extend(args![c.clock, c.caught_up_since]);
+            r
+        })
+        .collect();
+    // Independent tables: sent together (pipelined on PostgreSQL).
+    futures::try_join!(
+        tx.upsert(&WATERMARKS, watermarks),
+        tx.upsert(&TOPIC_IDS, topic_ids),
+        tx.upsert(&CLOCKS, clocks),
+    )?;
     batch.results.write(tx, group, topic).await?;
     if let Some(error) = &batch.data_error {
         tx.execute(RECORD_DATA_ERROR, &args![group, error.as_str()])

@@ -282,22 +282,88 @@ impl Tx<'_> {
         Ok(self.query(sql, args).await?.into_iter().next())
     }
 
-    /// Runs `sql` once per argument list; the rows of each, in order. PostgreSQL gets them
-    /// all at once (pipelined on its connection: one round trip, not one per query).
-    pub async fn query_each(
+    /// The stored rows of `table` whose `keys` columns equal one of `wanted` (each a list of
+    /// key values, in `keys` order), as (key values, then `columns`). One statement on
+    /// PostgreSQL (a join with the keys as `unnest` arrays), one per key on SQLite (which
+    /// runs in process: a statement costs no round trip).
+    pub async fn rows_by_key(
         &self,
-        sql: &str,
-        each: &[Vec<Value>],
-    ) -> Result<Vec<Vec<Row>>, StoreError> {
-        if self.is_postgres() {
-            futures::future::try_join_all(each.iter().map(|a| self.query(sql, a))).await
-        } else {
-            let mut out = Vec::with_capacity(each.len());
-            for a in each {
-                out.push(self.query(sql, a).await?);
-            }
-            Ok(out)
+        table: &str,
+        keys: &[(&str, Ty)],
+        columns: &[&str],
+        wanted: Vec<Vec<Value>>,
+    ) -> Result<Vec<Row>, StoreError> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
         }
+        let select: Vec<String> = keys
+            .iter()
+            .map(|k| format!("t.{}", k.0))
+            .chain(columns.iter().map(|c| format!("t.{c}")))
+            .collect();
+        if self.is_postgres() {
+            let arrays: Vec<String> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| format!("$${}::{}", i + 1, k.1.array()))
+                .collect();
+            let names: Vec<String> = (0..keys.len()).map(|i| format!("k{i}")).collect();
+            let on: Vec<String> = keys
+                .iter()
+                .zip(&names)
+                .map(|(k, n)| format!("t.{} = k.{n}", k.0))
+                .collect();
+            let sql = format!(
+                "SELECT {} FROM {table} t JOIN unnest({}) AS k({}) ON {}",
+                select.join(", "),
+                arrays.join(", ").replace("$$", "$"),
+                names.join(", "),
+                on.join(" AND ")
+            );
+            let mut columns: Vec<Vec<Value>> = vec![Vec::with_capacity(wanted.len()); keys.len()];
+            for row in wanted {
+                for (column, v) in columns.iter_mut().zip(row) {
+                    column.push(v);
+                }
+            }
+            let args: Vec<&(dyn ToSql + Sync)> =
+                columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            let rows = match self {
+                Tx::Pg(t) => {
+                    let stmt = t.prepare_cached(&sql).await?;
+                    t.query(&stmt, &args).await?
+                }
+                Tx::PgClient(c) => {
+                    let stmt = c.prepare_cached(&sql).await?;
+                    c.query(&stmt, &args).await?
+                }
+                Tx::Sqlite(_) => Vec::new(),
+            };
+            return rows
+                .iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| Value::from_postgres(r, i))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(Row)
+                })
+                .collect();
+        }
+        let filter: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("t.{} = ?{}", k.0, i + 1))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {table} t WHERE {}",
+            select.join(", "),
+            filter.join(" AND ")
+        );
+        let mut out = Vec::new();
+        for key in &wanted {
+            out.extend(self.query(&sql, key).await?);
+        }
+        Ok(out)
     }
 
     /// Holds the lock named `key` until the transaction ends, so that read-modify-write
