@@ -32,7 +32,9 @@
 //!   alerters implement it in their own folders.
 //! - [`aggregate`]: the consumer group `aggregators`, a [`positions`] user. Pure core in
 //!   [`aggregate::dimensions`] (what is counted: the dimensions, top-K, visits per minute,
-//!   sketches; what a flush writes) and [`sketch`] (HyperLogLog, histogram buckets).
+//!   sketches, per slice of site, country and visitor type; what a flush writes) and
+//!   [`sketch`] (HyperLogLog, histogram buckets); [`aggregate::rollups`] holds the
+//!   filterable counts (per day, hour and minute and per slice) and the filtered reads.
 //! - [`alert`]: the alerting groups (`alerts-webhook`, `alerts-email`), [`positions`] users
 //!   too. Pure core in [`alert::rules`] (the rules file) and [`alert::window`] (event-time
 //!   tumbling windows, watermarks, rule evaluation); [`alert::sink`] delivers (webhook,
@@ -43,8 +45,9 @@
 //!   dialect layer ([`store::sql`]). It names no group: each group's tables, rows and SQL are
 //!   in its own folder ([`aggregate::tables`], [`alert::tables`]), and `database.rs` lists
 //!   every group's schema to open.
-//! - [`serve`]: the dashboard ([`serve::live`] pushes it an update after each flush), the JSON
-//!   API ([`serve::api`]), pipeline health and `/metrics` ([`serve::pipeline`]).
+//! - [`serve`]: the dashboard ([`serve::live`] pushes it an update after each flush, per
+//!   filter), the JSON API ([`serve::api`]: every panel filtered, compared, or as CSV through
+//!   [`serve::csv`]), pipeline health and `/metrics` ([`serve::pipeline`]).
 //! - [`kafka`]: the one place that knows topic/group names and client settings;
 //!   [`broker`]: the embedded Kafka-compatible broker (tansu) for one machine.
 //! - [`generate`]: deterministic realistic log lines; [`demo`]: everything in one process.

@@ -2,7 +2,9 @@
 //! `chromium-driver`, which `.ci/run` installs) driven through ChromeDriver, against the real
 //! pipeline (embedded broker, SQLite). It checks the top country, that totals grow without a
 //! reload (pushed after each flush), that every panel has rows, that the lag table lists the
-//! partitions, and that markup in log lines reaches the page as text and runs nothing. It
+//! partitions, that markup in log lines reaches the page as text and runs nothing, and the
+//! filters: a click on a country filters every panel, the URL reproduces the view, the
+//! comparison with the previous period shows, clearing restores everything. It
 //! saves a screenshot (`PAGEVIEWS_SCREENSHOT=path`, else under the target directory).
 
 mod common;
@@ -334,6 +336,96 @@ async fn the_dashboard_in_a_real_browser() {
         json!(true),
         "the page was not reloaded"
     );
+
+    // Filters: clicking a country row applies it to every panel and puts it in the URL.
+    let mut both = expected;
+    for (code, n) in expected_counts(second.iter().map(Vec::as_slice)) {
+        *both.entry(code).or_insert(0) += n;
+    }
+    let (code, visits) = both
+        .iter()
+        .find(|(c, _)| **c != top_country)
+        .map(|(c, n)| (c.clone(), *n))
+        .unwrap();
+    client
+        .execute(
+            &format!("document.querySelector('#rows tr[data-code=\"{code}\"]').click()"),
+            vec![],
+        )
+        .await
+        .unwrap();
+    let filtered = format!("return {total_of}.replace(/,/g, '') === '{visits}'");
+    until(
+        &client,
+        &filtered,
+        Duration::from_secs(20),
+        "the total of the clicked country",
+    )
+    .await;
+    let url = client.current_url().await.unwrap();
+    assert_eq!(url.query(), Some(format!("country={code}").as_str()));
+    let countries = client
+        .execute(
+            "return [...document.querySelectorAll('#rows tr')].map(r => r.dataset.code)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        countries,
+        json!([code]),
+        "only the clicked country is listed"
+    );
+    // The URL reproduces the view: a reload opens on the same filter.
+    client.goto(url.as_str()).await.unwrap();
+    until(
+        &client,
+        &filtered,
+        Duration::from_secs(20),
+        "the view after a reload",
+    )
+    .await;
+    assert_eq!(
+        client
+            .execute("return document.getElementById('f-country').value", vec![])
+            .await
+            .unwrap(),
+        json!(code)
+    );
+    // Compare with the previous period: all traffic is newer, so every row is new.
+    client
+        .execute(
+            "const c = document.getElementById('f-compare'); c.checked = true; c.dispatchEvent(new Event('change'));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    until(
+        &client,
+        "return document.getElementById('visits-change').textContent === 'new'
+           && document.querySelector('#rows tr .change').textContent === 'new'",
+        Duration::from_secs(20),
+        "the comparison is shown",
+    )
+    .await;
+    let url = client.current_url().await.unwrap();
+    let query = url.query().unwrap_or("");
+    assert!(query.contains("compare=previous") && query.contains(&format!("country={code}")));
+    // Clearing the filters shows everything again.
+    client
+        .execute("document.getElementById('f-clear').click()", vec![])
+        .await
+        .unwrap();
+    until(
+        &client,
+        &format!(
+            "return {total_of}.replace(/,/g, '') === '{}'",
+            before + 5_000
+        ),
+        Duration::from_secs(20),
+        "every country after clearing",
+    )
+    .await;
 
     let png = client.screenshot().await.unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");

@@ -1,9 +1,10 @@
 //! The chaos test: the multi-process deployment of the README (a standalone broker on SQLite
 //! storage, 2 preprocessors, 2 aggregators on PostgreSQL, one importer), on loopback, while
 //! preprocessors and aggregators are SIGKILLed and replaced, PostgreSQL is restarted and the
-//! broker is killed and restarted. When the pipeline has drained, the per-country counts must
-//! equal counts computed independently from the input, and the distinct dead letters must equal
-//! the malformed lines injected.
+//! broker is killed and restarted. When the pipeline has drained, the per-country counts, and
+//! the filterable rollups per day, site and country, must equal counts computed independently
+//! from the input (three sites in `vhost_combined` over three days), and the distinct dead
+//! letters must equal the malformed lines injected.
 //!
 //! Every stage is the real `pageviews` binary. PostgreSQL is a private server made from the
 //! machine's PostgreSQL installation (own data directory and port), so that restarting it does
@@ -19,7 +20,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -333,6 +334,9 @@ impl Cluster {
                 if let Some(rate) = self.rate {
                     args.extend(["--rate".into(), rate.to_string()]);
                 }
+                // A chunk may start with the burst of garbage, which no format fits: the
+                // format is given, as a user with such a log would.
+                args.extend(["--log-format".into(), "vcombined".into()]);
                 args.extend([
                     "--data-dir".into(),
                     self.dir.join("importer").display().to_string(),
@@ -436,11 +440,59 @@ impl Drop for Cluster {
 
 /// The input: valid generated lines with malformed ones mixed in (scattered and one burst).
 /// Returns (file contents as lines, valid lines, malformed count).
+/// The sites the input is spread over (Apache `vhost_combined`), and its days.
+const SITES: [&str; 3] = ["shop.example", "blog.example", "docs.example"];
+const DAYS: i64 = 3;
+
+/// A generated Combined line moved to one of [`SITES`] and `days_back` days earlier.
+fn on_site(line: &str, site: &str, days_back: i64) -> String {
+    let open = line.find('[').unwrap_or(0);
+    let day = chrono::NaiveDate::parse_from_str(&line[open + 1..open + 12], "%d/%b/%Y")
+        .expect("a generated line's date")
+        - chrono::Duration::days(days_back);
+    format!(
+        "{site}:443 {}[{}{}",
+        &line[..open],
+        day.format("%d/%b/%Y"),
+        &line[open + 12..]
+    )
+}
+
+/// (day, site, country) of a line made by [`on_site`], computed from its text and the
+/// `.mmdb`, independently of the pipeline.
+fn slices_of(good: &[Vec<u8>]) -> BTreeMap<(String, String, String), u64> {
+    #[derive(serde::Deserialize)]
+    struct Rec {
+        country_code: Option<String>,
+    }
+    let reader = maxminddb::Reader::from_source(pageviews::preprocess::geo::BUNDLED_DB).unwrap();
+    let mut out = BTreeMap::new();
+    for line in good {
+        let text = std::str::from_utf8(line).unwrap();
+        let mut fields = text.split(' ');
+        let site = fields.next().unwrap().trim_end_matches(":443").to_owned();
+        let ip = fields.next().unwrap();
+        let open = text.find('[').unwrap();
+        let day = chrono::NaiveDate::parse_from_str(&text[open + 1..open + 12], "%d/%b/%Y")
+            .unwrap()
+            .to_string();
+        let country = ip
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .and_then(|ip| reader.lookup::<Rec>(ip).ok().flatten())
+            .and_then(|r| r.country_code)
+            .unwrap_or_else(|| "ZZ".to_owned());
+        *out.entry((day, site, country)).or_insert(0) += 1;
+    }
+    out
+}
+
 fn input_lines(seed: u64, valid: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, usize) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let good: Vec<Vec<u8>> = LineGenerator::new(seed)
         .take(valid)
-        .map(String::into_bytes)
+        .enumerate()
+        .map(|(i, l)| on_site(&l, SITES[i % SITES.len()], (i as i64 / 7) % DAYS).into_bytes())
         .collect();
     let mut all = Vec::with_capacity(valid + valid / 500);
     let mut malformed = 0;
@@ -592,7 +644,11 @@ async fn chaos() {
     );
 
     let (all, good, malformed) = input_lines(seed, valid);
-    let expected = common::expected_counts(good.iter().map(Vec::as_slice));
+    let slices = slices_of(&good);
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for ((_, _, country), n) in &slices {
+        *expected.entry(country.clone()).or_insert(0) += n;
+    }
     let mut chunk_valid = Vec::new();
     let mut next_good = 0;
     let chunks: Vec<PathBuf> = all
@@ -834,6 +890,33 @@ async fn chaos() {
     assert_eq!(
         counted, expected,
         "per-country counts differ from the input"
+    );
+    // The rollups are exact too: per day, site and country.
+    let mut rolled: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+    for (day, site, _) in slices.keys() {
+        let key = (day.clone(), site.clone());
+        if rolled.keys().any(|(d, s, _)| (d, s) == (&key.0, &key.1)) {
+            continue;
+        }
+        let day_of = day.parse::<chrono::NaiveDate>().unwrap();
+        let filter = pageviews::aggregate::rollups::Filter {
+            from: Some(day_of),
+            to: Some(day_of),
+            site: Some(site.clone()),
+            ..Default::default()
+        };
+        for c in sampler.store.filtered_countries(&filter).await.unwrap() {
+            rolled.insert((day.clone(), site.clone(), c.country_code), c.visits);
+        }
+    }
+    report!(
+        "per (day, site, country): {} slices counted, {} expected",
+        rolled.len(),
+        slices.len()
+    );
+    assert_eq!(
+        rolled, slices,
+        "per (day, site, country) counts differ from the input"
     );
     assert_eq!(
         dead_distinct, malformed,

@@ -106,9 +106,14 @@ fn request(addr: SocketAddr, path: &str, headers: &[&str]) -> (String, String, S
 /// Opens `/api/events` and reads until the response head (and, when `update`, the first
 /// snapshot) arrived; the open stream.
 fn subscribe(addr: SocketAddr, update: bool) -> (TcpStream, String) {
+    subscribe_at(addr, "/api/events", update)
+}
+
+/// [`subscribe`] to `path` (the push channel with a filter).
+fn subscribe_at(addr: SocketAddr, path: &str, update: bool) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(b"GET /api/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
         .unwrap();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16384];
@@ -123,6 +128,31 @@ fn subscribe(addr: SocketAddr, update: bool) -> (TcpStream, String) {
         assert!(n > 0, "the stream ended: {text}");
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Distinct filters followed live are capped (each costs one snapshot read per flush): past
+/// the cap a new filter is answered 503, a filter already followed still subscribes.
+#[tokio::test]
+async fn distinct_live_filters_are_capped() {
+    let server = serve(&[]).await;
+    let cap = pageviews::serve::live::MAX_LIVE_FILTERS;
+    let _pages: Vec<TcpStream> = (0..cap)
+        .map(|i| {
+            let (s, text) = subscribe_at(
+                server.addr,
+                &format!("/api/events?site=s{i}.example"),
+                false,
+            );
+            assert!(text.starts_with("HTTP/1.1 200"), "{i}: {text}");
+            s
+        })
+        .collect();
+    let (_, text) = subscribe_at(server.addr, "/api/events?site=another.example", false);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    let (_s, text) = subscribe_at(server.addr, "/api/events?site=s0.example", true);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // The filtered snapshot: no visits on that site.
+    assert!(text.contains("\"totals\":{\"visits\":0,"), "{text}");
 }
 
 fn rss(pid: u32) -> u64 {

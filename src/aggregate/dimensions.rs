@@ -24,6 +24,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 
+use super::rollups::Slice;
 use super::tables::{
     Amount, CountsFlush, DimensionHourIncrement, DimensionIncrement, HistogramIncrement,
     MinuteIncrement, UniqueSketch,
@@ -433,23 +434,43 @@ pub const NO_HOUR: i64 = i64::MIN;
 /// A day as the event writes it: `YYYY-MM-DD`.
 type Day = [u8; 10];
 
+/// Distinct sites counted per partition and flush interval; the visits of sites beyond it
+/// count under the site `(other)` (a log whose virtual-host field is chosen by its clients
+/// cannot grow the slices without bound).
+pub const MAX_SITES: usize = 1000;
+
+/// One slice of what a partition counted (see [`super::rollups`]): an index into
+/// [`Counts`]' sites, the country, whether a bot.
+type SliceId = u32;
+
+/// One dimension's values per (hour, slice).
+type Hourly = HashMap<(i64, SliceId), TopK>;
+
 /// What one aggregator counts for one partition between two flushes: the talk's
-/// per-country visits, each configured dimension, visits per minute and country, unique
-/// visitors per day and country, and the histograms of [`Metric`].
+/// per-country visits, and per slice of the traffic (site, country, visitor type) each
+/// configured dimension per hour, visits per minute, unique visitors per day and the
+/// histograms of [`Metric`] per day. The flush sums slices into the all-time panels and
+/// writes them as they are into the filterable rollups.
 #[derive(Debug, Clone)]
 pub struct Counts {
     pub countries: HashMap<CountryCode, u64>,
-    /// Per dimension, per hour of event time (start, seconds since the epoch; [`NO_HOUR`]
-    /// when the event's time cannot be read), the values counted: all-time counts are their
-    /// sum, the hourly ones answer "the last 24 hours".
-    dimensions: Vec<(Dimension, HashMap<i64, TopK>)>,
+    /// Sites seen (at most [`MAX_SITES`] and `(other)`), by index.
+    sites: Vec<Box<str>>,
+    site_index: HashMap<Box<str>, u32>,
+    /// (site index, country, bot) of each slice id.
+    slices: Vec<(u32, CountryCode, bool)>,
+    slice_index: HashMap<(u32, CountryCode, bool), SliceId>,
+    /// Per dimension, per (hour of event time (start, seconds since the epoch; [`NO_HOUR`]
+    /// when the event's time cannot be read), slice), the values counted: all-time counts
+    /// are their sum, the hourly ones answer "the last 24 hours", the daily ones a filter.
+    dimensions: Vec<(Dimension, Hourly)>,
     top_k: usize,
-    /// (minute start, seconds since the epoch; country) → what was counted.
-    pub minutes: HashMap<(i64, CountryCode), Amount>,
-    /// (day, country) → the visitors seen.
-    pub uniques: HashMap<(Day, CountryCode), Hll>,
-    /// (metric, country, bucket) → visits.
-    pub histograms: HashMap<(Metric, CountryCode, i32), u64>,
+    /// (minute start, seconds since the epoch; slice) → what was counted.
+    minutes: HashMap<(i64, SliceId), Amount>,
+    /// (day, slice) → the visitors seen.
+    uniques: HashMap<(Day, SliceId), Hll>,
+    /// (metric, day when readable, slice, bucket) → visits.
+    histograms: HashMap<(Metric, Option<Day>, SliceId, i32), u64>,
     /// Events counted for their country only, because their JSON could not be read.
     pub unreadable: u64,
 }
@@ -460,11 +481,18 @@ impl Default for Counts {
     }
 }
 
+/// A slice as written: (site, country, bot).
+type SliceKey<'a> = (&'a str, CountryCode, bool);
+
 impl Counts {
-    /// Empty counts of `dimensions`, each bounded to `top_k` values.
+    /// Empty counts of `dimensions`, each bounded to `top_k` values per hour and slice.
     pub fn new(dimensions: &[Dimension], top_k: usize) -> Counts {
         Counts {
             countries: HashMap::new(),
+            sites: Vec::new(),
+            site_index: HashMap::new(),
+            slices: Vec::new(),
+            slice_index: HashMap::new(),
             dimensions: dimensions.iter().map(|&d| (d, HashMap::new())).collect(),
             top_k,
             minutes: HashMap::new(),
@@ -476,23 +504,51 @@ impl Counts {
 
     /// The same configuration, nothing counted.
     pub fn empty_like(&self) -> Counts {
-        Counts {
-            countries: HashMap::new(),
-            dimensions: self
-                .dimensions
-                .iter()
-                .map(|(d, _)| (*d, HashMap::new()))
-                .collect(),
-            top_k: self.top_k,
-            minutes: HashMap::new(),
-            uniques: HashMap::new(),
-            histograms: HashMap::new(),
-            unreadable: 0,
-        }
+        Counts::new(
+            &self.dimensions.iter().map(|(d, _)| *d).collect::<Vec<_>>(),
+            self.top_k,
+        )
     }
 
     pub fn is_empty(&self) -> bool {
         self.countries.is_empty()
+    }
+
+    /// The id of slice (`site`, `country`, `bot`), added when new.
+    fn slice(&mut self, site: &str, country: CountryCode, bot: bool) -> SliceId {
+        let site = match self.site_index.get(site) {
+            Some(&i) => i,
+            None => {
+                let name: &str = if self.sites.len() < MAX_SITES {
+                    site
+                } else {
+                    OTHER
+                };
+                match self.site_index.get(name) {
+                    Some(&i) => i,
+                    None => {
+                        let i = self.sites.len() as u32;
+                        self.sites.push(name.into());
+                        self.site_index.insert(name.into(), i);
+                        i
+                    }
+                }
+            }
+        };
+        let next = self.slices.len() as SliceId;
+        *self
+            .slice_index
+            .entry((site, country, bot))
+            .or_insert_with(|| {
+                self.slices.push((site, country, bot));
+                next
+            })
+    }
+
+    /// Slice `id` as (site, country, bot).
+    fn slice_key(&self, id: SliceId) -> SliceKey<'_> {
+        let (site, country, bot) = self.slices[id as usize];
+        (&self.sites[site as usize], country, bot)
     }
 
     /// Counts one visit from `country` (the event's key); `event` is `None` when its JSON
@@ -506,25 +562,27 @@ impl Counts {
         // Events from another producer or an earlier version may not follow the value
         // policy: it is applied again where a value becomes a key.
         let amount = Amount::visit(policy::response_bytes(event.bytes), event.is_bot);
+        let site = policy::bounded(event.vhost.as_deref().unwrap_or(""));
+        let slice = self.slice(&site, country, event.is_bot);
         let minute = minute_of(&event.time);
         let hour = minute.map_or(NO_HOUR, |m| m - m.rem_euclid(3600));
         let top_k = self.top_k;
         for (d, hours) in &mut self.dimensions {
             if let Some(v) = d.value(event, &country, buf) {
                 hours
-                    .entry(hour)
+                    .entry((hour, slice))
                     .or_insert_with(|| TopK::new(top_k))
                     .add(&policy::bounded(v), amount);
             }
         }
         if let Some(minute) = minute {
-            *self.minutes.entry((minute, country)).or_default() += amount;
+            *self.minutes.entry((minute, slice)).or_default() += amount;
         }
-        if let Some(day) = event
+        let day = event
             .time
             .get(..10)
-            .and_then(|d| Day::try_from(d.as_bytes()).ok())
-        {
+            .and_then(|d| Day::try_from(d.as_bytes()).ok());
+        if let Some(day) = day {
             let id = event
                 .visitor
                 .as_deref()
@@ -539,18 +597,19 @@ impl Counts {
                     let day = std::str::from_utf8(&day).unwrap_or("");
                     crate::event::visitor_id(&event.ip, day, buf)
                 });
-            self.uniques.entry((day, country)).or_default().add(id);
+            self.uniques.entry((day, slice)).or_default().add(id);
         }
         *self
             .histograms
-            .entry((Metric::Bytes, country, bucket_of(amount.bytes)))
+            .entry((Metric::Bytes, day, slice, bucket_of(amount.bytes)))
             .or_default() += 1;
         if let Some(t) = event.request_time_us {
             *self
                 .histograms
                 .entry((
                     Metric::RequestTime,
-                    country,
+                    day,
+                    slice,
                     bucket_of(policy::request_time_us(t)),
                 ))
                 .or_default() += 1;
@@ -559,51 +618,74 @@ impl Counts {
 
     /// Adds `other`'s counts (a failed flush's, given back).
     pub fn merge(&mut self, other: Counts) {
-        for (c, n) in other.countries {
-            *self.countries.entry(c).or_insert(0) += n;
+        for (c, n) in &other.countries {
+            *self.countries.entry(*c).or_insert(0) += n;
         }
+        let ids: Vec<SliceId> = (0..other.slices.len() as SliceId)
+            .map(|id| {
+                let (site, country, bot) = other.slice_key(id);
+                self.slice(site, country, bot)
+            })
+            .collect();
+        let id = |s: SliceId| ids[s as usize];
         let top_k = self.top_k;
         for (d, hours) in other.dimensions {
-            match self.dimensions.iter_mut().find(|(mine, _)| *mine == d) {
-                Some((_, mine)) => {
-                    for (hour, top) in hours {
-                        mine.entry(hour)
-                            .or_insert_with(|| TopK::new(top_k))
-                            .merge(top);
-                    }
+            let mine = match self.dimensions.iter().position(|(m, _)| *m == d) {
+                Some(i) => &mut self.dimensions[i].1,
+                None => {
+                    self.dimensions.push((d, HashMap::new()));
+                    &mut self.dimensions.last_mut().expect("just pushed").1
                 }
-                None => self.dimensions.push((d, hours)),
+            };
+            for ((hour, s), top) in hours {
+                mine.entry((hour, id(s)))
+                    .or_insert_with(|| TopK::new(top_k))
+                    .merge(top);
             }
         }
-        for (k, a) in other.minutes {
-            *self.minutes.entry(k).or_default() += a;
+        for ((m, s), a) in other.minutes {
+            *self.minutes.entry((m, id(s))).or_default() += a;
         }
-        for (k, h) in other.uniques {
-            match self.uniques.entry(k) {
-                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().merge(&h),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(h);
-                }
-            }
+        for ((day, s), h) in other.uniques {
+            self.uniques.entry((day, id(s))).or_default().merge(&h);
         }
-        for (k, n) in other.histograms {
-            *self.histograms.entry(k).or_default() += n;
+        for ((metric, day, s, bucket), n) in other.histograms {
+            *self
+                .histograms
+                .entry((metric, day, id(s), bucket))
+                .or_default() += n;
         }
         self.unreadable += other.unreadable;
     }
 
-    /// Every dimension's values per hour: (dimension, hour start or [`NO_HOUR`], values).
-    pub fn dimensions(&self) -> impl Iterator<Item = (Dimension, i64, &TopK)> {
-        self.dimensions
-            .iter()
-            .flat_map(|(d, hours)| hours.iter().map(move |(h, t)| (*d, *h, t)))
+    /// Every dimension's values per hour and slice: (dimension, hour start or [`NO_HOUR`],
+    /// slice, values).
+    pub fn dimensions(&self) -> impl Iterator<Item = (Dimension, i64, SliceKey<'_>, &TopK)> {
+        self.dimensions.iter().flat_map(move |(d, hours)| {
+            hours
+                .iter()
+                .map(move |((h, s), t)| (*d, *h, self.slice_key(*s), t))
+        })
     }
+
+    /// Visits per minute and slice.
+    pub fn minutes(&self) -> impl Iterator<Item = (i64, SliceKey<'_>, Amount)> {
+        self.minutes
+            .iter()
+            .map(|(&(m, s), &a)| (m, self.slice_key(s), a))
+    }
+}
+
+/// The day (`YYYY-MM-DD`) of a time in seconds since the epoch.
+fn day_text(seconds: i64) -> String {
+    super::rollups::day_of(seconds).map_or_else(String::new, |d| d.to_string())
 }
 
 /// Adds what `counts` (one per flushed partition) counted to `batch`, summed over
 /// partitions and sorted. With a retention (seconds), minutes and hours older than that
 /// before the newest one written (but never later than `keep.latest`) are deleted by the
-/// same flush, and the flush keeps `keep.values` values per dimension.
+/// same flush, and the flush keeps `keep.values` values per dimension (and per dimension,
+/// period and slice in the rollups).
 pub fn fill_batch<'a>(
     batch: &mut CountsFlush,
     counts: impl Iterator<Item = &'a Counts>,
@@ -617,31 +699,69 @@ pub fn fill_batch<'a>(
     let mut uniques: HashMap<(Day, Option<CountryCode>), Hll> = HashMap::new();
     let mut histograms: HashMap<(Metric, Option<CountryCode>, i32), u64> = HashMap::new();
     let mut hourly: HashMap<(Dimension, i64, &str), Amount> = HashMap::new();
+    let r = &mut batch.rollups;
+    let slice = |(site, country, bot): SliceKey<'_>| Slice {
+        site: site.to_owned(),
+        country: country.as_str().to_owned(),
+        bot,
+    };
+    // Days of hours, formatted once per hour.
+    let mut days: HashMap<i64, String> = HashMap::new();
     for c in counts {
-        // Each sketch per country, and merged into the day's sketch of all countries.
-        for (&(day, country), h) in &c.uniques {
+        for (&(day, s), h) in &c.uniques {
+            let (site, country, bot) = c.slice_key(s);
+            // Each sketch per country, merged into the day's sketch of all countries, and
+            // per slice.
             for key in [(day, Some(country)), (day, None)] {
                 uniques.entry(key).or_default().merge(h);
             }
+            let day = String::from_utf8_lossy(&day).into_owned();
+            r.uniques
+                .entry((day, slice((site, country, bot))))
+                .or_default()
+                .merge(h);
         }
-        for (&(metric, country, bucket), &n) in &c.histograms {
+        for (&(metric, day, s, bucket), &n) in &c.histograms {
+            let (site, country, bot) = c.slice_key(s);
             for key in [(metric, Some(country), bucket), (metric, None, bucket)] {
                 *histograms.entry(key).or_default() += n;
+            }
+            if let Some(day) = day {
+                let day = String::from_utf8_lossy(&day).into_owned();
+                let key = (
+                    metric.name().to_owned(),
+                    day,
+                    slice((site, country, bot)),
+                    bucket,
+                );
+                *r.histograms.entry(key).or_default() += n;
             }
         }
         for (&country, &n) in &c.countries {
             *countries.entry(country).or_insert(0) += n;
         }
-        for (d, hour, top) in c.dimensions() {
+        for (d, hour, s, top) in c.dimensions() {
             for (value, amount) in top.entries() {
                 *values.entry((d, value)).or_default() += amount;
                 if hour != NO_HOUR {
                     *hourly.entry((d, hour, value)).or_default() += amount;
+                    let day = days.entry(hour).or_insert_with(|| day_text(hour)).clone();
+                    let (name, value) = (d.name().to_owned(), value.to_owned());
+                    *r.day_values
+                        .entry((name.clone(), day, slice(s), value.clone()))
+                        .or_default() += amount;
+                    *r.hour_values
+                        .entry((name, hour, slice(s), value))
+                        .or_default() += amount;
                 }
             }
         }
-        for (&key, &amount) in &c.minutes {
-            *minutes.entry(key).or_default() += amount;
+        for (minute, s, amount) in c.minutes() {
+            *minutes.entry((minute, s.1)).or_default() += amount;
+            let hour = minute - minute.rem_euclid(3600);
+            let day = days.entry(hour).or_insert_with(|| day_text(hour)).clone();
+            *r.days.entry((day, slice(s))).or_default() += amount;
+            *r.minutes.entry((minute, slice(s))).or_default() += amount;
         }
     }
     batch.increments = countries
@@ -931,7 +1051,7 @@ mod tests {
         assert_eq!(a.countries[&gb], 3);
         assert_eq!(a.unreadable, 1);
         let mut dims: Vec<(Dimension, Rows)> =
-            a.dimensions().map(|(d, _, t)| (d, sorted(t))).collect();
+            a.dimensions().map(|(d, _, _, t)| (d, sorted(t))).collect();
         dims.sort();
         assert_eq!(
             dims,
@@ -951,12 +1071,16 @@ mod tests {
         assert_eq!(minute_of("2026-13-01T09:05:00Z"), None);
         assert_eq!(minute_of("yesterday"), None);
         assert_eq!(
-            a.minutes[&(minute, gb)],
-            Amount {
-                visits: 2,
-                bytes: 200,
-                humans: 2
-            }
+            a.minutes().collect::<Vec<_>>(),
+            vec![(
+                minute,
+                ("", gb, false),
+                Amount {
+                    visits: 2,
+                    bytes: 200,
+                    humans: 2
+                }
+            )]
         );
     }
 
@@ -1023,5 +1147,123 @@ mod tests {
             ]
         );
         assert_eq!(batch.prune_hours_before, Some(ten - 3600));
+    }
+
+    /// The rollups keep every slice (site, country, visitor type) apart, per day, hour and
+    /// minute, and each slice has its own top-K; the all-time rows are their sums.
+    #[test]
+    fn a_flush_writes_each_slice_apart() {
+        let mut buf = String::new();
+        let (gb, us) = (
+            CountryCode::parse("GB").unwrap(),
+            CountryCode::parse("US").unwrap(),
+        );
+        let on = |site: &str, path: &str, time: &'static str, bot: bool| {
+            let mut e = event(path, 200, None);
+            e.vhost = Some(Cow::Owned(site.to_owned()));
+            e.time = Cow::Borrowed(time);
+            e.is_bot = bot;
+            e
+        };
+        let mut p0 = Counts::new(&[Dimension::Path], 1);
+        p0.add(
+            gb,
+            Some(&on("a.example", "/x", "2026-01-01T09:05:30Z", false)),
+            &mut buf,
+        );
+        p0.add(
+            gb,
+            Some(&on("b.example", "/y", "2026-01-01T09:06:00Z", false)),
+            &mut buf,
+        );
+        p0.add(
+            gb,
+            Some(&on("a.example", "/x", "2026-01-02T00:00:00Z", true)),
+            &mut buf,
+        );
+        let mut p1 = p0.empty_like();
+        p1.add(
+            us,
+            Some(&on("a.example", "/x", "2026-01-01T23:59:59Z", false)),
+            &mut buf,
+        );
+        let mut batch = CountsFlush::default();
+        let keep = Keep {
+            retention: None,
+            latest: i64::MAX,
+            values: 10,
+        };
+        fill_batch(&mut batch, [&p0, &p1].into_iter(), keep);
+        let slice = |site: &str, country: &str, bot: bool| Slice {
+            site: site.into(),
+            country: country.into(),
+            bot,
+        };
+        let days: Vec<(&str, &Slice, u64)> = batch
+            .rollups
+            .days
+            .iter()
+            .map(|((d, s), a)| (d.as_str(), s, a.visits))
+            .collect();
+        assert_eq!(
+            days,
+            vec![
+                ("2026-01-01", &slice("a.example", "GB", false), 1),
+                ("2026-01-01", &slice("a.example", "US", false), 1),
+                ("2026-01-01", &slice("b.example", "GB", false), 1),
+                ("2026-01-02", &slice("a.example", "GB", true), 1),
+            ]
+        );
+        // One slot per (hour, slice): `/x` and `/y` are in different slices, so nothing
+        // goes to `(other)`, unlike one top-K per hour.
+        let values: Vec<(&str, &str, &str, u64)> = batch
+            .rollups
+            .day_values
+            .iter()
+            .map(|((_, d, s, v), a)| (d.as_str(), s.site.as_str(), v.as_str(), a.visits))
+            .collect();
+        assert_eq!(
+            values,
+            vec![
+                ("2026-01-01", "a.example", "/x", 1),
+                ("2026-01-01", "a.example", "/x", 1),
+                ("2026-01-01", "b.example", "/y", 1),
+                ("2026-01-02", "a.example", "/x", 1),
+            ]
+        );
+        assert_eq!(batch.rollups.hour_values.len(), 4);
+        assert_eq!(batch.rollups.minutes.len(), 4);
+        assert_eq!(batch.rollups.uniques.len(), 4);
+        assert_eq!(
+            batch.rollups.histograms.values().sum::<u64>(),
+            4,
+            "one bytes bucket per visit"
+        );
+        let all_time: Vec<(&str, u64)> = batch
+            .dimensions
+            .iter()
+            .map(|d| (d.value.as_str(), d.amount.visits))
+            .collect();
+        assert_eq!(all_time, vec![("/x", 3), ("/y", 1)]);
+    }
+
+    /// Sites beyond [`MAX_SITES`] in one interval count under `(other)`.
+    #[test]
+    fn sites_are_bounded() {
+        let mut buf = String::new();
+        let gb = CountryCode::parse("GB").unwrap();
+        let mut c = Counts::new(&[], 1);
+        for i in 0..MAX_SITES + 5 {
+            let mut e = event("/", 200, None);
+            e.vhost = Some(Cow::Owned(format!("s{i}.example")));
+            c.add(gb, Some(&e), &mut buf);
+        }
+        assert_eq!(c.sites.len(), MAX_SITES + 1);
+        let other: u64 = c
+            .minutes()
+            .filter(|(_, s, _)| s.0 == OTHER)
+            .map(|(_, _, a)| a.visits)
+            .sum();
+        assert_eq!(other, 5);
     }
 }

@@ -6,6 +6,7 @@
 //! across crashes and rebalances. This module is what the aggregator counts and writes.
 
 pub mod dimensions;
+pub mod rollups;
 pub mod tables;
 
 use std::sync::Arc;

@@ -243,6 +243,9 @@ pub struct CountsFlush {
     /// `dimension_hours`: the flush folds the values with the fewest visits beyond this into
     /// `(other)` for every dimension (and hour) it wrote. `None` keeps every value.
     pub keep_values: Option<u32>,
+    /// The same counts per day, hour and minute and per slice (site, country, visitor
+    /// type): what filters read ([`super::rollups`]).
+    pub rollups: super::rollups::Rollups,
 }
 
 const AMOUNTS: [(&str, Ty, Merge); 3] = [
@@ -345,7 +348,7 @@ impl Results for CountsFlush {
             |d| (&mut d.value, &mut d.amount),
             |d| (d.dimension.clone(), d.hour, d.value.clone()),
             suspicious,
-        )
+        ) + self.rollups.quarantine(&suspicious)
     }
 }
 
@@ -409,7 +412,14 @@ impl CountsFlush {
         if !self.uniques.is_empty() {
             self.merge_uniques(tx).await?;
         }
-        Ok(())
+        self.rollups
+            .write_in(
+                tx,
+                self.keep_values,
+                self.prune_minutes_before,
+                self.prune_hours_before,
+            )
+            .await
     }
 
     /// Sketches merge with what is stored (read, union, write, under [`UNIQUES_LOCK`]).
@@ -672,6 +682,32 @@ fn unique_rows(rows: Vec<crate::store::sql::Row>) -> Result<Vec<UniqueCount>, St
         .collect()
 }
 
+/// A panel read by its two queries: `top` (value, visits, bytes, humans per row), then
+/// `totals` (visits, bytes, humans, distinct values).
+pub(super) async fn read_dimension(
+    tx: &Tx<'_>,
+    top: &str,
+    totals: &str,
+    params: &[Value],
+) -> Result<DimensionCounts, StoreError> {
+    let mut out = DimensionCounts::default();
+    for r in tx.query(top, params).await? {
+        out.values.push(ValueCount {
+            value: r.text(0)?,
+            visits: r.count(1)?,
+            bytes: r.count(2)?,
+            humans: r.count(3)?,
+        });
+    }
+    if let Some(r) = tx.query_opt(totals, params).await? {
+        out.total_visits = r.count(0)?;
+        out.total_bytes = r.count(1)?;
+        out.total_humans = r.count(2)?;
+        out.distinct = r.count(3)?;
+    }
+    Ok(out)
+}
+
 impl Store {
     /// All countries, most visits first, then by code.
     pub async fn country_counts(&self) -> Result<Vec<CountryCount>, StoreError> {
@@ -709,22 +745,7 @@ impl Store {
         self.read(reading(move |tx| {
             Box::pin(async move {
                 let (top, totals) = dimension_queries(tx.is_postgres(), since.is_some(), limit);
-                let mut out = DimensionCounts::default();
-                for r in tx.query(&top, &params).await? {
-                    out.values.push(ValueCount {
-                        value: r.text(0)?,
-                        visits: r.count(1)?,
-                        bytes: r.count(2)?,
-                        humans: r.count(3)?,
-                    });
-                }
-                if let Some(r) = tx.query_opt(&totals, &params).await? {
-                    out.total_visits = r.count(0)?;
-                    out.total_bytes = r.count(1)?;
-                    out.total_humans = r.count(2)?;
-                    out.distinct = r.count(3)?;
-                }
-                Ok(out)
+                read_dimension(&tx, &top, &totals, &params).await
             })
         }))
         .await

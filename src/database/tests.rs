@@ -935,3 +935,120 @@ async fn unknown_scheme_is_a_clear_error() {
         "unsupported database URL \"mysql://localhost/x\": use sqlite://PATH or postgres://USER@HOST:PORT/DB"
     );
 }
+
+/// A database counted by a version without the rollups is refused at open with what to do,
+/// not served with filters that silently miss its history.
+async fn counts_without_rollups_are_refused(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    let mut old = batch(&[("GB", 3)], &[(0, None, 3)]);
+    old.results.dimensions = vec![DimensionIncrement {
+        dimension: "path".into(),
+        value: "/".into(),
+        amount: Amount::visit(10, false),
+    }];
+    store.flush(&old).await.unwrap();
+    let err = Store::open(url).await.err().expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("without per-day rollups")
+            && text.contains("count into a new database (--database)"),
+        "{text}"
+    );
+    assert!(!text.contains('\n'), "one line: {text}");
+}
+
+#[tokio::test]
+async fn sqlite_counts_without_rollups_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    counts_without_rollups_are_refused(&format!("sqlite://{}/s.db", dir.path().display())).await;
+}
+
+#[tokio::test]
+async fn postgres_counts_without_rollups_are_refused() {
+    counts_without_rollups_are_refused(&crate::store::testing::fresh_postgres_url().await).await;
+}
+
+/// The rollups keep at most `keep_values` values per (dimension, day or hour, slice), the
+/// rest folded into `(other)` with exact sums, whatever the flushes write; a key under the
+/// bound keeps every value.
+async fn rollup_values_are_bounded_per_key(url: &str) {
+    use crate::aggregate::rollups::{Filter, Slice};
+    let store = Store::open(url).await.unwrap();
+    let crowded = Slice {
+        site: "s.example".into(),
+        country: "GB".into(),
+        bot: false,
+    };
+    let calm = Slice {
+        country: "NL".into(),
+        ..crowded.clone()
+    };
+    let hour = 1_767_225_600; // 2026-01-01T00:00:00Z
+    let mut next = None;
+    for round in 0..4u64 {
+        let mut b = batch(&[], &[(0, next, (round as i64 + 1) * 100)]);
+        next = Some((round as i64 + 1) * 100);
+        b.results.keep_values = Some(100);
+        for i in 0..60 {
+            let value = format!("/r{round}-{i}");
+            let a = Amount::visit(10, false);
+            let r = &mut b.results.rollups;
+            let day = "2026-01-01".to_owned();
+            r.day_values.insert(
+                ("path".into(), day.clone(), crowded.clone(), value.clone()),
+                a,
+            );
+            r.hour_values
+                .insert(("path".into(), hour, crowded.clone(), value.clone()), a);
+            if round == 0 && i < 50 {
+                r.day_values
+                    .insert(("path".into(), day, calm.clone(), value), a);
+            }
+        }
+        assert_eq!(store.flush(&b).await.unwrap(), FlushOutcome::Committed);
+    }
+    let day = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+    let only = |country: &str| Filter {
+        from: Some(day),
+        to: Some(day),
+        country: Some(country.into()),
+        ..Filter::default()
+    };
+    let gb = store
+        .filtered_dimension("path", &only("GB"), None, 1000)
+        .await
+        .unwrap();
+    assert!(gb.distinct <= 101, "{} values kept", gb.distinct);
+    assert!(gb.values.iter().any(|v| v.value == OTHER));
+    assert_eq!(gb.total_visits, 240, "the sum stays exact");
+    let by_hour = store
+        .filtered_dimension("path", &only("GB"), Some(hour), 1000)
+        .await
+        .unwrap();
+    assert!(
+        by_hour.distinct <= 101,
+        "{} values kept per hour",
+        by_hour.distinct
+    );
+    assert_eq!(by_hour.total_visits, 240);
+    let nl = store
+        .filtered_dimension("path", &only("NL"), None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        (nl.distinct, nl.total_visits),
+        (50, 50),
+        "a calm key keeps every value"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_rollup_values_are_bounded_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    rollup_values_are_bounded_per_key(&format!("sqlite://{}/s.db", dir.path().display())).await;
+}
+
+#[tokio::test]
+async fn postgres_rollup_values_are_bounded_per_key() {
+    rollup_values_are_bounded_per_key(&crate::store::testing::fresh_postgres_url().await).await;
+}

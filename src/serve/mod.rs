@@ -1,6 +1,9 @@
 //! Serve stage: the dashboard and the JSON API, read from the statistics database.
 //!
 //! - [`api`]: one JSON handler per panel, and the snapshot of everything the page shows;
+//!   every panel takes the filter (days, site, country, visitors), `compare=previous` and
+//!   `format=csv`;
+//! - [`csv`]: the CSV form of a panel (quoted, formula cells neutralised);
 //! - [`live`]: the push channel (Server-Sent Events after each flush);
 //! - [`pipeline`]: pipeline health from the brokers and the database, and `/metrics`;
 //! - [`guard`]: Host check, access token, request limits, security headers;
@@ -8,6 +11,7 @@
 //!   with a header-read timeout), binding and shutdown.
 
 pub mod api;
+pub mod csv;
 pub(crate) mod guard;
 pub mod live;
 pub mod pipeline;

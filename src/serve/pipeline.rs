@@ -39,6 +39,10 @@ pub struct PipelineResponse {
     pub checked_at: String,
     /// Why the brokers could not be read (`null`: they were).
     pub kafka_error: Option<String>,
+    /// The same for a reader, in one plain line: which address, and what it means for the
+    /// figures (`null`: the brokers were read).
+    #[serde(default)]
+    pub kafka_note: Option<String>,
     /// One entry per topic: its log end over all partitions and how fast it grows.
     pub topics: Vec<TopicHealth>,
     /// One entry per consumer group reading a topic.
@@ -139,6 +143,7 @@ impl Health {
             (None, _) => r.kafka_error = Some("no brokers configured".into()),
             (_, Err(err)) => r.kafka_error = Some(format!("cannot read stored positions: {err}")),
             (Some(kafka), Ok(stored)) => {
+                let brokers = kafka.brokers.clone();
                 let kafka = kafka.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     from_kafka(&kafka, &stored.offsets, &alerters)
@@ -149,10 +154,25 @@ impl Health {
                         r.groups = groups;
                         r.dead_letters = dead;
                     }
-                    Ok(Err(e)) => r.kafka_error = Some(e),
+                    Ok(Err(e)) => {
+                        r.kafka_error = Some(e);
+                        r.kafka_note = Some(format!(
+                            "No broker answers at {}: the figures come from the database \
+                             and stay exact up to the last flush; new lines, throughput, lag \
+                             and dead letters show again once a broker is reachable.",
+                            brokers
+                        ));
+                    }
                     Err(e) => r.kafka_error = Some(format!("internal error: {e}")),
                 }
             }
+        }
+        if self.kafka.is_none() {
+            r.kafka_note = Some(
+                "No brokers configured (--brokers): the figures come from the database; \
+                 throughput, lag and dead letters are not shown."
+                    .to_owned(),
+            );
         }
         if let Some((at, before)) = previous {
             let secs = now.duration_since(at).as_secs_f64();

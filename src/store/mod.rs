@@ -330,6 +330,9 @@ pub enum StoreError {
         table: String,
         problem: String,
     },
+    /// The database holds what this version cannot use as it is (`reason` says what to do).
+    #[error("cannot use database {url}: {reason}")]
+    Refused { url: String, reason: String },
     #[error("database error: {0}")]
     Sqlite(#[from] libsql::Error),
     #[error("database error: {}", crate::one_line(.0))]
