@@ -324,6 +324,12 @@ fn check(addr: SocketAddr, all: &[Line], f: &F) {
         Some((first_day() + chrono::Duration::days(DAYS - 1)).to_string())
     );
     assert_eq!(d.first_day, Some(first_day().to_string()));
+    // The site menu lists every site counted, whatever the filter.
+    let mut sites = d.sites.clone();
+    sites.sort();
+    let mut all_sites = SITES.map(str::to_owned).to_vec();
+    all_sites.sort();
+    assert_eq!(sites, all_sites, "{ctx}: sites");
 }
 
 async fn oracle(store: Option<Store>) {

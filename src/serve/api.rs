@@ -1181,6 +1181,8 @@ async fn extent(store: &Store, d: &mut Dashboard) -> Result<(), StoreError> {
         .await?
         .into_iter()
         .map(|(s, _)| s)
+        // A log without virtual hosts counts everything under the empty site.
+        .filter(|s| !s.is_empty())
         .take(MAX_SITES_LISTED)
         .collect();
     Ok(())
