@@ -11,8 +11,8 @@ use std::time::Duration;
 use clap::Args;
 use tokio::sync::Notify;
 
-use crate::aggregate::AggregateConfig;
 use crate::aggregate::dimensions::{self, DEFAULT_KEEP_VALUES, DEFAULT_TOP_K, Dimension};
+use crate::aggregate::{AggregateConfig, VisitSettings};
 use crate::broker::{BrokerRetention, BrokerStorage};
 use crate::kafka::{self, KafkaSettings};
 use crate::preprocess::PreprocessConfig;
@@ -212,6 +212,20 @@ pub struct AggregateArgs {
     /// sums stay exact and the tables stay bounded whatever the log holds.
     #[arg(long, default_value_t = DEFAULT_KEEP_VALUES, value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_values: u32,
+    /// A visitor's page requests further apart than this (event time) start a new visit;
+    /// 0 turns visits off.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub session_gap: Duration,
+    /// How far behind the largest event time seen in its partition a page request still
+    /// joins its visit (the alerters' --lateness rule, for visits); later ones are counted
+    /// as late and left out of visits. A visit closes when that watermark passes its last
+    /// request plus the gap.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub session_lateness: Duration,
+    /// Open visits kept in memory per aggregator; beyond it, each flush closes the visits
+    /// whose last request is oldest (counted as closed early).
+    #[arg(long, default_value_t = crate::sessions::DEFAULT_MAX_OPEN_VISITS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_open_visits: u64,
 }
 
 /// The dimensions `--dimensions` names.
@@ -241,8 +255,19 @@ impl AggregateArgs {
             minute_retention: Some(self.timeseries_retention).filter(|r| !r.is_zero()),
             keep_values: self.keep_values,
             max_future: common.max_future,
+            visits: (!self.session_gap.is_zero()).then(|| VisitSettings {
+                gap: seconds(self.session_gap),
+                lateness: seconds(self.session_lateness),
+                max_open: usize::try_from(self.max_open_visits).unwrap_or(usize::MAX),
+            }),
+            close_visits: None,
         }
     }
+}
+
+/// A duration in whole seconds, as event times count.
+fn seconds(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// The dashboard server (`serve`, `demo`).

@@ -14,6 +14,7 @@ impl Store {
                 &crate::aggregate::tables::SCHEMA,
                 &crate::aggregate::rollups::SCHEMA,
                 &crate::alert::tables::SCHEMA,
+                &crate::aggregate::visits::SCHEMA,
             ],
         )
         .await?;

@@ -106,6 +106,31 @@ pub async fn wait_drained(
     }
 }
 
+/// The input ended: closes every open visit (the aggregator's next flush) and waits until the
+/// database holds none.
+async fn close_open_visits(
+    store: &Store,
+    close: &std::sync::atomic::AtomicBool,
+    flush_now: &Notify,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        match store.open_visitors().await {
+            Ok(0) => break,
+            Ok(_) => {
+                close.store(true, Ordering::SeqCst);
+                flush_now.notify_one();
+            }
+            Err(err) => tracing::warn!(%err, "cannot check the open visits yet"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    println!("visits: every open visit closed at the end of the input");
+}
+
 pub async fn run(
     common: &Common,
     args: DemoArgs,
@@ -158,10 +183,12 @@ pub async fn run(
                 .map_err(anyhow::Error::from)
         });
     }
+    let close_visits = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let config = args
-            .aggregate
-            .config(common, &kafka, &store, Some(Arc::clone(&flush_now)));
+        let mut config =
+            args.aggregate
+                .config(common, &kafka, &store, Some(Arc::clone(&flush_now)));
+        config.close_visits = Some(Arc::clone(&close_visits));
         let (stats, stop) = (Arc::clone(&agg_stats), stop_stages.clone());
         stages.spawn("aggregate", async move {
             aggregate::run(config, stats, stop)
@@ -244,6 +271,9 @@ pub async fn run(
                     "drained: lines read {imported}, counted {counted}, dead-lettered {dead}, {secs:.2} s, {:.0} lines/s",
                     imported as f64 / secs.max(1e-9)
                 );
+                if args.aggregate.session_gap > Duration::ZERO {
+                    close_open_visits(&store, &close_visits, &flush_now, &shutdown).await;
+                }
             }
         } else {
             shutdown.cancelled().await;

@@ -49,6 +49,10 @@ pub struct PageView<'a> {
     /// sketches need the User-Agent, which the event does not carry otherwise.
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub visitor: Option<Cow<'a, str>>,
+    /// The visitor as visits count them (same client address and User-Agent, any day), as
+    /// [`client_id`] in 16 hex digits; the aggregator stores only a salted hash of it.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<Cow<'a, str>>,
     /// The raw line the event was made from, so that a replay of the same line (after a
     /// preprocessor crash) is recognised downstream; set by the preprocessor. Last, so the
     /// aggregator finds it without parsing the event ([`source_of_event`]).
@@ -148,6 +152,10 @@ impl PageView<'_> {
             out.extend_from_slice(b",\"visitor\":");
             json_str(out, v);
         }
+        if let Some(v) = &self.client {
+            out.extend_from_slice(b",\"client\":");
+            json_str(out, v);
+        }
         if let Some(source) = self.source {
             out.extend_from_slice(b",\"source\":{\"partition\":");
             out.extend_from_slice(itoa::Buffer::new().format(source.partition).as_bytes());
@@ -170,6 +178,11 @@ pub fn visitor_id(ip: &str, day: &str, user_agent: &str) -> u64 {
         h.write_u8(0xff);
     }
     h.finish()
+}
+
+/// The client as visits know it: [`visitor_id`] without the day.
+pub fn client_id(ip: &str, user_agent: &str) -> u64 {
+    visitor_id(ip, "", user_agent)
 }
 
 /// [`visitor_id`] as the event writes it: 16 lower-case hex digits.
@@ -415,6 +428,7 @@ mod tests {
             vhost: extra.then_some(Cow::Borrowed(text)),
             request_time_us: extra.then_some(1234),
             visitor: extra.then_some(Cow::Borrowed("00ff00ff00ff00ff")),
+            client: extra.then_some(Cow::Borrowed("0123456789abcdef")),
             source: extra.then_some(Source {
                 partition: 7,
                 offset: i64::MAX,

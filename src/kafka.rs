@@ -247,6 +247,18 @@ impl KafkaSettings {
     }
 
     /// Creates the three topics if missing (idempotent: existing topics are left as they are).
+    /// The partition count of `topic` (`None`: it does not exist, or no broker answered
+    /// within `timeout`). Blocking.
+    pub fn partition_count(&self, topic: &str, timeout: Duration) -> Option<i32> {
+        let consumer: BaseConsumer = self
+            .client_config(ClientRole::Consumer, &[("group.id", "pageviews-metadata")])
+            .create()
+            .ok()?;
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+        let t = metadata.topics().iter().find(|t| t.name() == topic)?;
+        i32::try_from(t.partitions().len()).ok().filter(|&n| n > 0)
+    }
+
     pub async fn create_topics(&self, partitions: i32) -> Result<(), KafkaSetupError> {
         self.create_topics_with(partitions, &[]).await
     }

@@ -34,7 +34,10 @@
 //!   [`aggregate::dimensions`] (what is counted: the dimensions, top-K, visits per minute,
 //!   sketches, per slice of site, country and visitor type; what a flush writes) and
 //!   [`sketch`] (HyperLogLog, histogram buckets); [`aggregate::rollups`] holds the
-//!   filterable counts (per day, hour and minute and per slice) and the filtered reads.
+//!   filterable counts (per day, hour and minute and per slice) and the filtered reads;
+//!   [`aggregate::visits`] the visits' tables.
+//! - [`sessions`]: visits (sessions) on event time, the pure core the aggregator runs: open
+//!   visits per partition, per-raw-partition clocks and watermark, closing, the stored form.
 //! - [`alert`]: the alerting groups (`alerts-webhook`, `alerts-email`), [`positions`] users
 //!   too. Pure core in [`alert::rules`] (the rules file) and [`alert::window`] (event-time
 //!   tumbling windows, watermarks, rule evaluation); [`alert::sink`] delivers (webhook,
@@ -72,6 +75,7 @@ pub(crate) mod positions;
 pub mod preprocess;
 pub(crate) mod secrets;
 pub mod serve;
+pub mod sessions;
 pub(crate) mod sketch;
 pub mod store;
 

@@ -21,7 +21,7 @@
 //!   new slot inherits); below K distinct values per interval every count is exact.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt;
 
 use super::rollups::Slice;
@@ -29,8 +29,12 @@ use super::tables::{
     Amount, CountsFlush, DimensionHourIncrement, DimensionIncrement, HistogramIncrement,
     MinuteIncrement, UniqueSketch,
 };
+use crate::aggregate::visits::VisitTotals;
 use crate::countries::{CountryCode, continent_of};
 use crate::event::{PageView, policy};
+use crate::sessions::{
+    Closed, PageRequest, Run, SessionConfig, SessionFlush, Sessions, visitor_key,
+};
 use crate::sketch::{Hll, bucket_of};
 
 /// The value under which a dimension reports what [`TopK`] could not attribute (and what
@@ -89,10 +93,14 @@ pub enum Dimension {
     Vhost,
     /// Client addresses: personal data, counted only when asked for.
     Host,
+    /// The first and last page of each visit ([`crate::sessions`]), counting visits: counted
+    /// when a visit closes, not per request.
+    EntryPage,
+    ExitPage,
 }
 
 impl Dimension {
-    pub const ALL: [Dimension; 15] = [
+    pub const ALL: [Dimension; 17] = [
         Dimension::Country,
         Dimension::Continent,
         Dimension::Browser,
@@ -108,6 +116,8 @@ impl Dimension {
         Dimension::Hour,
         Dimension::Vhost,
         Dimension::Host,
+        Dimension::EntryPage,
+        Dimension::ExitPage,
     ];
 
     /// What `--dimensions` counts when not given: everything but client addresses.
@@ -135,6 +145,8 @@ impl Dimension {
             Dimension::Hour => "hour",
             Dimension::Vhost => "vhost",
             Dimension::Host => "host",
+            Dimension::EntryPage => "entry_page",
+            Dimension::ExitPage => "exit_page",
         }
     }
 
@@ -156,6 +168,8 @@ impl Dimension {
             Dimension::Hour => "Visit time (hour, UTC)",
             Dimension::Vhost => "Virtual hosts",
             Dimension::Host => "Hosts (client addresses)",
+            Dimension::EntryPage => "Entry pages (visits)",
+            Dimension::ExitPage => "Exit pages (visits)",
         }
     }
 
@@ -220,6 +234,8 @@ impl Dimension {
                 .filter(|h| h.bytes().all(|b| b.is_ascii_digit())),
             Dimension::Vhost => event.vhost.as_deref(),
             Dimension::Host => Some(&event.ip),
+            // Counted per visit when it closes (Counts::count_visit).
+            Dimension::EntryPage | Dimension::ExitPage => None,
         }
     }
 }
@@ -256,7 +272,7 @@ pub fn parse_dimensions(list: &str) -> Result<Vec<Dimension>, String> {
 }
 
 /// The path without its query string (GoAccess's default: `/search?q=x` counts as `/search`).
-fn path_of(path: &str) -> &str {
+pub(crate) fn path_of(path: &str) -> &str {
     match memchr::memchr(b'?', path.as_bytes()) {
         Some(i) => &path[..i],
         None => path,
@@ -265,7 +281,7 @@ fn path_of(path: &str) -> &str {
 
 /// Files GoAccess counts as static requests (its default extension list, plus modern web
 /// fonts and images), by extension, case-insensitively.
-fn is_static(path: &str) -> bool {
+pub(crate) fn is_static(path: &str) -> bool {
     const EXTENSIONS: &[&str] = &[
         "css", "js", "mjs", "map", "jpg", "jpeg", "png", "gif", "ico", "svg", "webp", "avif",
         "bmp", "tif", "tiff", "woff", "woff2", "ttf", "otf", "eot", "mp3", "mp4", "ogg", "webm",
@@ -408,15 +424,18 @@ pub enum Metric {
     Bytes,
     /// Time taken to serve the request, when the log has it.
     RequestTime,
+    /// A visit's duration in seconds ([`crate::sessions`]): counted per visit when it closes.
+    VisitDuration,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 2] = [Metric::Bytes, Metric::RequestTime];
+    pub const ALL: [Metric; 3] = [Metric::Bytes, Metric::RequestTime, Metric::VisitDuration];
 
     pub fn name(self) -> &'static str {
         match self {
             Metric::Bytes => "bytes",
             Metric::RequestTime => "request_time_us",
+            Metric::VisitDuration => "visit_duration_s",
         }
     }
 
@@ -473,6 +492,15 @@ pub struct Counts {
     histograms: HashMap<(Metric, Option<Day>, SliceId, i32), u64>,
     /// Events counted for their country only, because their JSON could not be read.
     pub unreadable: u64,
+    /// The partition's open visits (`None`: visits are not counted). Outlives a flush.
+    pub sessions: Option<Sessions>,
+    /// (minute of the first request, slice) → closed visits.
+    visits: HashMap<(i64, SliceId), VisitTotals>,
+    /// What the flush writes of the open visits (set by `take`).
+    pub session_flush: Option<SessionFlush>,
+    /// Page requests too late for their visit, and visits closed early (`--max-open-visits`).
+    pub late_requests: u64,
+    pub closed_early: u64,
 }
 
 impl Default for Counts {
@@ -499,7 +527,18 @@ impl Counts {
             uniques: HashMap::new(),
             histograms: HashMap::new(),
             unreadable: 0,
+            sessions: None,
+            visits: HashMap::new(),
+            session_flush: None,
+            late_requests: 0,
+            closed_early: 0,
         }
+    }
+
+    /// The same, counting visits as `config` cuts them.
+    pub fn with_sessions(mut self, config: Option<SessionConfig>) -> Counts {
+        self.sessions = config.map(Sessions::new);
+        self
     }
 
     /// The same configuration, nothing counted.
@@ -508,6 +547,94 @@ impl Counts {
             &self.dimensions.iter().map(|(d, _)| *d).collect::<Vec<_>>(),
             self.top_k,
         )
+        .with_sessions(self.sessions.as_ref().map(|s| s.config))
+    }
+
+    /// What a flush takes out: the counts; the open visits stay, and what changed in them
+    /// goes with the counts ([`Counts::session_flush`]).
+    pub fn take(&mut self) -> Counts {
+        let live = self.sessions.take();
+        let mut out = std::mem::replace(self, self.empty_like());
+        self.sessions = live;
+        if let Some(s) = &mut self.sessions {
+            out.session_flush = Some(s.take_flush());
+        }
+        out
+    }
+
+    /// Whether a flush must write this partition although no message moved its offset
+    /// (visits were closed outside a message).
+    pub fn must_flush(&self) -> bool {
+        self.sessions.as_ref().is_some_and(Sessions::has_changes) || !self.visits.is_empty()
+    }
+
+    /// Closes the visits `sessions` closed: their counts go into this flush.
+    fn count_closed(&mut self) {
+        let Some(s) = &mut self.sessions else {
+            return;
+        };
+        let mut closed = std::mem::take(&mut s.closed);
+        for (run, why) in closed.drain(..) {
+            if why == Closed::Early {
+                self.closed_early += 1;
+            }
+            self.count_visit(&run);
+        }
+        if let Some(s) = &mut self.sessions {
+            s.closed = closed;
+        }
+    }
+
+    /// Counts one closed visit: its totals, entry and exit pages and duration.
+    fn count_visit(&mut self, run: &Run) {
+        let slice = self.slice(&run.site, run.country, false);
+        let minute = run.first - run.first.rem_euclid(60);
+        let hour = minute - minute.rem_euclid(3600);
+        let duration = u64::try_from(run.duration()).unwrap_or(0);
+        *self.visits.entry((minute, slice)).or_default() += VisitTotals {
+            visits: 1,
+            bounces: u64::from(run.pages == 1),
+            pages: u64::from(run.pages),
+            duration,
+        };
+        let top_k = self.top_k;
+        let amount = Amount::visit(0, false);
+        for (d, hours) in &mut self.dimensions {
+            let value = match d {
+                Dimension::EntryPage => &run.entry,
+                Dimension::ExitPage => &run.exit,
+                _ => continue,
+            };
+            hours
+                .entry((hour, slice))
+                .or_insert_with(|| TopK::new(top_k))
+                .add(value, amount);
+        }
+        let day = super::rollups::day_of(run.first)
+            .and_then(|d| Day::try_from(d.to_string().as_bytes()).ok());
+        *self
+            .histograms
+            .entry((Metric::VisitDuration, day, slice, bucket_of(duration)))
+            .or_default() += 1;
+    }
+
+    /// Closes every open visit (the input ended, or `--max-open-visits`).
+    pub fn close_visits(&mut self, why: Closed) {
+        if let Some(s) = &mut self.sessions {
+            s.close_all(why);
+        }
+        self.count_closed();
+    }
+
+    /// Closes early the open visits whose last request is before `before` (and `at_before`
+    /// of those at `before`); returns how many.
+    pub fn close_visits_before(&mut self, before: i64, at_before: &mut usize) -> usize {
+        let n = self
+            .sessions
+            .as_mut()
+            .map_or(0, |s| s.close_older_than(before, at_before));
+        self.count_closed();
+        n
     }
 
     pub fn is_empty(&self) -> bool {
@@ -603,6 +730,30 @@ impl Counts {
             .histograms
             .entry((Metric::Bytes, day, slice, bucket_of(amount.bytes)))
             .or_default() += 1;
+        if let Some(s) = &mut self.sessions
+            && !event.is_bot
+            && let Some(client) = event.client.as_deref()
+            && let Ok(client) = u64::from_str_radix(client, 16)
+            && let Some(time) = second_of(&event.time)
+        {
+            let path = path_of(&event.path);
+            if !is_static(path) {
+                let request = PageRequest {
+                    visitor: visitor_key(s.config.salt, client),
+                    time,
+                    path: &policy::bounded(path),
+                    site: &site,
+                    country,
+                    source: event.source.map_or(-1, |s| s.partition),
+                };
+                if !s.add(&request) {
+                    self.late_requests += 1;
+                }
+                if !s.closed.is_empty() {
+                    self.count_closed();
+                }
+            }
+        }
         if let Some(t) = event.request_time_us {
             *self
                 .histograms
@@ -656,6 +807,14 @@ impl Counts {
                 .or_default() += n;
         }
         self.unreadable += other.unreadable;
+        for ((m, s), t) in other.visits {
+            *self.visits.entry((m, id(s))).or_default() += t;
+        }
+        if let (Some(s), Some(f)) = (&mut self.sessions, &other.session_flush) {
+            s.restore(f);
+        }
+        self.late_requests += other.late_requests;
+        self.closed_early += other.closed_early;
     }
 
     /// Every dimension's values per hour and slice: (dimension, hour start or [`NO_HOUR`],
@@ -707,7 +866,21 @@ pub fn fill_batch<'a>(
     };
     // Days of hours, formatted once per hour.
     let mut days: HashMap<i64, String> = HashMap::new();
+    let mut visit_days: BTreeMap<(String, String, String), VisitTotals> = BTreeMap::new();
+    let mut visit_minutes: BTreeMap<(i64, String, String), u64> = BTreeMap::new();
     for c in counts {
+        for (&(minute, s), &t) in &c.visits {
+            let (site, country, _) = c.slice_key(s);
+            let hour = minute - minute.rem_euclid(3600);
+            let day = days.entry(hour).or_insert_with(|| day_text(hour)).clone();
+            let (site, country) = (site.to_owned(), country.as_str().to_owned());
+            *visit_minutes
+                .entry((minute, site.clone(), country.clone()))
+                .or_default() += t.visits;
+            *visit_days.entry((day, site, country)).or_default() += t;
+        }
+        batch.visits.late += c.late_requests;
+        batch.visits.closed_early += c.closed_early;
         for (&(day, s), h) in &c.uniques {
             let (site, country, bot) = c.slice_key(s);
             // Each sketch per country, merged into the day's sketch of all countries, and
@@ -827,12 +1000,19 @@ pub fn fill_batch<'a>(
         })
         .collect();
     batch.histograms.sort();
+    batch.visits.days = visit_days.into_iter().collect();
+    batch.visits.minutes = visit_minutes.into_iter().collect();
 }
 
 /// The start of the minute of an RFC 3339 time, in seconds since the epoch. The events'
 /// own form (`2024-01-01T09:00:00Z`, read for every event) is taken apart by position;
 /// anything else goes through chrono's parser.
 pub fn minute_of(time: &str) -> Option<i64> {
+    second_of(time).map(|t| t - t.rem_euclid(60))
+}
+
+/// An RFC 3339 time in seconds since the epoch (see [`minute_of`]).
+pub fn second_of(time: &str) -> Option<i64> {
     let b = time.as_bytes();
     let digits = |r: std::ops::Range<usize>| -> Option<u32> {
         b.get(r)?.iter().try_fold(0u32, |n, &d| {
@@ -848,13 +1028,13 @@ pub fn minute_of(time: &str) -> Option<i64> {
             digits(5..7)?,
             digits(8..10)?,
         )?;
-        let t = date.and_hms_opt(digits(11..13)?, digits(14..16)?, 0)?;
+        if b[13] != b':' || b[16] != b':' {
+            return None;
+        }
+        let t = date.and_hms_opt(digits(11..13)?, digits(14..16)?, digits(17..19)?)?;
         Some(t.and_utc().timestamp())
     };
-    fast().or_else(|| {
-        let t = chrono::DateTime::parse_from_rfc3339(time).ok()?.timestamp();
-        Some(t - t.rem_euclid(60))
-    })
+    fast().or_else(|| Some(chrono::DateTime::parse_from_rfc3339(time).ok()?.timestamp()))
 }
 
 #[cfg(test)]
@@ -880,6 +1060,7 @@ mod tests {
             vhost: None,
             request_time_us: None,
             visitor: None,
+            client: None,
             source: None,
         }
     }

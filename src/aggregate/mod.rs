@@ -8,6 +8,7 @@
 pub mod dimensions;
 pub mod rollups;
 pub mod tables;
+pub mod visits;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use crate::countries::CountryCode;
 use crate::event::PageView;
 use crate::kafka::{AGGREGATE_GROUP, EVENTS_TOPIC, KafkaSettings};
 use crate::positions::{self, Flushed, Group, GroupMember, Pending};
-use crate::store::Store;
+use crate::store::{StateRow, Store};
 use dimensions::{Counts, Dimension, Keep};
 
 /// Settings of one aggregator.
@@ -50,6 +51,22 @@ pub struct AggregateConfig {
     /// Minutes and hours are never pruned against an event time past the wall clock plus
     /// this (see [`dimensions::fill_batch`]).
     pub max_future: Duration,
+    /// How visits are cut and bounded (`None`: visits are not counted).
+    pub visits: Option<VisitSettings>,
+    /// Set (with `flush_now`) when the input ended: the next flush closes every open visit
+    /// (`demo --exit-when-drained`), then clears it.
+    pub close_visits: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// Visits' options ([`crate::sessions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VisitSettings {
+    /// `--session-gap`, seconds.
+    pub gap: i64,
+    /// `--lateness`, seconds.
+    pub lateness: i64,
+    /// `--max-open-visits`: open visits kept per aggregator (checked at each flush).
+    pub max_open: usize,
 }
 
 /// Running totals for logs, summaries and tests.
@@ -68,12 +85,16 @@ pub struct AggregateStats {
     pub recreated_topics_seen: AtomicU64,
     /// Flushed events whose JSON could not be read: counted for their country (the key) only.
     pub unreadable_events: AtomicU64,
+    /// Open visits in this aggregator's partitions, as of the last flush.
+    pub open_visits: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AggregateError {
     #[error("Kafka consumer: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("cannot read the visitor-key salt: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Runs one aggregator until `shutdown`, then flushes once more and leaves the group.
@@ -82,11 +103,35 @@ pub async fn run(
     stats: Arc<AggregateStats>,
     shutdown: CancellationToken,
 ) -> Result<(), AggregateError> {
+    let sessions = match config.visits {
+        Some(v) => {
+            let kafka = config.kafka.clone();
+            let sources = tokio::task::spawn_blocking(move || {
+                kafka.partition_count(crate::kafka::RAW_TOPIC, Duration::from_secs(10))
+            })
+            .await
+            .ok()
+            .flatten();
+            if sources.is_none() {
+                tracing::warn!(
+                    "cannot read the partitions of {}: visits close on the raw partitions seen so far",
+                    crate::kafka::RAW_TOPIC
+                );
+            }
+            Some(crate::sessions::SessionConfig {
+                gap: v.gap,
+                lateness: v.lateness,
+                salt: config.store.visit_salt().await?,
+                sources,
+            })
+        }
+        None => None,
+    };
     let member = GroupMember::join(
         &config.kafka,
         AGGREGATE_GROUP,
         EVENTS_TOPIC,
-        Counts::new(&config.dimensions, config.top_k),
+        Counts::new(&config.dimensions, config.top_k).with_sessions(sessions),
         config.store.clone(),
         shutdown.clone(),
     )?;
@@ -143,6 +188,75 @@ impl Group for Aggregator {
         let keep = Keep::now(retention, self.config.max_future, self.config.keep_values);
         dimensions::fill_batch(&mut results, pending.counts(), keep);
         pending.batch.results = results;
+        // The open visits that changed and the partition's clocks, fenced with its offset.
+        let mut state = Vec::new();
+        for (partition, c) in pending.per_partition() {
+            let Some(f) = &c.session_flush else { continue };
+            state.extend(f.rows.iter().map(|(visitor, value)| StateRow {
+                partition,
+                key: crate::sessions::key_bytes(*visitor),
+                value: value.clone(),
+            }));
+            if let Some(clocks) = &f.clocks {
+                state.push(StateRow {
+                    partition,
+                    key: crate::sessions::CLOCKS_KEY.to_vec(),
+                    value: Some(clocks.clone()),
+                });
+            }
+        }
+        pending.batch.state = state;
+    }
+
+    /// Closes visits outside a message: all of them when the input ended, the oldest ones
+    /// beyond `--max-open-visits`.
+    fn before_flush(&mut self, member: &GroupMember<Counts>) {
+        let Some(settings) = self.config.visits else {
+            return;
+        };
+        let mut tally = member.tally();
+        let end = self
+            .config
+            .close_visits
+            .as_ref()
+            .is_some_and(|f| f.swap(false, Ordering::SeqCst));
+        if end {
+            for (_, c) in tally.accumulators_mut() {
+                c.close_visits(crate::sessions::Closed::EndOfInput);
+            }
+        }
+        let mut open: Vec<i64> = Vec::new();
+        let mut total = 0usize;
+        for (_, c) in tally.accumulators_mut() {
+            if let Some(s) = &c.sessions {
+                total += s.open();
+            }
+        }
+        if total > settings.max_open {
+            // The cut: the last request time of the (total - max)-th oldest open visit.
+            for (_, c) in tally.accumulators_mut() {
+                if let Some(s) = &c.sessions {
+                    open.extend(s.last_times());
+                }
+            }
+            let excess = total - settings.max_open;
+            let (_, &mut cut, _) = open.select_nth_unstable(excess - 1);
+            let below = open.iter().filter(|&&t| t < cut).count();
+            let mut at_cut = excess - below;
+            let mut closed = 0;
+            for (_, c) in tally.accumulators_mut() {
+                closed += c.close_visits_before(cut, &mut at_cut);
+            }
+            tracing::warn!(
+                closed,
+                max = settings.max_open,
+                "--max-open-visits reached: the visits with the oldest last request were closed early"
+            );
+            total -= closed;
+        }
+        self.stats
+            .open_visits
+            .store(total as u64, Ordering::Relaxed);
     }
 
     fn flushed(&self, member: &GroupMember<Counts>, outcome: &Flushed<Counts>) {
@@ -201,5 +315,27 @@ impl crate::positions::Accumulator for Counts {
     }
     fn merge(&mut self, other: Self) {
         self.merge(other)
+    }
+    /// The counts go; the open visits stay (the flush writes what changed in them).
+    fn take(&mut self) -> Self {
+        self.take()
+    }
+    fn must_flush(&self) -> bool {
+        self.must_flush()
+    }
+    /// The open visits and clock the last flush stored for this partition.
+    fn resume_from(&mut self, partition: i32, stored: &crate::store::StoredPositions) {
+        if let Some(s) = &mut self.sessions {
+            let rows = stored.state.get(&partition).map_or(&[][..], |r| &r[..]);
+            let unreadable = s.load(rows);
+            if unreadable > 0 {
+                tracing::error!(
+                    partition,
+                    unreadable,
+                    "stored open visits that cannot be read were left out"
+                );
+            }
+            tracing::debug!(partition, open = s.open(), "open visits loaded");
+        }
     }
 }

@@ -773,7 +773,7 @@ impl Filter {
     /// ` AND …` conditions on the slice columns and on the period column `time` (a `day`
     /// text column, or seconds since the epoch when `seconds`), their parameters appended to
     /// `params` (numbered after those already there).
-    fn conditions(&self, time: &str, seconds: bool, params: &mut Vec<Value>) -> String {
+    pub(crate) fn conditions(&self, time: &str, seconds: bool, params: &mut Vec<Value>) -> String {
         let mut sql = String::new();
         let mut add = |cond: &str, v: Value| {
             params.push(v);
@@ -805,6 +805,53 @@ impl Filter {
             Visitors::Bots => add("bot =", Value::from(1i64)),
         }
         sql
+    }
+}
+
+impl Filter {
+    /// What a series in `step` reads: the period expression, the table (`tables`: the
+    /// per-day one and the per-minute one) and the conditions (parameters added to
+    /// `params`); minutes and hours from `since` (seconds) when given.
+    pub(crate) fn series_source(
+        &self,
+        step: Step,
+        since: Option<i64>,
+        tables: [&'static str; 2],
+        params: &mut Vec<Value>,
+    ) -> (&'static str, &'static str, String) {
+        match step {
+            Step::Day => ("day", tables[0], self.conditions("day", false, params)),
+            Step::Minute | Step::Hour => {
+                let mut cond = self.conditions("minute", true, params);
+                if let Some(since) = since {
+                    params.push(Value::from(since));
+                    cond.push_str(&format!(" AND minute >= ?{}", params.len()));
+                }
+                let time = if step == Step::Hour {
+                    "minute - (minute % 3600)"
+                } else {
+                    "minute"
+                };
+                (time, tables[1], cond)
+            }
+        }
+    }
+}
+
+/// The period of a series row (column 0, as [`Filter::series_source`] selects it) in
+/// seconds since the epoch.
+pub(crate) fn series_time(
+    r: &crate::store::sql::Row,
+    step: Step,
+    table: &str,
+) -> Result<i64, StoreError> {
+    match step {
+        Step::Day => r
+            .text(0)?
+            .parse::<chrono::NaiveDate>()
+            .map(day_start)
+            .map_err(|e| StoreError::Corrupt(format!("{table}.day: {e}"))),
+        _ => r.int(0),
     }
 }
 
@@ -932,26 +979,8 @@ impl Store {
             Box::pin(async move {
                 let sum = |c| capped_sum(tx.is_postgres(), c);
                 let mut params = Vec::new();
-                let (time, table, cond) = match step {
-                    Step::Day => (
-                        "day",
-                        "day_totals",
-                        filter.conditions("day", false, &mut params),
-                    ),
-                    Step::Minute | Step::Hour => {
-                        let mut cond = filter.conditions("minute", true, &mut params);
-                        if let Some(since) = since {
-                            params.push(Value::from(since));
-                            cond.push_str(&format!(" AND minute >= ?{}", params.len()));
-                        }
-                        let time = if step == Step::Hour {
-                            "minute - (minute % 3600)"
-                        } else {
-                            "minute"
-                        };
-                        (time, "minute_totals", cond)
-                    }
-                };
+                let (time, table, cond) =
+                    filter.series_source(step, since, ["day_totals", "minute_totals"], &mut params);
                 let sql = format!(
                     "SELECT {time} AS t, {}, {}, {} FROM {table} WHERE 1 = 1{cond}
                      GROUP BY t ORDER BY t",
@@ -961,14 +990,7 @@ impl Store {
                 );
                 let mut out = Vec::new();
                 for r in tx.query(&sql, &params).await? {
-                    let minute = match step {
-                        Step::Day => r
-                            .text(0)?
-                            .parse::<chrono::NaiveDate>()
-                            .map(day_start)
-                            .map_err(|e| StoreError::Corrupt(format!("day_totals.day: {e}")))?,
-                        _ => r.int(0)?,
-                    };
+                    let minute = series_time(&r, step, table)?;
                     out.push(MinutePoint {
                         minute,
                         visits: r.count(1)?,

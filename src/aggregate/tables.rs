@@ -246,6 +246,8 @@ pub struct CountsFlush {
     /// The same counts per day, hour and minute and per slice (site, country, visitor
     /// type): what filters read ([`super::rollups`]).
     pub rollups: super::rollups::Rollups,
+    /// Visits closed in this flush ([`crate::sessions`]).
+    pub visits: crate::aggregate::visits::VisitsFlush,
 }
 
 const AMOUNTS: [(&str, Ty, Merge); 3] = [
@@ -349,6 +351,7 @@ impl Results for CountsFlush {
             |d| (d.dimension.clone(), d.hour, d.value.clone()),
             suspicious,
         ) + self.rollups.quarantine(&suspicious)
+            + self.visits.quarantine(&suspicious)
     }
 }
 
@@ -412,6 +415,7 @@ impl CountsFlush {
         if !self.uniques.is_empty() {
             self.merge_uniques(tx).await?;
         }
+        self.visits.write_in(tx, self.prune_minutes_before).await?;
         self.rollups
             .write_in(
                 tx,

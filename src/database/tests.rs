@@ -96,6 +96,7 @@ async fn flush_is_atomic_and_fenced(url: &str) {
         ]),
         identities: HashMap::from([(0, TopicIdentity::default()), (1, TopicIdentity::default())]),
         event_clocks: HashMap::new(),
+        state: HashMap::new(),
     };
     assert_eq!(store.load_positions("g", "t").await.unwrap(), expected);
     assert_eq!(
@@ -130,6 +131,7 @@ async fn flush_is_atomic_and_fenced(url: &str) {
             (1, TopicIdentity::default()),
         ]),
         event_clocks: HashMap::new(),
+        state: HashMap::new(),
     };
     // Reopening keeps everything (migrations are idempotent).
     drop(store);

@@ -190,6 +190,10 @@ pub fn source_of_message(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<So
         .or_else(|| source_of_headers(m.headers()))
 }
 
+/// Reading the stored state of the partitions being positioned (up to a million open visits
+/// per aggregator): longer counts as a failed attempt, retried with backoff.
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Why positioning could not be done now (it is retried).
 #[derive(Debug, thiserror::Error)]
 enum PositionError {
@@ -450,9 +454,18 @@ impl<A: Accumulator + Send + Sync + 'static> GroupMember<A> {
             source_topic_id: ids.get(RAW_TOPIC).cloned().flatten(),
         };
         let load = self.store.load_positions(&self.group, &self.topic);
-        let stored = tokio::select! {
+        let mut stored = tokio::select! {
             _ = self.shutdown.cancelled() => return Err(PositionError::Shutdown),
             r = tokio::time::timeout(LOOKUP_TIMEOUT, load) => r.unwrap_or(Err(StoreError::Timeout(LOOKUP_TIMEOUT)))?,
+        };
+        // State that outlives a flush (open visits) is read only for the partitions being
+        // positioned; it can be large.
+        let state = self
+            .store
+            .load_partition_state(&self.group, &self.topic, due);
+        stored.state = tokio::select! {
+            _ = self.shutdown.cancelled() => return Err(PositionError::Shutdown),
+            r = tokio::time::timeout(STATE_TIMEOUT, state) => r.unwrap_or(Err(StoreError::Timeout(STATE_TIMEOUT)))?,
         };
         let mut log_ends = HashMap::new();
         for &p in due {

@@ -191,6 +191,7 @@ mod tests {
                 .map(|i| HashMap::from([(0, i)]))
                 .unwrap_or_default(),
             event_clocks: HashMap::new(),
+            state: HashMap::new(),
         }
     }
 

@@ -297,6 +297,7 @@ impl<A: Accumulator> Tally<A> {
                 identity: identity.clone(),
                 lost: lost.iter().map(|l| l.1).sum(),
                 clocks: Vec::new(),
+                state: Vec::new(),
                 data_error: None,
                 results: Default::default(),
             },
@@ -343,6 +344,12 @@ impl<A: Accumulator> Tally<A> {
         if self.partitions.contains_key(&partition) {
             self.assign(partition, stored, sources);
         }
+    }
+
+    /// Every owned partition's accumulator (state a group changes outside a message: open
+    /// visits closed before a flush).
+    pub fn accumulators_mut(&mut self) -> impl Iterator<Item = (i32, &mut A)> {
+        self.partitions.iter_mut().map(|(&p, t)| (p, &mut t.counts))
     }
 
     /// Owned partitions, sorted.

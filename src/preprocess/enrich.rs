@@ -6,7 +6,7 @@ use super::geo::GeoDb;
 use super::useragent::UaParser;
 use crate::countries::CountryCode;
 use crate::event::policy::{bounded, bounded_cow, request_time_us, response_bytes};
-use crate::event::{PageView, Source, rfc3339_seconds, visitor_hex, visitor_id};
+use crate::event::{PageView, Source, client_id, rfc3339_seconds, visitor_hex, visitor_id};
 use crate::format::{LogFormat, ParseError};
 
 /// Everything needed to turn a line into an event; one per preprocessor, shared by threads.
@@ -85,6 +85,7 @@ impl Enricher {
             day,
             line.user_agent.as_deref().unwrap_or(""),
         ));
+        let client_hex = visitor_hex(client_id(ip, line.user_agent.as_deref().unwrap_or("")));
         let view = PageView {
             time: Cow::Borrowed(stamp.as_str()),
             ip: bounded(ip),
@@ -103,6 +104,7 @@ impl Enricher {
             request_time_us: line.request_time_us.map(request_time_us),
             // Hex digits only.
             visitor: std::str::from_utf8(&visitor).ok().map(Cow::Borrowed),
+            client: std::str::from_utf8(&client_hex).ok().map(Cow::Borrowed),
             source,
         };
         view.write_json(json);

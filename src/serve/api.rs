@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AppState, csv};
 use crate::aggregate::dimensions::{ALL_COUNTRIES, Dimension, Metric};
-use crate::aggregate::rollups::{Filter, Step, Visitors, day_start};
+use crate::aggregate::rollups::{Filter, Step, Visitors, day_of, day_start};
 use crate::aggregate::tables::{DimensionCounts, MinutePoint, UniqueCount, ValueCount};
 use crate::countries::country_name;
 use crate::sketch::{HLL_STANDARD_ERROR, bucket_range, quantile};
@@ -139,6 +139,9 @@ pub struct TimePoint {
     pub visits: u64,
     pub bytes: u64,
     pub humans: u64,
+    /// Visits (sessions) whose first page request is in this step.
+    #[serde(default)]
+    pub sessions: u64,
 }
 
 /// `GET /api/uniques`: unique visitors (same address, day and User-Agent) per day.
@@ -244,6 +247,9 @@ pub struct Dashboard {
     pub previous_from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_to: Option<String>,
+    /// Visits under the same filter (`null` when the database cannot say).
+    #[serde(default)]
+    pub sessions: Option<super::visits::SessionsResponse>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -331,7 +337,7 @@ impl FilterQuery {
 
     /// The filter and the output, or a 400.
     #[allow(clippy::result_large_err)]
-    fn parse(&self) -> Result<(Filter, Output), Response> {
+    pub(super) fn parse(&self) -> Result<(Filter, Output), Response> {
         match (self.filter(), self.output()) {
             (Ok(f), Ok(o)) => Ok((f, o)),
             (Err(e), _) | (_, Err(e)) => Err(bad_request(e)),
@@ -389,7 +395,7 @@ impl FilterQuery {
 }
 
 /// A database error as the API reports it: 503, the reason in the body.
-fn unavailable(err: StoreError) -> Response {
+pub(super) fn unavailable(err: StoreError) -> Response {
     tracing::warn!(%err, "cannot read counts");
     (
         StatusCode::SERVICE_UNAVAILABLE,
@@ -474,7 +480,7 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 /// With `compare=previous`: `filter` over its days (every day counted when it has none) and
 /// the same filter over the period of the same length just before; `None` without compare
 /// or before anything is counted.
-async fn compared(
+pub(super) async fn compared(
     store: &Store,
     filter: &Filter,
     out: Output,
@@ -809,7 +815,7 @@ pub(super) async fn timeseries(
 
 /// Whether `filter` asks for more than one country (which the per-country running totals
 /// answer as they always have).
-fn filter_beyond_country(filter: &Filter) -> bool {
+pub(super) fn filter_beyond_country(filter: &Filter) -> bool {
     !Filter {
         country: None,
         ..filter.clone()
@@ -834,6 +840,7 @@ async fn series_of(
         visits: p.visits,
         bytes: p.bytes,
         humans: p.humans,
+        sessions: 0,
     };
     let (first_day, last_day, oldest_minute) = store.rollup_extent().await?;
     // All time is a range too: the whole extent, in the step its length allows.
@@ -895,16 +902,34 @@ async fn series_of(
         (Step::Minute, from, latest + 60, points)
     };
     let stored: HashMap<i64, MinutePoint> = stored.into_iter().map(|p| (p.minute, p)).collect();
+    // Visits (sessions) started per step, beside the requests.
+    let since = (step != Step::Day).then_some(from);
+    let sessions: HashMap<i64, u64> = if crate::aggregate::visits::may_have_visits(filter) {
+        let mut range = filter.clone();
+        if let (true, Some(first), Some(last)) = (ranged, day_of(from), day_of(until - 1)) {
+            range = range.with_days(first, last);
+        }
+        store
+            .visit_series(&range, step, since)
+            .await?
+            .into_iter()
+            .collect()
+    } else {
+        HashMap::new()
+    };
     let points = (0..)
         .map(|i| from + step.seconds() * i)
         .take_while(|t| *t < until)
         .map(|t| {
-            stored.get(&t).map(point).unwrap_or_else(|| TimePoint {
+            let mut p = stored.get(&t).map(point).unwrap_or_else(|| TimePoint {
                 time: rfc3339(t),
                 visits: 0,
                 bytes: 0,
                 humans: 0,
-            })
+                sessions: 0,
+            });
+            p.sessions = sessions.get(&t).copied().unwrap_or(0);
+            p
         })
         .collect();
     Ok(TimeseriesResponse {
@@ -934,6 +959,7 @@ async fn timeseries_of(
         visits: p.visits,
         bytes: p.bytes,
         humans: p.humans,
+        sessions: 0,
     };
     let points = match (latest, minutes) {
         (None, _) => Vec::new(),
@@ -959,6 +985,7 @@ async fn timeseries_of(
                         visits: 0,
                         bytes: 0,
                         humans: 0,
+                        sessions: 0,
                     })
                 })
                 .collect()
@@ -1071,6 +1098,9 @@ pub async fn dashboard(
         };
         compare_panel(panel, &before);
     }
+    if let (Some(s), Some(p)) = (&mut d.sessions, prev.sessions) {
+        s.previous = Some(Box::new(p));
+    }
     d.previous_totals = Some(prev.totals);
     d.previous_from = before.from.map(|d| d.to_string());
     d.previous_to = before.to.map(|d| d.to_string());
@@ -1166,6 +1196,7 @@ async fn dashboard_under(store: &Store, filter: &Filter) -> Result<Dashboard, St
         previous_totals: None,
         previous_from: None,
         previous_to: None,
+        sessions: Some(super::visits::sessions_under(store, filter).await?),
     };
     extent(store, &mut d).await?;
     Ok(d)
@@ -1278,6 +1309,7 @@ async fn dashboard_all(store: &Store) -> Result<Dashboard, StoreError> {
         previous_totals: None,
         previous_from: None,
         previous_to: None,
+        sessions: Some(super::visits::sessions_under(store, &Filter::default()).await?),
     })
 }
 
@@ -1431,7 +1463,7 @@ async fn uniques_under(
     })
 }
 
-async fn filtered_histogram_of(
+pub(super) async fn filtered_histogram_of(
     store: &Store,
     metric: Metric,
     filter: &Filter,
@@ -1503,7 +1535,7 @@ pub(super) async fn histogram(
     }
 }
 
-async fn histogram_of(
+pub(super) async fn histogram_of(
     store: &Store,
     metric: Metric,
     scope: &str,

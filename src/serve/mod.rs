@@ -15,6 +15,7 @@ pub mod csv;
 pub(crate) mod guard;
 pub mod live;
 pub mod pipeline;
+pub mod visits;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -133,6 +134,7 @@ pub fn router(
         .route("/api/events", get(live::events))
         .route("/api/pipeline", get(pipeline::pipeline))
         .route("/api/alerts", get(api::alerts))
+        .route("/api/sessions", get(visits::handler))
         .route("/metrics", get(pipeline::metrics))
         .route("/healthz", get(healthz))
         .with_state(state)

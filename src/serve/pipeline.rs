@@ -503,6 +503,38 @@ async fn metrics_text(state: &AppState) -> Result<String, StoreError> {
             label(reason)
         );
     }
+    let visits = super::visits::sessions_under(&state.store, &Default::default()).await?;
+    for (metric, kind, help, n) in [
+        (
+            "pageviews_open_visits",
+            "gauge",
+            "Visitors with a visit still open, as of the aggregators' last flushes.",
+            visits.open,
+        ),
+        (
+            "pageviews_sessions_total",
+            "counter",
+            "Closed visits (sessions).",
+            visits.visits,
+        ),
+        (
+            "pageviews_late_page_requests_total",
+            "counter",
+            "Page requests later than --session-lateness, left out of visits.",
+            visits.late,
+        ),
+        (
+            "pageviews_visits_closed_early_total",
+            "counter",
+            "Visits closed early because --max-open-visits was reached.",
+            visits.closed_early,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {n}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP pageviews_flushes_total Committed flush transactions, by consumer group.\n# TYPE pageviews_flushes_total counter"

@@ -99,6 +99,16 @@ pub const SCHEMA: Schema = Schema {
         "CREATE TABLE IF NOT EXISTS lost_messages (
             consumer_group TEXT PRIMARY KEY,
             lost BIGINT NOT NULL)",
+        // State a group keeps per partition beyond a flush (the aggregator's open visits),
+        // as opaque rows (key, value) written by the same transaction as the offsets and read
+        // back when the partition is assigned.
+        "CREATE TABLE IF NOT EXISTS partition_state (
+            consumer_group TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            \"partition\" INTEGER NOT NULL,
+            state_key BYTEA NOT NULL,
+            state_value BYTEA NOT NULL,
+            PRIMARY KEY (consumer_group, topic, \"partition\", state_key))",
     ],
     columns: &[
         (
@@ -160,6 +170,16 @@ pub const SCHEMA: Schema = Schema {
         (
             "lost_messages",
             &[("consumer_group", SqlType::Text), ("lost", SqlType::BigInt)],
+        ),
+        (
+            "partition_state",
+            &[
+                ("consumer_group", SqlType::Text),
+                ("topic", SqlType::Text),
+                ("partition", SqlType::Integer),
+                ("state_key", SqlType::Bytes),
+                ("state_value", SqlType::Bytes),
+            ],
         ),
     ],
 };
@@ -407,6 +427,19 @@ pub struct PartitionClock {
     pub caught_up_since: Option<i64>,
 }
 
+/// Stored state rows (key, value) per partition.
+pub type PartitionState = HashMap<i32, Vec<(Vec<u8>, Vec<u8>)>>;
+
+/// One row of a partition's state (`partition_state`): set to `value`, or deleted when it is
+/// `None`. Only partitions whose offsets the same flush moves (or rewrites) may have rows, so
+/// they are fenced by the same compare-and-set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateRow {
+    pub partition: i32,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
 /// What a group writes into a flush's transaction besides its positions: its own rows, in
 /// its own tables.
 pub trait Results: Clone + Default + Send + Sync + 'static {
@@ -454,6 +487,9 @@ pub struct FlushBatch<R = ()> {
     pub identity: TopicIdentity,
     /// Event-time clocks of the flushed partitions (groups that keep a watermark).
     pub clocks: Vec<PartitionClock>,
+    /// State rows of the flushed partitions that changed since the last flush (see
+    /// [`StateRow`]).
+    pub state: Vec<StateRow>,
     /// Messages of `topic` the group found gone from the broker (deleted by its retention
     /// before they were read) since its last flush: added to `lost_messages` by the same
     /// transaction as the offsets that moved past them, so each is counted once.
@@ -519,6 +555,17 @@ const CLOCKS: Upsert = Upsert {
         ("clock", Ty::Int8, Merge::Replace),
         ("caught_up_since", Ty::Int8, Merge::Replace),
     ],
+};
+
+const STATE: Upsert = Upsert {
+    table: "partition_state",
+    keys: &[
+        ("consumer_group", Ty::Text),
+        ("topic", Ty::Text),
+        ("\"partition\"", Ty::Int4),
+        ("state_key", Ty::Bytes),
+    ],
+    values: &[("state_value", Ty::Bytes, Merge::Replace)],
 };
 
 const FLUSH_STAT: Upsert = Upsert {
@@ -618,11 +665,29 @@ pub async fn flush_in<R: Results>(
             r
         })
         .collect();
+    let (set, deleted): (Vec<&StateRow>, Vec<&StateRow>) =
+        batch.state.iter().partition(|r| r.value.is_some());
+    let set = set
+        .into_iter()
+        .map(|s| {
+            let mut r = row(s.partition);
+            r.extend(args![s.key.clone(), s.value.clone()]);
+            r
+        })
+        .collect();
     // Independent tables: sent together (pipelined on PostgreSQL).
     futures::try_join!(
         tx.upsert(&WATERMARKS, watermarks),
         tx.upsert(&TOPIC_IDS, topic_ids),
         tx.upsert(&CLOCKS, clocks),
+        tx.upsert(&STATE, set),
+        futures::future::try_join_all(deleted.into_iter().map(|s| async move {
+            tx.execute(
+                "DELETE FROM partition_state WHERE consumer_group = ?1 AND topic = ?2 AND \"partition\" = ?3 AND state_key = ?4",
+                &args![group, topic, s.partition, s.key.clone()],
+            )
+            .await
+        })),
     )?;
     batch.results.write(tx, group, topic).await?;
     if let Some(error) = &batch.data_error {
@@ -650,6 +715,9 @@ pub struct StoredPositions {
     pub identities: HashMap<i32, TopicIdentity>,
     /// events partition → its event-time clock (groups that keep one).
     pub event_clocks: HashMap<i32, i64>,
+    /// events partition → its state rows (key, value), read only for the partitions being
+    /// positioned ([`Store::load_partition_state`]).
+    pub state: PartitionState,
 }
 
 impl StoredPositions {
@@ -816,6 +884,39 @@ impl Store {
         let (group, topic) = (group.to_owned(), topic.to_owned());
         self.read(reading(move |tx| {
             Box::pin(async move { positions_in(&tx, &group, &topic).await })
+        }))
+        .await
+    }
+
+    /// The state rows (`partition_state`) of `group`'s `partitions` of `topic`.
+    pub async fn load_partition_state(
+        &self,
+        group: &str,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<PartitionState, StoreError> {
+        let (group, topic, partitions) = (group.to_owned(), topic.to_owned(), partitions.to_vec());
+        self.read(reading(move |tx| {
+            Box::pin(async move {
+                let mut out: PartitionState = HashMap::new();
+                for p in partitions {
+                    let rows = tx
+                        .query(
+                            "SELECT state_key, state_value FROM partition_state
+                             WHERE consumer_group = ?1 AND topic = ?2 AND \"partition\" = ?3",
+                            &args![group.as_str(), topic.as_str(), p],
+                        )
+                        .await?;
+                    let rows = rows
+                        .iter()
+                        .map(|r| Ok((r.blob(0)?, r.blob(1)?)))
+                        .collect::<Result<Vec<_>, StoreError>>()?;
+                    if !rows.is_empty() {
+                        out.insert(p, rows);
+                    }
+                }
+                Ok(out)
+            })
         }))
         .await
     }
