@@ -43,8 +43,8 @@ fn main() {
     for v in 0..visitors {
         let r = PageRequest {
             visitor: v.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            // Spread over 25 minutes: every visit stays open.
-            time: t0 + (v % 1500) as i64,
+            // In time order over 25 minutes: every visit stays open.
+            time: t0 + (v * 1500 / visitors) as i64,
             path: &paths[(v % 1000) as usize],
             site: "",
             country,
@@ -59,14 +59,14 @@ fn main() {
         s.open(),
         add.as_nanos() as f64 / visitors as f64,
         grown as f64 / 1e6,
-        grown as f64 / visitors as f64
+        grown as f64 / s.open().max(1) as f64
     );
     // A second request for every visitor (a page view within its visit).
     let started = Instant::now();
     for v in 0..visitors {
         let r = PageRequest {
             visitor: v.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            time: t0 + 1500 + (v % 60) as i64,
+            time: t0 + 1500 + (v * 60 / visitors) as i64,
             path: &paths[((v + 1) % 1000) as usize],
             site: "",
             country,
@@ -87,7 +87,7 @@ fn main() {
         .sum();
     println!(
         "stored form: {:.0} bytes per visitor ({:.1} MB), encoded in {:.0} ms",
-        stored as f64 / visitors as f64,
+        stored as f64 / flush.rows.len().max(1) as f64,
         stored as f64 / 1e6,
         started.elapsed().as_secs_f64() * 1e3
     );
