@@ -195,8 +195,8 @@ pub struct AggregateArgs {
     pub flush_interval: Duration,
     /// What to count besides countries, comma-separated: country, continent, browser, os,
     /// device, visitor_type, path, static_path, not_found, referrer, status, status_class,
-    /// hour, vhost, host; `default` is all but host (client addresses are personal data),
-    /// `all` includes it.
+    /// hour, vhost, host, entry_page, exit_page (the last two count visits); `default` is
+    /// all but host (client addresses are personal data), `all` includes it.
     #[arg(long, default_value = "default", value_parser = parse_dimension_list)]
     pub dimensions: DimensionList,
     /// Distinct values kept per dimension, partition and flush interval; the rest is counted

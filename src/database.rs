@@ -35,6 +35,7 @@ impl Store {
                     .to_owned(),
             });
         }
+        store.make_visit_salt().await?;
         Ok(store)
     }
 }

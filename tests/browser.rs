@@ -205,6 +205,19 @@ async fn the_dashboard_in_a_real_browser() {
         )
         .await;
     }
+    // The visits panel shows /api/sessions' figures (the visits of this hour are still open)
+    // and the time series draws the visits started as a line.
+    let open = until(
+        &client,
+        "return fetch('/api/sessions').then(r => r.json()).then(j =>
+           j.open > 0 && document.getElementById('visits-open').textContent.replace(/,/g, '') === String(j.open)
+             && document.getElementById('visits-count').textContent === String(j.visits)
+             && document.querySelector('#timeseries polyline.sessions') !== null ? j.open : null)",
+        Duration::from_secs(30),
+        "the visits panel shows the open visits",
+    )
+    .await;
+    assert!(open.as_u64().is_some_and(|n| n > 0), "{open}");
     // The panels over the last 24 hours (all of this input is in one hour): the same rows.
     let all_time = client
         .execute(

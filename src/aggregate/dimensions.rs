@@ -281,7 +281,7 @@ pub(crate) fn path_of(path: &str) -> &str {
 
 /// Files GoAccess counts as static requests (its default extension list, plus modern web
 /// fonts and images), by extension, case-insensitively.
-pub(crate) fn is_static(path: &str) -> bool {
+pub fn is_static(path: &str) -> bool {
     const EXTENSIONS: &[&str] = &[
         "css", "js", "mjs", "map", "jpg", "jpeg", "png", "gif", "ico", "svg", "webp", "avif",
         "bmp", "tif", "tiff", "woff", "woff2", "ttf", "otf", "eot", "mp3", "mp4", "ogg", "webm",
@@ -1100,6 +1100,9 @@ mod tests {
                 ("hour", s("09")),
                 ("vhost", None),
                 ("host", s("81.2.69.142")),
+                // Counted per visit, when it closes.
+                ("entry_page", None),
+                ("exit_page", None),
             ]
         );
         let mut bot = event("/about", 200, None);

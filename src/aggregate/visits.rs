@@ -254,8 +254,10 @@ pub struct VisitCounters {
 }
 
 impl Store {
-    /// The installation's salt for visitor keys, made (random) at the first call.
-    pub async fn visit_salt(&self) -> Result<(u64, u64), StoreError> {
+    /// Makes the installation's salt for visitor keys (random) unless it exists: when the
+    /// database is opened, so that an aggregator only reads it (a database another process
+    /// holds locked for writing can still be read).
+    pub async fn make_visit_salt(&self) -> Result<(), StoreError> {
         let (k0, k1): (u64, u64) = (rand::random(), rand::random());
         self.write(crate::store::writing(move |tx| {
             Box::pin(async move {
@@ -264,17 +266,34 @@ impl Store {
                     &args![k0 as i64, k1 as i64],
                 )
                 .await?;
-                let r = tx
-                    .query_opt("SELECT k0, k1 FROM visit_salt WHERE id = 1", &[])
-                    .await?
-                    .ok_or_else(|| StoreError::Corrupt("visit_salt has no row".into()))?;
-                Ok(crate::store::Done::Commit((
-                    r.int(0)? as u64,
-                    r.int(1)? as u64,
-                )))
+                Ok(crate::store::Done::Commit(()))
             })
         }))
         .await
+    }
+
+    /// The installation's salt for visitor keys.
+    pub async fn visit_salt(&self) -> Result<(u64, u64), StoreError> {
+        let read = || {
+            self.read(reading(|tx| {
+                Box::pin(async move {
+                    match tx
+                        .query_opt("SELECT k0, k1 FROM visit_salt WHERE id = 1", &[])
+                        .await?
+                    {
+                        Some(r) => Ok(Some((r.int(0)? as u64, r.int(1)? as u64))),
+                        None => Ok(None),
+                    }
+                })
+            }))
+        };
+        if let Some(salt) = read().await? {
+            return Ok(salt);
+        }
+        self.make_visit_salt().await?;
+        read()
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("visit_salt has no row".into()))
     }
 
     /// Closed visits under `filter` (a filter on bots finds none).

@@ -128,7 +128,18 @@ mod tests {
         assert_eq!(out.country.as_str(), "US");
         assert_eq!(
             String::from_utf8(out.json).unwrap(),
-            r#"{"time":"2000-10-10T20:55:36Z","ip":"8.8.8.8","country_code":"US","browser":"Googlebot","browser_version":"","os":"UNKNOWN","device":"bot","is_bot":true,"method":"GET","path":"/a?b=1","status":200,"bytes":512,"referrer":"https://ref.example/","visitor":"b77d20ad7e342e0c"}"#
+            r#"{"time":"2000-10-10T20:55:36Z","ip":"8.8.8.8","country_code":"US","browser":"Googlebot","browser_version":"","os":"UNKNOWN","device":"bot","is_bot":true,"method":"GET","path":"/a?b=1","status":200,"bytes":512,"referrer":"https://ref.example/","visitor":"b77d20ad7e342e0c","client":"2c6127988844e6d9"}"#
+        );
+        // The client as visits know it: address and User-Agent, any day.
+        assert_eq!(
+            format!(
+                "{:016x}",
+                crate::event::client_id(
+                    "8.8.8.8",
+                    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+                )
+            ),
+            "2c6127988844e6d9"
         );
         // The visitor id: address, day and User-Agent as logged.
         assert_eq!(

@@ -169,6 +169,30 @@ pub fn start_preprocessor(c: &Cluster, stats: Arc<PreprocessStats>) -> Stage {
 }
 
 pub fn start_aggregator(c: &Cluster, flush: Duration) -> (Stage, Arc<AggregateStats>) {
+    let (stage, stats, _) = start_aggregator_with(
+        c,
+        flush,
+        aggregate::VisitSettings {
+            gap: 1800,
+            lateness: 600,
+            max_open: 1_000_000,
+        },
+    );
+    (stage, stats)
+}
+
+/// An aggregator whose visits are cut and bounded as `visits` says; setting the flag it
+/// returns closes every open visit at the next flush (the end of the input).
+pub fn start_aggregator_with(
+    c: &Cluster,
+    flush: Duration,
+    visits: aggregate::VisitSettings,
+) -> (
+    Stage,
+    Arc<AggregateStats>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
+    let close = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let config = AggregateConfig {
         kafka: c.kafka.clone(),
         store: c.store.clone(),
@@ -180,18 +204,14 @@ pub fn start_aggregator(c: &Cluster, flush: Duration) -> (Stage, Arc<AggregateSt
         minute_retention: None,
         keep_values: 1 << 20,
         max_future: std::time::Duration::from_secs(86_400),
-        visits: Some(aggregate::VisitSettings {
-            gap: 1800,
-            lateness: 600,
-            max_open: 1_000_000,
-        }),
-        close_visits: None,
+        visits: Some(visits),
+        close_visits: Some(Arc::clone(&close)),
     };
     let stats = Arc::new(AggregateStats::default());
     let (st, stop) = (Arc::clone(&stats), CancellationToken::new());
     let s = stop.clone();
     let handle = tokio::spawn(async move { aggregate::run(config, st, s).await.unwrap() });
-    (Stage { stop, handle }, stats)
+    (Stage { stop, handle }, stats, close)
 }
 
 /// Country per line computed independently of the pipeline: first field → mmdb → code.
