@@ -24,6 +24,7 @@ use crate::import::input_format::FormatArgs;
 use crate::import::{self, ImportConfig};
 use crate::kafka;
 use crate::preprocess::{self, PreprocessStats};
+use crate::run::RunArgs;
 use crate::serve;
 
 /// Live visitor statistics from web-server access logs, through Kafka.
@@ -38,8 +39,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Everything in one process: embedded broker, topics, generator (or --input files),
-    /// preprocessor, aggregator and the dashboard.
+    /// The whole pipeline in one process on real logs: the durable embedded broker (or
+    /// --brokers), the database, the importer (--follow: across rotation), preprocessors,
+    /// the aggregator, alerters and the dashboard; resumes where it stopped.
+    Run(Box<RunArgs>),
+    /// The statistics as one file: -o report.html (opens offline), report.json, report.csv
+    /// or - (stdout); --input counts logs first, like `goaccess access.log -o report.html`.
+    Report(Box<crate::report::ReportArgs>),
+    /// `run` fed by generated traffic (or --input files, read whole each time): the quick
+    /// start.
     Demo(Box<DemoArgs>),
     /// The embedded Kafka-compatible broker alone, for multi-process setups.
     Broker {
@@ -157,6 +165,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let common = cli.common;
     match cli.command {
         Command::Demo(args) => demo::run(&common, *args, shutdown_on_signal()).await,
+        Command::Run(args) => crate::run::run(&common, *args, shutdown_on_signal()).await,
+        Command::Report(args) => crate::report::run(&common, *args, shutdown_on_signal()).await,
         Command::Broker { listen, storage } => {
             let broker_storage = storage.broker_storage;
             let broker = EmbeddedBroker::start_with_retention(

@@ -53,7 +53,10 @@
 //!   [`serve::csv`]), pipeline health and `/metrics` ([`serve::pipeline`]).
 //! - [`kafka`]: the one place that knows topic/group names and client settings;
 //!   [`broker`]: the embedded Kafka-compatible broker (tansu) for one machine.
-//! - [`generate`]: deterministic realistic log lines; [`demo`]: everything in one process.
+//! - [`run`]: every stage in one process for one real server (`pageviews run`, following the
+//!   logs, resuming exactly after a kill); [`demo`]: the same fed by [`generate`]'s
+//!   deterministic realistic log lines; [`report`]: the statistics as one self-contained
+//!   HTML, JSON or CSV file.
 //! - [`secrets`]: the one place that redacts URLs (database, SMTP, webhook) for output.
 //! - [`cli`]: the command line; [`args`]: its options, one struct per stage, flattened into
 //!   the stage's command and into `demo`.
@@ -73,6 +76,8 @@ pub mod import;
 pub mod kafka;
 pub(crate) mod positions;
 pub mod preprocess;
+pub mod report;
+pub mod run;
 pub(crate) mod secrets;
 pub mod serve;
 pub mod sessions;

@@ -4,8 +4,10 @@
 //! reload (pushed after each flush), that every panel has rows, that the lag table lists the
 //! partitions, that markup in log lines reaches the page as text and runs nothing, and the
 //! filters: a click on a country filters every panel, the URL reproduces the view, the
-//! comparison with the previous period shows, clearing restores everything. It
-//! saves a screenshot (`PAGEVIEWS_SCREENSHOT=path`, else under the target directory).
+//! comparison with the previous period shows, clearing restores everything; the world map's
+//! shapes carry their counts and filter on click; an alert raised while the page is open
+//! appears on it. It saves a screenshot (`PAGEVIEWS_SCREENSHOT=path`, else under the target
+//! directory). A second test opens a report file (`pageviews report -o report.html`) offline.
 
 mod common;
 
@@ -67,12 +69,25 @@ fn start_driver() -> Driver {
 }
 
 async fn browser(port: u16) -> Client {
+    browser_with(port, &[]).await
+}
+
+/// A session with more Chromium arguments.
+async fn browser_with(port: u16, extra: &[&str]) -> Client {
+    let mut args = vec![
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,2600",
+    ];
+    args.extend_from_slice(extra);
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
         json!({
             "binary": "/usr/bin/chromium",
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,2600"]
+            "args": args
         }),
     );
     // Plain HTTP: chromedriver listens on loopback.
@@ -100,6 +115,49 @@ async fn until(client: &Client, script: &str, patience: Duration, what: &str) ->
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A `pageviews alert` process, killed on drop.
+struct Alerter(Child);
+
+impl Drop for Alerter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A webhook receiver that accepts everything.
+async fn webhook() -> std::net::SocketAddr {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(|| async { axum::http::StatusCode::OK }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// Visits of `country` in `lines`, as the .mmdb says.
+fn expected_top(lines: &[Vec<u8>], country: &str) -> u64 {
+    expected_counts(lines.iter().map(Vec::as_slice))
+        .get(country)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// `12345` → `12,345`, as the page writes numbers.
+fn format_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 /// The number in an element's text (`12,345` → 12345).
@@ -311,8 +369,118 @@ async fn the_dashboard_in_a_real_browser() {
         .unwrap();
     assert_eq!(
         ran,
-        json!(["undefined", 0, 1]),
-        "injected markup ran or was parsed"
+        json!(["undefined", 0, 2]),
+        "injected markup ran or was parsed (the scripts are the page's and the map's data)"
+    );
+
+    // The map: the top country's shape carries its count (attribute, and the title that
+    // screen readers and hovering show), and hovering writes it under the map.
+    let top_visits = expected_top(&first[..first.len() - 1], &top_country);
+    let shape = until(
+        &client,
+        &format!(
+            "const p = document.querySelector('#map path[data-code=\"{top_country}\"]');
+             return p && p.dataset.visits === '{top_visits}' ? p.querySelector('title').textContent : null"
+        ),
+        Duration::from_secs(10),
+        "the top country's shape carries its count",
+    )
+    .await;
+    let formatted = format_thousands(top_visits);
+    assert!(
+        shape
+            .as_str()
+            .unwrap()
+            .contains(&format!("({top_country}): {formatted} visits")),
+        "{shape}"
+    );
+    let hovered = client
+        .execute(
+            &format!(
+                "const p = document.querySelector('#map path[data-code=\"{top_country}\"]');
+                 p.dispatchEvent(new MouseEvent('mouseenter'));
+                 return document.getElementById('map-info').textContent"
+            ),
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(hovered, shape, "hovering shows the count");
+    assert!(
+        client
+            .execute(
+                "return document.querySelectorAll('#map path').length",
+                vec![]
+            )
+            .await
+            .unwrap()
+            .as_u64()
+            .unwrap()
+            > 150
+    );
+
+    // The alerts panel: an alerter started now raises an alert for the top country's
+    // one-minute windows; it appears on the open page, delivered, without a reload.
+    client
+        .execute("window.__beforeAlerts = true", vec![])
+        .await
+        .unwrap();
+    let hook = webhook().await;
+    let rules = c.dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        format!(
+            "[[rule]]\nname = \"busy-country\"\nkind = \"country_visits\"\ncountry = \"{top_country}\"\nabove = 1\nwindow = \"1m\"\n"
+        ),
+    )
+    .unwrap();
+    let _alerter = Alerter(
+        Command::new(bin())
+            .args(["alert", "--brokers", &c.broker.bootstrap()])
+            .arg("--database")
+            .arg(format!("sqlite://{}/stats.db", c.dir.path().display()))
+            .arg("--data-dir")
+            .arg(c.dir.path())
+            .arg("--rules")
+            .arg(&rules)
+            .args(["--webhook", &format!("http://{hook}/hook")])
+            .args([
+                "--lateness",
+                "5s",
+                "--idle-timeout",
+                "1s",
+                "--alert-interval",
+                "300ms",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let alert = until(
+        &client,
+        "return fetch('/api/alerts').then(r => r.json()).then(j => {
+           const a = j.groups.flatMap(g => g.alerts).filter(a => a.delivered);
+           const rows = [...document.querySelectorAll('#alerts tbody tr')];
+           const row = a.length ? rows.find(r => r.dataset.id === a[0].id) : null;
+           return row && row.cells[0].textContent === 'busy-country'
+             && row.cells[2].textContent === a[0].subject
+             && row.cells[5].textContent.startsWith('yes, ') ? a[0].id : null; })",
+        Duration::from_secs(60),
+        "a delivered alert is on the page",
+    )
+    .await;
+    assert!(
+        alert.as_str().unwrap().starts_with("busy-country/"),
+        "{alert}"
+    );
+    assert_eq!(
+        client
+            .execute("return window.__beforeAlerts === true", vec![])
+            .await
+            .unwrap(),
+        json!(true),
+        "the alert came without a reload"
     );
 
     // Second batch: the totals grow on the open page, without a reload.
@@ -439,6 +607,41 @@ async fn the_dashboard_in_a_real_browser() {
         "every country after clearing",
     )
     .await;
+    // A click on the map applies the country filter too.
+    client
+        .execute(
+            &format!(
+                "document.querySelector('#map path[data-code=\"{code}\"]').dispatchEvent(new MouseEvent('click', {{ bubbles: true }}))"
+            ),
+            vec![],
+        )
+        .await
+        .unwrap();
+    until(
+        &client,
+        &filtered,
+        Duration::from_secs(20),
+        "the total of the country clicked on the map",
+    )
+    .await;
+    assert_eq!(
+        client.current_url().await.unwrap().query(),
+        Some(format!("country={code}").as_str())
+    );
+    client
+        .execute("document.getElementById('f-clear').click()", vec![])
+        .await
+        .unwrap();
+    until(
+        &client,
+        &format!(
+            "return {total_of}.replace(/,/g, '') === '{}'",
+            before + 5_000
+        ),
+        Duration::from_secs(20),
+        "every country after clearing the map's filter",
+    )
+    .await;
 
     let png = client.screenshot().await.unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
@@ -452,4 +655,134 @@ async fn the_dashboard_in_a_real_browser() {
     server.stop().await;
     pre.stop().await;
     agg.stop().await;
+}
+
+/// `pageviews report -o report.html` opened from disk in Chromium with no network (every
+/// request goes to a proxy that is not there, loopback included): it shows the totals, the
+/// countries and the map the API serves from the same database, hostile values as text, and
+/// it loads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_file_opens_offline_in_a_real_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("access.log");
+    let mut lines: Vec<Vec<u8>> = LineGenerator::new(21)
+        .take(3_000)
+        .map(String::into_bytes)
+        .collect();
+    for i in 0..300 {
+        lines.push(
+            format!(
+                "81.2.69.{} - - [01/Jan/2026:00:00:0{} +0000] \"GET {EVIL_PATH} HTTP/1.1\" 404 99 \"https://{EVIL_HOST}/x\" \"</script><script>window.__pwned=7</script>\"",
+                i % 200,
+                i % 10
+            )
+            .into_bytes(),
+        );
+    }
+    write_lines(&log, &lines);
+    let html = dir.path().join("report.html");
+    let mut cmd = command(&bin(), &data);
+    cmd.args(["report", "--input"])
+        .arg(&log)
+        .arg("-o")
+        .arg(&html);
+    let out = run_within(cmd, Duration::from_secs(180));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The API over the same database.
+    let store = pageviews::store::Store::open(&format!("sqlite://{}/pageviews.db", data.display()))
+        .await
+        .unwrap();
+    let listener = pageviews::serve::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(pageviews::serve::run(
+        listener,
+        store,
+        None,
+        pageviews::serve::ServeConfig::default(),
+        stop.clone(),
+    ));
+    let (_, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/api/dashboard"))
+        .await
+        .unwrap();
+    let api: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(api["totals"]["visits"], json!(lines.len()));
+    let top = api["countries"][0].clone();
+
+    let driver = start_driver();
+    let client = browser_with(
+        driver.1,
+        &[
+            "--proxy-server=http://127.0.0.1:9",
+            "--proxy-bypass-list=<-loopback>",
+        ],
+    )
+    .await;
+    client
+        .goto(&format!("file://{}", html.display()))
+        .await
+        .unwrap();
+    let visits = format_thousands(api["totals"]["visits"].as_u64().unwrap());
+    until(
+        &client,
+        &format!("return document.getElementById('total-visits').textContent === '{visits}'"),
+        Duration::from_secs(20),
+        "the report's total is the API's",
+    )
+    .await;
+    let shown = client
+        .execute(
+            &format!(
+                "const p = document.querySelector('#map path[data-code=\"{}\"]');
+                 return [document.querySelectorAll('#rows tr').length,
+                         document.querySelector('#rows tr').dataset.code,
+                         p ? p.dataset.visits : null,
+                         document.getElementById('status').textContent.startsWith('report of '),
+                         getComputedStyle(document.getElementById('pipeline-panel')).display,
+                         [...document.querySelectorAll('section[data-dimension=\"path\"] td')].some(e => e.textContent === {EVIL_PATH:?}),
+                         [...document.querySelectorAll('section[data-dimension=\"browser\"] td')].length > 0]",
+                top["country_code"].as_str().unwrap()
+            ),
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        shown,
+        json!([
+            api["countries"].as_array().unwrap().len(),
+            top["country_code"],
+            top["visits"].as_u64().unwrap().to_string(),
+            true,
+            "none",
+            true,
+            true
+        ])
+    );
+    let ran = client
+        .execute(
+            "return [typeof window.__pwned, document.querySelectorAll('img').length,
+                     document.querySelectorAll('script').length,
+                     performance.getEntriesByType('resource').length]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ran,
+        json!(["undefined", 0, 3, 0]),
+        "markup from the log ran, or the report loaded something"
+    );
+    client.close().await.unwrap();
+    drop(driver);
+    stop.cancel();
+    let _ = server.await;
 }

@@ -101,10 +101,11 @@ const ADD_LATE: &str = "UPDATE alert_state SET late_events = late_events + ?2,
         WHEN first_event_time IS NULL OR first_event_time > CAST(?3 AS BIGINT) THEN CAST(?3 AS BIGINT)
         ELSE first_event_time END
     WHERE consumer_group = ?1";
-const LIST: &str = "SELECT payload, attempts, delivered_at IS NOT NULL FROM alerts
+const LIST: &str = "SELECT payload, attempts, delivered_at IS NOT NULL, delivered_at FROM alerts
     WHERE consumer_group = ?1 AND (delivered_at IS NULL OR CAST(?2 AS BIGINT) = 0)
     ORDER BY window_start, id LIMIT CAST(?3 AS BIGINT)";
-const LIST_RECENT: &str = "SELECT payload, attempts, delivered_at IS NOT NULL FROM alerts
+const LIST_RECENT: &str =
+    "SELECT payload, attempts, delivered_at IS NOT NULL, delivered_at FROM alerts
     WHERE consumer_group = ?1 AND (delivered_at IS NULL OR CAST(?2 AS BIGINT) = 0)
     ORDER BY window_start DESC, id LIMIT CAST(?3 AS BIGINT)";
 
@@ -282,6 +283,8 @@ pub struct StoredAlert {
     pub alert: Alert,
     pub attempts: u64,
     pub delivered: bool,
+    /// When it was delivered, milliseconds since the epoch.
+    pub delivered_at: Option<i64>,
 }
 
 /// An alerting group's state, for logs, `/metrics` and tests.
@@ -357,6 +360,7 @@ impl Store {
                             alert,
                             attempts: r.count(1)?,
                             delivered: r.int(2)? != 0,
+                            delivered_at: r.opt_int(3)?,
                         })
                     })
                     .collect()
@@ -421,6 +425,26 @@ impl Store {
         )
         .await
         .map(drop)
+    }
+
+    /// A number that changes when an alert is raised or delivered (the live page is pushed a
+    /// new snapshot then, as after a flush: a delivery moves no offset).
+    pub async fn alerts_version(&self) -> Result<i64, StoreError> {
+        self.read(reading(|tx| {
+            Box::pin(async move {
+                match tx
+                    .query_opt(
+                        "SELECT CAST(COUNT(*) + COUNT(delivered_at) AS BIGINT) FROM alerts",
+                        &[],
+                    )
+                    .await?
+                {
+                    Some(r) => r.int(0),
+                    None => Ok(0),
+                }
+            })
+        }))
+        .await
     }
 
     /// The alerting groups that ever flushed, by name.

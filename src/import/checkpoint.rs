@@ -38,6 +38,17 @@ pub struct Checkpoint {
     pub position: u64,
     /// Lines acknowledged in total, for reports.
     pub lines: u64,
+    /// Names this import of this file in the key of each line it sends (with the line's end
+    /// position), so a restart after `kill -9` finds the lines sent after `position` and does
+    /// not send them again ([`super::recover`]). Random, made when the file starts from 0;
+    /// 0 in checkpoints of earlier versions (no recovery: at most [`CHECKPOINT_EVERY`] of lines
+    /// sent twice, as before).
+    #[serde(default)]
+    pub stream: u64,
+    /// Per raw partition, the offset from which lines after `position` may lie: every line
+    /// before `position` was acknowledged below it. Where recovery starts reading.
+    #[serde(default)]
+    pub marks: std::collections::BTreeMap<i32, i64>,
 }
 
 /// A directory of checkpoints, one JSON file per (cluster, topic, file).
@@ -82,6 +93,8 @@ impl CheckpointDir {
             fingerprint_len,
             position: 0,
             lines: 0,
+            stream: new_stream(),
+            marks: Default::default(),
         };
         if from_start {
             return Ok(fresh);
@@ -115,6 +128,11 @@ impl CheckpointDir {
         f.sync_all()?;
         std::fs::rename(&tmp, &target)
     }
+}
+
+/// A fresh stream id: random, never 0 (0 marks a checkpoint without one).
+pub fn new_stream() -> u64 {
+    rand::random::<u64>().max(1)
 }
 
 /// SHA-256 of the first `max` bytes of `path` (fewer if it is shorter), and how many it covers.

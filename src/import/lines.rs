@@ -154,13 +154,26 @@ impl LineAssembler {
 
     /// Feeds bytes; every line they complete goes to `emit(head, real length)`. Returns false
     /// as soon as `emit` does.
-    pub fn push(&mut self, mut data: &[u8], emit: &mut impl FnMut(&[u8], usize) -> bool) -> bool {
+    pub fn push(&mut self, data: &[u8], emit: &mut impl FnMut(&[u8], usize) -> bool) -> bool {
+        self.push_at(data, 0, &mut |line, len, _| emit(line, len))
+    }
+
+    /// [`LineAssembler::push`] for bytes that start at `base` in their file: each line also
+    /// comes with the position just after its newline (an import checkpoint's unit).
+    pub fn push_at(
+        &mut self,
+        mut data: &[u8],
+        mut base: u64,
+        emit: &mut impl FnMut(&[u8], usize, u64) -> bool,
+    ) -> bool {
         while let Some(i) = memchr::memchr(b'\n', data) {
             self.append(&data[..i]);
-            if !self.emit_line(emit) {
+            let end = base + i as u64 + 1;
+            if !self.emit_line(&mut |line, len| emit(line, len, end)) {
                 return false;
             }
             data = &data[i + 1..];
+            base = end;
         }
         self.append(data);
         true
@@ -212,6 +225,29 @@ impl LineAssembler {
 mod tests {
     use super::*;
     use std::io::BufReader;
+
+    /// Each line's end position is where the next one starts, across chunks and `\r\n`:
+    /// what an import checkpoint and a line's key record.
+    #[test]
+    fn lines_come_with_their_end_positions() {
+        let data = b"ab\r\ncde\n\nf";
+        let mut lines = LineAssembler::new(100);
+        let mut out = Vec::new();
+        for (i, chunk) in data.chunks(3).enumerate() {
+            lines.push_at(chunk, 100 + 3 * i as u64, &mut |l, len, end| {
+                out.push((l.to_vec(), len, end));
+                true
+            });
+        }
+        assert_eq!(
+            out,
+            vec![
+                (b"ab".to_vec(), 2, 104),
+                (b"cde".to_vec(), 3, 108),
+                (Vec::new(), 0, 109)
+            ]
+        );
+    }
 
     #[test]
     fn bounded_lines() {

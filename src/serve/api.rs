@@ -250,7 +250,14 @@ pub struct Dashboard {
     /// Visits under the same filter (`null` when the database cannot say).
     #[serde(default)]
     pub sessions: Option<super::visits::SessionsResponse>,
+    /// The newest alerts of every alerting group ([`DASHBOARD_ALERTS`] per group; not
+    /// filtered: a rule watches all traffic or one country).
+    #[serde(default)]
+    pub alerts: Option<AlertsResponse>,
 }
+
+/// Alerts per alerting group in a dashboard snapshot.
+pub const DASHBOARD_ALERTS: u32 = 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Totals {
@@ -320,6 +327,25 @@ pub(super) struct Output {
 }
 
 impl FilterQuery {
+    /// A query from its parts (`pageviews report`'s options).
+    pub(super) fn of(
+        from: Option<String>,
+        to: Option<String>,
+        site: Option<String>,
+        country: Option<String>,
+        visitors: Option<String>,
+    ) -> FilterQuery {
+        FilterQuery {
+            from,
+            to,
+            site,
+            country,
+            visitors,
+            compare: None,
+            format: None,
+        }
+    }
+
     /// `compare` and `format`, or what is wrong with them.
     pub(super) fn output(&self) -> Result<Output, String> {
         let compare = match self.compare.as_deref() {
@@ -550,12 +576,12 @@ async fn countries_of(store: &Store, filter: &Filter) -> Result<CountriesRespons
 }
 
 /// `/api/alerts`: every alerting group's state and newest alerts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AlertsResponse {
     pub groups: Vec<AlertGroup>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AlertGroup {
     pub group: String,
     /// Windows ending at or before this (RFC 3339) are closed; `None` before the first close.
@@ -567,11 +593,14 @@ pub struct AlertGroup {
     pub alerts: Vec<AlertRow>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AlertRow {
     #[serde(flatten)]
     pub alert: crate::alert::window::Alert,
     pub delivered: bool,
+    /// When it was delivered, RFC 3339 (`null`: not yet).
+    #[serde(default)]
+    pub delivered_at: Option<String>,
     /// Delivery attempts so far (failed ones and the one that succeeded).
     pub attempts: u64,
 }
@@ -586,39 +615,44 @@ pub(super) async fn alerts(
     Query(q): Query<AlertsQuery>,
 ) -> Response {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    let read = async {
-        let mut groups = Vec::new();
-        for group in state.store.alert_groups().await? {
-            let status = state.store.alert_status(&group).await?;
-            let alerts = state
-                .store
-                .recent_alerts(&group, limit)
-                .await?
-                .into_iter()
-                .map(|a| AlertRow {
-                    alert: a.alert,
-                    delivered: a.delivered,
-                    attempts: a.attempts,
-                })
-                .collect();
-            groups.push(AlertGroup {
-                group,
-                closed_through: status.closed_through.and_then(|t| {
-                    chrono::DateTime::from_timestamp(t, 0)
-                        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-                }),
-                late_events: status.late_events,
-                pending: status.pending,
-                delivered: status.delivered,
-                alerts,
-            });
-        }
-        Ok::<_, StoreError>(AlertsResponse { groups })
-    };
-    match read.await {
+    match alerts_of(&state.store, limit).await {
         Ok(r) => fresh(r),
         Err(err) => unavailable(err),
     }
+}
+
+/// The newest `limit` alerts of every alerting group, with the group's state.
+pub(crate) async fn alerts_of(store: &Store, limit: u32) -> Result<AlertsResponse, StoreError> {
+    let mut groups = Vec::new();
+    for group in store.alert_groups().await? {
+        let status = store.alert_status(&group).await?;
+        let alerts = store
+            .recent_alerts(&group, limit)
+            .await?
+            .into_iter()
+            .map(|a| AlertRow {
+                alert: a.alert,
+                delivered: a.delivered,
+                delivered_at: a.delivered_at.and_then(|ms| {
+                    chrono::DateTime::from_timestamp_millis(ms)
+                        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                }),
+                attempts: a.attempts,
+            })
+            .collect();
+        groups.push(AlertGroup {
+            group,
+            closed_through: status.closed_through.and_then(|t| {
+                chrono::DateTime::from_timestamp(t, 0)
+                    .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            }),
+            late_events: status.late_events,
+            pending: status.pending,
+            delivered: status.delivered,
+            alerts,
+        });
+    }
+    Ok(AlertsResponse { groups })
 }
 
 pub(super) async fn dimension_list() -> Response {
@@ -829,7 +863,7 @@ const MAX_HOURLY_DAYS: i64 = 7;
 /// The time series under `filter`: over its days when it has any, with the finest step the
 /// range's length and the retention allow (minutes up to a day, hours up to a week, days
 /// beyond); otherwise the last `minutes` minutes, as unfiltered.
-async fn series_of(
+pub(super) async fn series_of(
     store: &Store,
     minutes: Option<u32>,
     filter: &Filter,
@@ -1017,7 +1051,7 @@ pub(super) async fn dashboard_json(
 }
 
 /// The dashboard as one CSV table: the totals, then every country and every panel's rows.
-fn dashboard_csv(d: &Dashboard) -> String {
+pub(super) fn dashboard_csv(d: &Dashboard) -> String {
     let mut rows = vec![vec![
         "total".to_owned(),
         String::new(),
@@ -1197,6 +1231,7 @@ async fn dashboard_under(store: &Store, filter: &Filter) -> Result<Dashboard, St
         previous_from: None,
         previous_to: None,
         sessions: Some(super::visits::sessions_under(store, filter).await?),
+        alerts: Some(alerts_of(store, DASHBOARD_ALERTS).await?),
     };
     extent(store, &mut d).await?;
     Ok(d)
@@ -1310,6 +1345,7 @@ async fn dashboard_all(store: &Store) -> Result<Dashboard, StoreError> {
         previous_from: None,
         previous_to: None,
         sessions: Some(super::visits::sessions_under(store, &Filter::default()).await?),
+        alerts: Some(alerts_of(store, DASHBOARD_ALERTS).await?),
     })
 }
 

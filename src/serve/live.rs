@@ -1,7 +1,8 @@
 //! The push channel: the page subscribes to `GET /api/events` (Server-Sent Events) and is
 //! sent a new [`Dashboard`](super::api::Dashboard) snapshot right after each flush. Flushes
 //! may happen in another process, so the server watches the database: every
-//! [`POLL_INTERVAL`] it reads [`Store::flush_version`] (one cheap query) and, when it moved,
+//! [`POLL_INTERVAL`] it reads [`Store::flush_version`] and the alerts' count
+//! (`Store::alerts_version`: a delivery moves no offset; two cheap queries) and, when one moved,
 //! reads one snapshot.
 //!
 //! One snapshot per flush and filter is shared by every subscriber with that filter: the
@@ -44,8 +45,8 @@ struct Channel {
     tx: watch::Sender<Option<Bytes>>,
     /// Pages listening with this filter.
     subscribers: usize,
-    /// The flush version of the snapshot sent last.
-    seen: Option<i64>,
+    /// The flush and alerts versions of the snapshot sent last.
+    seen: Option<(i64, i64)>,
 }
 
 /// A page's filter, and whether it compares with the previous period.
@@ -85,7 +86,9 @@ pub(super) fn start(store: Store, max_subscribers: usize, shutdown: Cancellation
             }
             let version = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = tokio::time::timeout(READ_TIMEOUT, store.flush_version()) => r,
+                r = tokio::time::timeout(READ_TIMEOUT, async {
+                    Ok::<_, crate::store::StoreError>((store.flush_version().await?, store.alerts_version().await?))
+                }) => r,
             };
             let version = match version {
                 Ok(Ok(v)) => v,

@@ -15,6 +15,7 @@ pub mod csv;
 pub(crate) mod guard;
 pub mod live;
 pub mod pipeline;
+pub mod report;
 pub mod visits;
 
 use std::net::SocketAddr;
@@ -39,8 +40,32 @@ pub use api::{
 
 /// The dashboard page: static HTML whose script reads the API and listens to `/api/events`.
 /// Every value is put into the page with `textContent`, never as HTML, so nothing from a log
-/// line can inject markup (and the Content-Security-Policy allows no other script).
-const DASHBOARD: &str = include_str!("dashboard.html");
+/// line can inject markup (and the Content-Security-Policy allows no other script). Its data
+/// blocks (the world map; a report's figures) go where `<!--PAGE-DATA-->` stands.
+const DASHBOARD_TEMPLATE: &str = include_str!("dashboard.html");
+
+/// The world map's country outlines (built by `scripts/world_map.py` from Natural Earth
+/// 1:110m, public domain; see `data/WORLD-MAP-LICENSE`).
+pub const WORLD_MAP: &str = include_str!("../../data/world-110m.json");
+
+/// The served page: the template with the world map.
+static DASHBOARD: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| page_with(&[("world-map", WORLD_MAP)]));
+
+/// The page with JSON data blocks (`<script type="application/json" id=…>`, which no browser
+/// runs and the page reads with `JSON.parse`). `<` in the JSON (only inside strings) is
+/// written `\u003c`, so no value can close the block.
+pub fn page_with(blocks: &[(&str, &str)]) -> String {
+    let mut data = String::new();
+    for (id, json) in blocks {
+        data.push_str("<script type=\"application/json\" id=\"");
+        data.push_str(id);
+        data.push_str("\">");
+        data.push_str(&json.trim_end().replace('<', "\\u003c"));
+        data.push_str("</script>\n");
+    }
+    DASHBOARD_TEMPLATE.replacen("<!--PAGE-DATA-->", &data, 1)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -114,7 +139,7 @@ pub fn router(
     if let Some(k) = &kafka {
         reasons.start(k.clone(), shutdown.clone());
     }
-    let guard = Arc::new(guard::Guard::new(bound, config, DASHBOARD));
+    let guard = Arc::new(guard::Guard::new(bound, config, &DASHBOARD));
     let state = AppState {
         live: live::start(store.clone(), config.max_subscribers, shutdown.clone()),
         store,
@@ -218,7 +243,7 @@ pub async fn run(
 }
 
 async fn dashboard() -> Html<&'static str> {
-    Html(DASHBOARD)
+    Html(DASHBOARD.as_str())
 }
 
 async fn healthz() -> &'static str {

@@ -186,6 +186,21 @@ impl Health {
     }
 }
 
+/// What the preprocessors and the aggregators have yet to read: the sum of their lags (from
+/// the brokers and the database), or why it cannot be read. `run` waits for 0 before it
+/// calls a finite input counted.
+pub async fn backlog(kafka: &KafkaSettings, store: &Store) -> Result<i64, String> {
+    let r = Health::new(Some(kafka.clone())).read(store).await;
+    if let Some(e) = &r.kafka_error {
+        return Err(e.clone());
+    }
+    Ok(r.groups
+        .iter()
+        .filter(|g| g.group == PREPROCESS_GROUP || g.group == AGGREGATE_GROUP)
+        .map(|g| g.lag)
+        .sum())
+}
+
 /// Per-second rates of `r` against `before`, `secs` earlier.
 fn rates(r: &mut PipelineResponse, before: &PipelineResponse, secs: f64) {
     if secs <= 0.0 {
