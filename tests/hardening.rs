@@ -202,7 +202,8 @@ impl Drop for Broker {
 
 /// Issue 8.9: lines the broker refuses are reported as a delivery failure with librdkafka's
 /// reason, not as "cannot read FILE" (the file was read fine). Here the raw topic does not
-/// exist and the messages time out.
+/// exist and the messages time out. A file (checkpointed: its lines are keyed to partitions
+/// the importer picks) is refused before any line is sent, with what to do.
 #[test]
 fn a_delivery_failure_is_not_a_read_error() {
     let broker = Broker::start();
@@ -218,6 +219,27 @@ fn a_delivery_failure_is_not_a_read_error() {
         "import",
         input.to_str().unwrap(),
     ]);
+    let out = run_within(cmd, Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last().unwrap_or_default(),
+        "error: the topic raw-page-views is not on the brokers, or they do not answer: create it with `pageviews topics`",
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cannot read"), "{stderr}");
+
+    // stdin is not checkpointed: its lines go unkeyed, and time out.
+    let mut cmd = command(&bin(), dir.path());
+    cmd.args([
+        "--brokers",
+        &broker.addr,
+        "-X",
+        "message.timeout.ms=3000",
+        "import",
+        "-",
+    ])
+    .stdin(std::fs::File::open(&input).unwrap());
     let out = run_within(cmd, Duration::from_secs(60));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -27,6 +27,14 @@ pub(crate) fn open_maybe_gzip(path: &Path, bar: &ProgressBar) -> io::Result<Box<
     }
 }
 
+/// Whether `path` is gzip-compressed (its first two bytes): such a file is finished (a rotated
+/// log), so `--follow` reads it whole instead of following its bytes.
+pub(crate) fn is_gzip(path: &Path) -> io::Result<bool> {
+    let mut magic = [0u8; 2];
+    let n = File::open(path)?.read(&mut magic)?;
+    Ok(n == 2 && magic == [0x1f, 0x8b])
+}
+
 /// Reads one line into `buf` (without `\n` or `\r\n`), keeping at most `limit` bytes and
 /// skipping the rest. Returns the line's full length, or `None` at end of input. A final line
 /// without a newline still counts.

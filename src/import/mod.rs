@@ -50,7 +50,9 @@ pub enum ImportError {
     Undelivered { count: u64, reason: String },
     #[error("cannot save the import checkpoint of {path}: {source}")]
     Checkpoint { path: String, source: io::Error },
-    #[error("cannot read the partitions of {0}: is the topic created and the broker reachable?")]
+    #[error(
+        "the topic {0} is not on the brokers, or they do not answer: create it with `pageviews topics`"
+    )]
     NoPartitions(&'static str),
     #[error("import task failed: {0}")]
     Join(String),
@@ -176,8 +178,10 @@ fn import_blocking(
             path: input.name(),
             source,
         };
+        // Followed: plain files; a gzip file (an already rotated log) is read whole first.
         if config.follow
             && let Input::File(path) = input
+            && !lines::is_gzip(path).map_err(read_err)?
         {
             followed.push(path.clone());
             continue;
