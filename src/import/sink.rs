@@ -87,12 +87,21 @@ pub struct LineSink {
     kafka: KafkaSettings,
     /// Raw partitions, learnt at the first keyed line.
     partitions: Option<i32>,
+    /// The partition keyed lines go to now, how many went there, and since when.
+    partition: i32,
+    in_partition: u64,
+    partition_since: Instant,
 }
 
 /// Keyed lines (checkpointed files) go to one partition for this many lines, then the next:
 /// batches as large as the sticky partitioner makes for unkeyed lines, spread over every
 /// partition.
 const LINES_PER_PARTITION: u64 = 2048;
+
+/// ... or for this long, whichever comes first: a followed log that grows slowly reaches
+/// every partition within seconds (visits close on a watermark that waits for every raw
+/// partition), as unkeyed lines do with the sticky partitioner's linger.
+const PARTITION_LINGER: Duration = Duration::from_millis(50);
 
 /// The key of a line from a checkpointed file: its import's stream id and the position just
 /// after the line, so that a restart can tell which lines were already delivered.
@@ -138,6 +147,9 @@ impl LineSink {
             acked: Arc::new(AtomicU64::new(0)),
             kafka: kafka.clone(),
             partitions: None,
+            partition: 0,
+            in_partition: 0,
+            partition_since: Instant::now(),
         })
     }
 
@@ -187,7 +199,7 @@ impl LineSink {
     }
 
     /// [`LineSink::send`] with a key ([`line_key`]): the line goes to a partition chosen here
-    /// (see [`LINES_PER_PARTITION`]) rather than by the key's hash.
+    /// (see [`LINES_PER_PARTITION`], [`PARTITION_LINGER`]) rather than by the key's hash.
     pub fn send_keyed(
         &mut self,
         line: &[u8],
@@ -232,8 +244,15 @@ impl LineSink {
                     return false;
                 }
             };
-            let partition = (self.sent / LINES_PER_PARTITION) % partitions as u64;
-            record = record.key(&key[..]).partition(partition as i32);
+            if self.in_partition >= LINES_PER_PARTITION
+                || self.partition_since.elapsed() >= PARTITION_LINGER
+            {
+                self.partition = (self.partition + 1) % partitions.max(1);
+                self.in_partition = 0;
+                self.partition_since = Instant::now();
+            }
+            self.in_partition += 1;
+            record = record.key(&key[..]).partition(self.partition);
         }
         loop {
             match self.producer.send(record) {
